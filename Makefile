@@ -1,0 +1,25 @@
+# Quick start: `make demo` (the main job) and `make test` (the suite). Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# Reinstall only when the package metadata changes; editable install picks up code edits.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/unconfuse demo
+
+test: setup
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

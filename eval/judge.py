@@ -1,0 +1,99 @@
+"""The freeform judge: any OpenAI-compatible chat endpoint scores how close a free answer is to
+each option (1-10), with the reference judging prompt; the option ahead by at least ``tr`` wins.
+
+API keys come from the environment only (``UNCONFUSE_JUDGE_API_KEY``, else ``OPENAI_API_KEY``)
+and are never written anywhere.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .prompts import PromptSet
+
+API_KEY_VARIABLES = ("UNCONFUSE_JUDGE_API_KEY", "OPENAI_API_KEY")
+_SCORE = {letter: re.compile(rf"^\W*{letter}\W*:\s*\**\s*(\d+(?:\.\d+)?)", re.M) for letter in "AB"}
+
+
+class JudgeError(RuntimeError):
+    pass
+
+
+def parse_judge_scores(text: str | None) -> dict[str, float] | None:
+    """``A: 8\\nB: 2\\nYour explanation: ...`` -> {"A": 8.0, "B": 2.0}; None when a score is missing."""
+    if not text:
+        return None
+    scores = {}
+    for letter, pattern in _SCORE.items():
+        match = pattern.search(text)
+        if not match:
+            return None
+        scores[letter] = float(match.group(1))
+    return scores
+
+
+def decide(scores: dict[str, float] | None, tr: float = 3) -> str | None:
+    """The reference rule: an option wins when its score is at least ``tr`` above the other's."""
+    if scores is None:
+        return None
+    if scores["A"] >= scores["B"] + tr:
+        return "A"
+    if scores["B"] >= scores["A"] + tr:
+        return "B"
+    return None
+
+
+@dataclass
+class Judge:
+    url: str
+    model: str
+    prompts: PromptSet
+    temperature: float = 0.0
+    timeout: float = 60.0
+    retries: int = 4
+
+    @property
+    def endpoint(self) -> str:
+        url = self.url.rstrip("/")
+        return url if url.endswith("/chat/completions") else f"{url}/chat/completions"
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        for var in API_KEY_VARIABLES:
+            if os.environ.get(var):
+                headers["Authorization"] = f"Bearer {os.environ[var]}"
+                break
+        return headers
+
+    def message(self, question: str, options: tuple[str, str], response: str) -> str:
+        cfg = self.prompts.judge
+        return cfg["template"].format(question=question, option_a=options[0], option_b=options[1],
+                                      response=response, role=cfg["role"], instruct=cfg["instruct"])
+
+    def ask(self, question: str, options: tuple[str, str], response: str) -> str:
+        """The judge's raw reply (retries with backoff on 5xx, 429 and broken connections)."""
+        import requests
+
+        body: dict[str, Any] = {
+            "model": self.model,
+            "temperature": self.temperature,
+            "messages": [{"role": "system", "content": self.prompts.judge["system"]},
+                         {"role": "user", "content": self.message(question, options, response)}],
+        }
+        delay = 1.0
+        for attempt in range(self.retries + 1):
+            try:
+                reply = requests.post(self.endpoint, json=body, headers=self._headers(), timeout=self.timeout)
+                if reply.status_code < 400:
+                    return reply.json()["choices"][0]["message"]["content"]
+                if reply.status_code not in (429, 500, 502, 503, 504) or attempt == self.retries:
+                    raise JudgeError(f"judge {self.endpoint} answered HTTP {reply.status_code}: {reply.text[:200]}")
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if attempt == self.retries:
+                    raise JudgeError(f"judge {self.endpoint} unreachable: {exc}") from exc
+            time.sleep(delay)
+            delay *= 2
+        raise JudgeError("unreachable")  # pragma: no cover

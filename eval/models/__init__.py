@@ -1,0 +1,153 @@
+"""Model presets and loading: ``--model`` is a preset name, a local folder, or a hub id."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..pairs import unconfuse_home
+from .base import EncoderAdapter, GenerativeAdapter, ModelLoadError, Query
+
+__all__ = ["ModelSpec", "load_model", "resolve_model", "list_presets", "ModelLoadError", "Query",
+           "GenerativeAdapter", "EncoderAdapter", "PRESET_DIR"]
+
+PRESET_DIR = Path(__file__).resolve().parents[1].parent / "configs" / "models"
+FAMILIES = ("hf-vlm", "open-clip", "hf-clip")
+CLIP_MODEL_TYPES = {"clip", "siglip", "siglip2", "chinese_clip", "altclip", "metaclip_2"}
+
+
+def _preset_dir() -> Path:
+    # editable installs keep configs/ beside eval/; installed wheels carry it as unconfuse.configs
+    if PRESET_DIR.is_dir():
+        return PRESET_DIR
+    import unconfuse.configs
+
+    return Path(unconfuse.configs.__file__).parent / "models"
+
+
+@dataclass
+class ModelSpec:
+    """A resolved model: how to load it and how to ask it."""
+
+    name: str
+    family: str
+    model_id: str | None = None
+    pretrained: str | None = None  # open_clip pretrained tag
+    build: dict[str, Any] | None = None  # tiny models: builder settings (see eval/models/tiny.py)
+    dtype: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    prompt_key: str = "default"
+    system_prompt: str | None = None
+    clip_prompt: str = "default"
+    max_new_tokens: int = 128  # freeform answers; mc uses the reference's 32
+    batch_size: int | None = None
+    notes: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.family in ("open-clip", "hf-clip")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in _preset_dir().glob("*.yaml"))
+
+
+def load_preset(path: Path) -> ModelSpec:
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    known = {f.name for f in fields(ModelSpec)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    data.setdefault("name", path.stem)
+    if data.get("family") not in FAMILIES:
+        raise ValueError(f"{path}: family must be one of {', '.join(FAMILIES)}, got {data.get('family')!r}")
+    if not data.get("model_id") and not data.get("build"):
+        raise ValueError(f"{path}: needs model_id or build")
+    return ModelSpec(**data)
+
+
+def _family_of_folder(path: Path) -> str:
+    if (path / "open_clip_config.json").exists():
+        return "open-clip"
+    config = path / "config.json"
+    if config.exists():
+        model_type = json.loads(config.read_text()).get("model_type", "")
+        return "hf-clip" if model_type in CLIP_MODEL_TYPES else "hf-vlm"
+    raise ModelLoadError(f"{path}: neither a transformers model (config.json) nor an open_clip one (open_clip_config.json)")
+
+
+def _hub_config(model_id: str) -> dict[str, Any]:
+    """config.json of a hub model, from the local cache when offline; fails fast with a clear message."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model_id, "config.json")
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text())
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        raise ModelLoadError(f"model {model_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+                             "forbids downloading it; download it on a connected machine, or use a local folder "
+                             f"or a tiny preset ({', '.join(p for p in list_presets() if p.startswith('tiny'))}).")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(model_id, "config.json")).read_text())
+    except Exception as exc:
+        raise ModelLoadError(f"cannot fetch model {model_id!r} from the hub: {exc}. Offline? set HF_HUB_OFFLINE=1 "
+                             "and use a cached model or a local folder.") from exc
+
+
+def resolve_model(arg: str) -> ModelSpec:
+    """Turn a ``--model`` argument into a spec (no weights are loaded)."""
+    preset = _preset_dir() / f"{arg}.yaml"
+    if preset.exists():
+        return load_preset(preset)
+    if arg.endswith((".yaml", ".yml")) and Path(arg).is_file():
+        return load_preset(Path(arg))
+    if arg.startswith(("hf-hub:", "local-dir:")):
+        return ModelSpec(name=arg, family="open-clip", model_id=arg)
+    path = Path(arg).expanduser()
+    if path.is_dir():
+        family = _family_of_folder(path)
+        model_id = f"local-dir:{path}" if family == "open-clip" else str(path)
+        return ModelSpec(name=path.name, family=family, model_id=model_id)
+    if "/" in arg and not path.exists():
+        model_type = _hub_config(arg).get("model_type", "")
+        return ModelSpec(name=arg, family="hf-clip" if model_type in CLIP_MODEL_TYPES else "hf-vlm", model_id=arg)
+    raise ModelLoadError(f"unknown model {arg!r}: not a preset ({', '.join(list_presets())}), not a folder, not a hub id")
+
+
+def load_model(arg: str | ModelSpec, device: str | None = None, trust_remote_code: bool | None = None):
+    """Load the adapter for a model argument or spec. Returns ``(adapter, spec)``."""
+    spec = arg if isinstance(arg, ModelSpec) else resolve_model(arg)
+    model_id = spec.model_id.replace("{home}", str(unconfuse_home())) if spec.model_id else None
+    if spec.build:
+        from .tiny import materialize
+
+        folder = materialize(spec.name, spec.build, unconfuse_home() / "models")
+        model_id = f"local-dir:{folder}" if spec.family == "open-clip" else str(folder)
+    elif model_id and "/" in model_id and not model_id.startswith(("hf-hub:", "local-dir:")) and not Path(model_id).exists():
+        _hub_config(model_id)  # fail fast offline, before the slow loaders try
+    remote = spec.trust_remote_code if trust_remote_code is None else trust_remote_code
+    if spec.family == "hf-vlm":
+        from .hf_vlm import HFVisionLanguageAdapter
+
+        adapter: Any = HFVisionLanguageAdapter(model_id, name=spec.name, dtype=spec.dtype, device=device,
+                                               trust_remote_code=remote, system_prompt=spec.system_prompt,
+                                               revision=spec.revision)
+    elif spec.family == "open-clip":
+        from .clip import OpenClipAdapter
+
+        adapter = OpenClipAdapter(model_id, name=spec.name, pretrained=spec.pretrained, device=device)
+    else:
+        from .clip import HFClipAdapter
+
+        adapter = HFClipAdapter(model_id, name=spec.name, device=device, trust_remote_code=remote,
+                                revision=spec.revision)
+    return adapter, spec

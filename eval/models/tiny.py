@@ -1,0 +1,262 @@
+"""Tiny random models built from config, so that everything runs without downloads.
+
+Each builder writes a normal Hugging Face / open_clip model folder (safetensors weights,
+tokenizer, processor, chat template); the adapters then load it exactly as they load a real
+checkpoint. Builds are deterministic (fixed seed, tokenizer trained on a fixed corpus).
+"""
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from typing import Any
+
+# A byte-level BPE over a small fixed corpus: enough for the prompts, options and answers we use.
+TOKENIZER_CORPUS = [
+    "Based on the image, choose the correct option for the following question.",
+    "Question: Answer: Answer with the option's letter from the given choices directly.",
+    "Your answer should be just one letter. #answer: (\"A\": (\"B\": A: B:",
+    "Based on the image, answer following question.",
+    "What imaging modality is shown? Which side is the lesion on? Is there a fracture?",
+    "CT MRI X-ray radiograph ultrasound nuclear medicine angiogram chest abdomen head brain leg",
+    "left right upper lower small large one two present absent normal abnormal lesion nodule",
+    "USER: ASSISTANT: SYSTEM: user assistant system yes no",
+    string.ascii_letters + string.digits + string.punctuation,
+]
+
+# Chat templates that mark assistant turns with {% generation %} (TRL's assistant_only_loss needs it).
+_RENDER_CONTENT = (
+    "{% macro render(content, image) %}"
+    "{% if content is string %}{{ content }}"
+    "{% else %}{% for item in content %}"
+    "{% if item['type'] == 'image' %}{{ image }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% endmacro %}"
+)
+
+LLAVA_CHAT_TEMPLATE = _RENDER_CONTENT + (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "ASSISTANT: {% generation %}{{ render(message['content'], '<image>\\n') }}</s>{% endgeneration %}\n"
+    "{% else %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}SYSTEM: {% endif %}"
+    "{{ render(message['content'], '<image>\\n') }}\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+QWEN_CHAT_TEMPLATE = _RENDER_CONTENT + (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ render(message['content'], '') }}<|im_end|>{% endgeneration %}\n"
+    "{% else %}"
+    "{{ render(message['content'], '<|vision_start|><|image_pad|><|vision_end|>') }}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(specials: list[str], extra_specials: dict[str, str], chat_template: str,
+                    bos: str | None, eos: str, pad: str, vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained offline on ``TOKENIZER_CORPUS``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TOKENIZER_CORPUS * 5, trainer=trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+                                     extra_special_tokens=extra_specials, chat_template=chat_template,
+                                     model_max_length=4096)
+    hf_tok.padding_side = "left"  # batched scoring and generation pad on the left
+    return hf_tok
+
+
+def _image_processor_class(name: str):
+    import transformers
+
+    try:  # transformers 5: torchvision-backed processor; PIL one without torchvision
+        import torchvision  # noqa: F401
+
+        return getattr(transformers, name)
+    except ImportError:  # pragma: no cover
+        return getattr(transformers, f"{name}Pil")
+
+
+def build_llava(out: Path, image_size: int = 32, patch_size: int = 8, vision_hidden: int = 32,
+                text_hidden: int = 64, layers: int = 2, vision_layers: int | None = None, heads: int = 4,
+                seed: int = 0) -> None:
+    """A tiny LlavaForConditionalGeneration (CLIP vision tower + Llama) with processor."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tok = build_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"},
+                          LLAVA_CHAT_TEMPLATE, bos="<s>", eos="</s>", pad="<pad>")
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=vision_hidden,
+                              intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers or layers,
+                              num_attention_heads=heads, projection_dim=vision_hidden)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=text_hidden * 2,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                       max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         image_seq_length=(image_size // patch_size) ** 2, vision_feature_select_strategy="default",
+                         vision_feature_layer=-2)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    image_processor = _image_processor_class("CLIPImageProcessor")(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_CHAT_TEMPLATE)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def build_qwen2_vl(out: Path, image_size: int = 56, patch_size: int = 14, vision_hidden: int = 32,
+                   text_hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> None:
+    """A tiny Qwen2VLForConditionalGeneration with its processor (needs ``image_grid_thw``)."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tok = build_tokenizer(specials, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+                          QWEN_CHAT_TEMPLATE, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    head_dim = text_hidden // heads
+    config = Qwen2VLConfig(
+        vision_config={"depth": layers, "embed_dim": vision_hidden, "hidden_size": text_hidden, "num_heads": heads,
+                       "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2, "mlp_ratio": 2},
+        text_config={"vocab_size": len(tok), "hidden_size": text_hidden, "intermediate_size": text_hidden * 2,
+                     "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2),
+                     "max_position_embeddings": 4096,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]},
+                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+                     "pad_token_id": ids["<|endoftext|>"]},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    pixels = image_size * image_size
+    image_processor = _image_processor_class("Qwen2VLImageProcessor")(
+        min_pixels=pixels, max_pixels=pixels, patch_size=patch_size, merge_size=2, temporal_patch_size=2)
+    from transformers import Qwen2VLVideoProcessor
+
+    video_processor = Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=patch_size, merge_size=2,
+                                            temporal_patch_size=2)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+                                 chat_template=QWEN_CHAT_TEMPLATE)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def build_open_clip(out: Path, image_size: int = 32, embed_dim: int = 32, vision_width: int = 64, vision_layers: int = 2,
+                    patch_size: int = 8, text_width: int = 64, text_layers: int = 2, context_length: int = 32,
+                    vision_tower: str = "vit", seed: int = 0) -> None:
+    """A tiny open_clip model saved as a ``local-dir:`` checkpoint (open_clip_config.json + safetensors).
+
+    ``vision_tower: resnet`` gives open_clip's ModifiedResNet, which learns spatial findings on CPU
+    far faster than a tiny ViT (DESIGN.md).
+    """
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    if vision_tower == "resnet":
+        vision_cfg: dict[str, Any] = {"image_size": image_size, "layers": [1, 1, 1, 1], "width": vision_width}
+    else:
+        vision_cfg = {"image_size": image_size, "layers": vision_layers, "width": vision_width,
+                      "head_width": 16, "patch_size": patch_size}
+    model_cfg = {"embed_dim": embed_dim, "vision_cfg": vision_cfg,
+                 "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": text_width,
+                              "heads": 4, "layers": text_layers}}
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN),
+                                                         "std": list(open_clip.OPENAI_DATASET_STD)}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{out}", pretrained=None, load_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+
+
+def build_hf_clip(out: Path, image_size: int = 32, patch_size: int = 8, hidden: int = 32, layers: int = 2,
+                  projection_dim: int = 16, seed: int = 0) -> None:
+    """A tiny transformers CLIPModel with a CLIPProcessor."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
+
+    tok = build_tokenizer(["<|endoftext|>", "<|startoftext|>", "<pad>"], {}, "", bos="<|startoftext|>",
+                          eos="<|endoftext|>", pad="<pad>")
+    tok.padding_side = "right"
+    tok.chat_template = None
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                                   num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=77,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
+                                       intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4),
+        projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    model = CLIPModel(config)
+    image_processor = _image_processor_class("CLIPImageProcessor")(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tok)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "open_clip": build_open_clip, "hf_clip": build_hf_clip}
+
+
+def materialize(name: str, build: dict[str, Any], cache_root: Path) -> Path:
+    """Build a tiny model into ``cache_root/<name>-<hash of its settings>`` once; return the folder.
+
+    The folder appears atomically (built in a temp folder, then renamed), so concurrent test
+    processes never see half a model.
+    """
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    settings = dict(build)
+    arch = settings.pop("arch")
+    if arch not in BUILDERS:
+        raise ValueError(f"unknown tiny model arch {arch!r}; known: {', '.join(BUILDERS)}")
+    digest = hashlib.sha256(json.dumps([arch, settings, BUILD_VERSION], sort_keys=True).encode()).hexdigest()[:10]
+    target = cache_root / f"{name}-{digest}"
+    if (target / ".complete").exists():
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".{name}-"))
+    try:
+        BUILDERS[arch](tmp, **settings)
+        (tmp / "unconfuse_build.json").write_text(json.dumps({"arch": arch, **settings}, indent=2))
+        (tmp / ".complete").write_text("")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; use its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+BUILD_VERSION = 1  # bump when a builder changes, so cached tiny models are rebuilt

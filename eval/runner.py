@@ -1,0 +1,218 @@
+"""``unconfuse eval``: ask a model every question of a benchmark, write predictions, score them.
+
+Predictions are appended per batch (flushed and synced), so an interrupted run resumes from the
+pairs already written. Batches are fixed chunks of the pair list, so a resumed run computes the
+same batches as an uninterrupted one and its results are equal.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .images import ImageProblem, check_images, load_image
+from .io import atomic_write_json, atomic_write_text
+from .pairs import Benchmark, Pair, load_benchmark
+from .prompts import DEFAULT_PROMPTS, MODES, load_prompts
+from .scorer import read_predictions, render_report, resolve_answers, score
+
+MC_MAX_NEW_TOKENS = 32  # the reference's setting for mc mode
+DEFAULT_BATCH_PAIRS = 8
+
+
+class EvalInputError(ValueError):
+    """Bad input found before any model is loaded (exit code 2)."""
+
+    def __init__(self, message: str, problems: list[ImageProblem] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    mode: str
+    benchmark: str
+    out: str
+    batch_size: int | None = None  # pairs per batch
+    limit: int | None = None
+    prompts: str = DEFAULT_PROMPTS
+    parser: str = "strict"
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_temperature: float = 0.0
+    tr: float = 3
+    device: str | None = None
+    trust_remote_code: bool | None = None
+    split: str | None = None
+    progress: bool = True
+
+
+def _chunks(pairs: list[Pair], size: int) -> Iterator[list[Pair]]:
+    for start in range(0, len(pairs), size):
+        yield pairs[start:start + size]
+
+
+def read_done(path: Path) -> set[tuple[str, int]]:
+    """Questions already answered in a predictions file; a torn last line (killed mid-write) is cut off."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(keep)
+    done = set()
+    for line in data[:keep].decode("utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            done.add((str(rec["pair_id"]), int(rec["image"])))
+    return done
+
+
+def _run_meta(cfg: EvalConfig, bench: Benchmark, prompt_version: str) -> dict[str, Any]:
+    return {"model": cfg.model, "mode": cfg.mode, "benchmark": bench.name, "n_pairs": len(bench.pairs),
+            "prompt_version": prompt_version, "judge_model": cfg.judge_model, "tr": cfg.tr}
+
+
+def _check_resume_meta(out: Path, meta: dict[str, Any]) -> None:
+    path = out / "run.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        clash = {k: (old.get(k), v) for k, v in meta.items() if k in old and old.get(k) != v and k != "n_pairs"}
+        if clash:
+            detail = "; ".join(f"{k}: {a!r} then {b!r}" for k, (a, b) in clash.items())
+            raise EvalInputError(f"{out} holds predictions of another run ({detail}); use a new --out")
+    atomic_write_json(path, meta)
+
+
+def prepare(cfg: EvalConfig):
+    """Everything that can fail on bad input, before any model loads: benchmark, images, mode."""
+    from .models import resolve_model
+
+    if cfg.mode not in MODES:
+        raise EvalInputError(f"unknown mode {cfg.mode!r}; modes: {', '.join(MODES)}")
+    bench = load_benchmark(cfg.benchmark, split=cfg.split).limit(cfg.limit)
+    problems = check_images(bench)
+    if problems:
+        raise EvalInputError(f"{len(problems)} image(s) missing or unreadable in {cfg.benchmark}", problems)
+    spec = resolve_model(cfg.model)
+    if (cfg.mode == "clip") != spec.is_encoder:
+        need = "a CLIP-style encoder" if cfg.mode == "clip" else "an image-text-to-text model"
+        raise EvalInputError(f"mode {cfg.mode!r} needs {need}; {cfg.model!r} is {spec.family}")
+    if cfg.mode == "freeform" and not (cfg.judge_url and cfg.judge_model):
+        raise EvalInputError("mode freeform needs --judge-url and --judge-model (an OpenAI-compatible endpoint)")
+    return bench, spec
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Run (or resume) an evaluation; returns the results written to ``out/results.json``."""
+    from tqdm import tqdm
+
+    from .models import load_model
+
+    bench, spec = prepare(cfg)
+    prompts = load_prompts(cfg.prompts)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = _run_meta(cfg, bench, prompts.version)
+    _check_resume_meta(out, meta)
+    pred_path = out / "predictions.jsonl"
+    done = read_done(pred_path)
+    batch_pairs = cfg.batch_size or spec.batch_size or DEFAULT_BATCH_PAIRS
+    todo = [chunk for chunk in _chunks(bench.pairs, batch_pairs)
+            if any((p.id, s) not in done for p in chunk for s in (1, 2))]
+    if todo:
+        adapter, spec = load_model(spec, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+        judge = None
+        if cfg.mode == "freeform":
+            from .judge import Judge
+
+            judge = Judge(cfg.judge_url, cfg.judge_model, prompts, temperature=cfg.judge_temperature)
+        bar = tqdm(total=sum(len(c) for c in todo), unit="pair", desc=f"{spec.name} {cfg.mode}",
+                   disable=not cfg.progress)
+        with open(pred_path, "a", encoding="utf-8") as fh:
+            for chunk in todo:
+                records = answer_pairs(adapter, spec, cfg, prompts, bench, chunk, judge)
+                fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                fh.flush()
+                os.fsync(fh.fileno())
+                bar.update(len(chunk))
+        bar.close()
+    return score_run(out, bench, parser=cfg.parser, meta=meta)
+
+
+def score_run(out: Path, bench: Benchmark, parser: str, meta: dict[str, Any] | None = None,
+              predictions_path: Path | None = None) -> dict[str, Any]:
+    """Score ``predictions_path`` (default ``out/predictions.jsonl``) on ``bench``; write
+    ``out/results.json`` and ``out/report.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = read_predictions(predictions_path or out / "predictions.jsonl")
+    answers = resolve_answers(bench.pairs, predictions, parser=parser)
+    results = score(bench.pairs, answers, parser=parser, prompt_version=(meta or {}).get("prompt_version"))
+    for key in ("model", "mode", "benchmark"):
+        if meta and meta.get(key):
+            results[key] = meta[key]
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "report.md", render_report(results))
+    return results
+
+
+def _queries(bench: Benchmark, pairs: list[Pair], render) -> list:
+    from .models import Query
+
+    images: dict[str, Any] = {}
+    queries = []
+    for pair in pairs:
+        for side in (1, 2):
+            path = str(bench.resolve_image(pair.image(side)))
+            if path not in images:
+                images[path] = load_image(path)
+            queries.append(Query(path, images[path], render(pair), pair.options, {"pair_id": pair.id, "image": side}))
+    return queries
+
+
+def answer_pairs(adapter, spec, cfg: EvalConfig, prompts, bench: Benchmark, pairs: list[Pair], judge=None) -> list[dict[str, Any]]:
+    """One prediction record per question of ``pairs`` (both images of each pair)."""
+    from .scorer import PARSERS
+
+    mode = cfg.mode
+    key = spec.prompt_key
+    if mode == "clip":
+        template = prompts.template("clip", spec.clip_prompt)
+        queries = _queries(bench, pairs, lambda p: p.question)
+        texts = [tuple(template.format(question=q.prompt, option=o) for o in q.options) for q in queries]
+        scores = adapter.similarities(queries, texts)
+    elif mode == "greedy":
+        queries = _queries(bench, pairs, lambda p: prompts.render("greedy", p.question, p.options, key))
+        scores = adapter.next_token_scores(queries, ("A", "B"))
+    elif mode == "prefix":
+        queries = _queries(bench, pairs, lambda p: prompts.render("prefix", p.question, p.options, key))
+        scores = adapter.continuation_scores(queries, [q.options for q in queries])
+    elif mode in ("mc", "freeform"):
+        queries = _queries(bench, pairs, lambda p: prompts.render(mode, p.question, p.options, key))
+        texts = adapter.generate(queries, MC_MAX_NEW_TOKENS if mode == "mc" else spec.max_new_tokens)
+    else:  # pragma: no cover - prepare() rejects unknown modes
+        raise ValueError(mode)
+
+    records = []
+    for i, q in enumerate(queries):
+        rec: dict[str, Any] = {"pair_id": q.meta["pair_id"], "image": q.meta["image"]}
+        if mode in ("clip", "greedy", "prefix"):
+            a, b = scores[i]
+            # ties: the reference picks A for greedy (argmax) and B for prefix (strict >)
+            letter = "A" if (a >= b if mode == "greedy" else a > b) else "B"
+            rec.update(answer=letter, raw=letter, scores={"A": a, "B": b})
+        elif mode == "mc":
+            rec.update(raw=texts[i], parsed=PARSERS[cfg.parser](texts[i], q.options), parser=cfg.parser)
+        else:
+            from .judge import decide, parse_judge_scores
+
+            pair = next(p for p in pairs if p.id == q.meta["pair_id"])
+            verdict = judge.ask(pair.question, pair.options, texts[i])
+            judged = parse_judge_scores(verdict)
+            rec.update(answer=decide(judged, cfg.tr), raw=texts[i], judge={"scores": judged, "reply": verdict})
+        records.append(rec)
+    return records

@@ -1,0 +1,363 @@
+"""The MediConfusion scorer: a pure function of (pairs, per-image answers).
+
+Definitions equal the reference implementation's (MShahabSepehri/MediConfusion,
+``utils/answering.py``): set accuracy over pairs, individual accuracy over the 2N questions,
+confusion among pairs whose two answers are both valid, invalid rate over questions, precision
+(set-correct among valid, unconfused pairs). Per-category numbers use the image-side label counts
+as denominators and count a pair once per label per side, exactly as the reference does.
+
+No torch, no transformers: numpy for the bootstrap, scipy for the exact McNemar test.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from .pairs import MEDICONFUSION_CATEGORIES, Pair
+
+SCORER_VERSION = "1.0.0"
+HEADLINE = ("set_accuracy", "individual_accuracy", "confusion")
+BOOTSTRAP_SAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+
+Answer = str | None  # "A", "B" or None (invalid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers: raw model output -> "A" / "B" / None
+
+
+def parse_reference(raw: str | None, options: tuple[str, str] | None = None) -> Answer:
+    """The reference parser, quirks included (published numbers were made with it).
+
+    The output is split on single spaces (after newlines become spaces); a letter counts when one
+    of these exact tokens occurs: ``X``, ``X:``, ``.X``, ``.X:``, ``X.``, ``X")``, ``("X":``,
+    ``("X")``, ``("X").``. Both letters found, or none, is invalid. So ``(A)`` and ``a`` are
+    invalid and ``A, B`` reads as B.
+    """
+    if raw is None:
+        return None
+    tokens = raw.replace("\n", " ").split(" ")
+    found = []
+    for letter in ("A", "B"):
+        accepted = {letter, f"{letter}:", f".{letter}", f".{letter}:", f"{letter}.", f'{letter}")',
+                    f"{letter}\n", f"\n{letter}", f'("{letter}":', f'("{letter}")', f'("{letter}").'}
+        if any(token in accepted for token in tokens):
+            found.append(letter)
+    return found[0] if len(found) == 1 else None
+
+
+_LETTER_ONLY = re.compile(r'^[\s"\'(\[{*#:_`]*([ABab])[\s"\')\]}*.:,;!_`]*$')
+_LEADING_LETTER = re.compile(r'^[\s"\'(\[{*#_`]*([AB])(?:[\s"\')\]}*.:,;!_`]|$)')
+_ANSWER_IS = re.compile(r'\b(?:answer|option|choice)\s*(?:is|:|=|-)?\s*(?:option\s*)?[\s"\'(\[*]*([AB])\b', re.I)
+_STANDALONE = re.compile(r'(?<![A-Za-z0-9])([AB])(?![A-Za-z0-9])')
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def parse_strict(raw: str | None, options: tuple[str, str] | None = None) -> Answer:
+    """Our parser, for our own runs. In order, first rule that decides wins:
+
+    1. the output is just a letter, upper or lower case, with brackets, quotes, markdown or
+       punctuation around it: ``A``, ``(A)``, ``b.``, ``**B**``, ``A")``;
+    2. it starts with a capital letter followed by a separator: ``A: pneumothorax``, ``B) ...``;
+    3. an explicit statement: ``Answer: A``, ``The answer is (B)``, ``option A``; if statements
+       name both letters, invalid;
+    4. the text of exactly one option is echoed (case and punctuation ignored);
+    5. exactly one of the letters stands alone somewhere (not ``A`` used as an article before a
+       lower-case word); both letters, invalid.
+    Anything else is invalid.
+    """
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not text:
+        return None
+    match = _LETTER_ONLY.match(text)
+    if match:
+        return match.group(1).upper()
+    match = _LEADING_LETTER.match(text)
+    if match and not re.match(r'^A\s+[a-z]', text):
+        return match.group(1)
+    stated = {m.group(1).upper() for m in _ANSWER_IS.finditer(text)}
+    if len(stated) == 1:
+        return stated.pop()
+    if len(stated) > 1:
+        return None
+    if options:
+        norm = f" {_normalise(text)} "
+        echoed = [letter for letter, option in zip("AB", options)
+                  if _normalise(option) and f" {_normalise(option)} " in norm]
+        if len(echoed) == 1:
+            return echoed[0]
+    letters = set()
+    for m in _STANDALONE.finditer(text):
+        after = text[m.end():m.end() + 2]
+        if m.group(1) == "A" and re.match(r"\s[a-z]", after):
+            continue  # "A small nodule ..." is an article, not an answer
+        letters.add(m.group(1))
+    return letters.pop() if len(letters) == 1 else None
+
+
+PARSERS: dict[str, Callable[[str | None, tuple[str, str] | None], Answer]] = {
+    "reference": parse_reference,
+    "strict": parse_strict,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions files
+
+
+class PredictionsError(ValueError):
+    """A predictions file is malformed or does not cover the benchmark; names the line or pair."""
+
+
+def read_predictions(path: str | Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """``predictions.jsonl`` -> {(pair_id, image side): record}. Later lines win (reruns)."""
+    path = Path(path)
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PredictionsError(f"{where}: not JSON ({exc.msg})") from exc
+            if not isinstance(rec, dict) or "pair_id" not in rec or rec.get("image") not in (1, 2):
+                raise PredictionsError(f"{where}: needs pair_id and image (1 or 2)")
+            if "answer" in rec and rec["answer"] not in ("A", "B", None):
+                raise PredictionsError(f"{where}: answer must be \"A\", \"B\" or null, got {rec['answer']!r}")
+            if "answer" not in rec and "raw" not in rec:
+                raise PredictionsError(f"{where}: needs answer or raw")
+            records[(str(rec["pair_id"]), int(rec["image"]))] = rec
+    return records
+
+
+def resolve_answers(pairs: list[Pair], predictions: Mapping[tuple[str, int], Mapping[str, Any]],
+                    parser: str = "strict") -> dict[tuple[str, int], Answer]:
+    """The answer of every question: ``answer`` when given, else ``raw`` through the parser.
+
+    Every question of ``pairs`` must have a prediction; the error lists the missing ones.
+    """
+    parse = PARSERS[parser]
+    missing = [f"{p.id}/{side}" for p in pairs for side in (1, 2) if (p.id, side) not in predictions]
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise PredictionsError(f"{len(missing)} question(s) have no prediction (pair/image): {shown}")
+    answers = {}
+    for pair in pairs:
+        for side in (1, 2):
+            rec = predictions[(pair.id, side)]
+            answers[(pair.id, side)] = rec["answer"] if "answer" in rec else parse(rec.get("raw"), pair.options)
+    return answers
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass
+class Outcomes:
+    """Per-pair boolean arrays, the only thing every metric is computed from."""
+
+    correct_1: np.ndarray
+    correct_2: np.ndarray
+    valid_1: np.ndarray
+    valid_2: np.ndarray
+    same_answer: np.ndarray  # the two answers are equal (invalid == invalid counts, but see confused)
+
+    @property
+    def set_correct(self) -> np.ndarray:
+        return self.correct_1 & self.correct_2
+
+    @property
+    def both_valid(self) -> np.ndarray:
+        return self.valid_1 & self.valid_2
+
+    @property
+    def confused(self) -> np.ndarray:
+        return self.both_valid & self.same_answer
+
+
+def outcomes(pairs: list[Pair], answers: Mapping[tuple[str, int], Answer]) -> Outcomes:
+    a1 = [answers[(p.id, 1)] for p in pairs]
+    a2 = [answers[(p.id, 2)] for p in pairs]
+    return Outcomes(
+        correct_1=np.array([a == p.answer_1 for a, p in zip(a1, pairs)], dtype=bool),
+        correct_2=np.array([a == p.answer_2 for a, p in zip(a2, pairs)], dtype=bool),
+        valid_1=np.array([a is not None for a in a1], dtype=bool),
+        valid_2=np.array([a is not None for a in a2], dtype=bool),
+        same_answer=np.array([x == y for x, y in zip(a1, a2)], dtype=bool),
+    )
+
+
+def _pct(num: float, den: float) -> float:
+    return 100.0 * num / den if den > 0 else 0.0
+
+
+def category_order(pairs: Iterable[Pair]) -> list[str]:
+    """MediConfusion's categories in the reference order, then any others as first seen."""
+    seen: dict[str, None] = {}
+    for pair in pairs:
+        for cat in pair.categories_1 + pair.categories_2:
+            seen.setdefault(cat)
+    known = [c for c in MEDICONFUSION_CATEGORIES if c in seen]
+    return known + [c for c in seen if c not in MEDICONFUSION_CATEGORIES]
+
+
+def score(pairs: list[Pair], answers: Mapping[tuple[str, int], Answer], *, parser: str | None = None,
+          prompt_version: str | None = None, bootstrap_samples: int = BOOTSTRAP_SAMPLES) -> dict[str, Any]:
+    """All metrics of one set of answers, as ``results.json`` holds them (percentages, 0-100)."""
+    out = outcomes(pairs, answers)
+    n = len(pairs)
+    results: dict[str, Any] = {
+        "set_accuracy": _pct(out.set_correct.sum(), n),
+        "individual_accuracy": _pct(out.correct_1.sum() + out.correct_2.sum(), 2 * n),
+        "confusion": _pct(out.confused.sum(), out.both_valid.sum()),
+        "invalid": _pct((~out.valid_1).sum() + (~out.valid_2).sum(), 2 * n),
+        "precision": _pct(out.set_correct.sum(), (out.both_valid & ~out.confused).sum()),
+        "n_pairs": n,
+        "valid_pairs": int(out.both_valid.sum()),
+        "per_category": {},
+    }
+    for cat in category_order(pairs):
+        k1 = np.array([Counter(p.categories_1)[cat] for p in pairs], dtype=np.int64)
+        k2 = np.array([Counter(p.categories_2)[cat] for p in pairs], dtype=np.int64)
+        kb = k1 + k2
+        total = int(kb.sum())  # image-side label count: the reference denominator
+        valids = int((out.both_valid * kb).sum())
+        unconfused = int(((out.both_valid & ~out.confused) * kb).sum())
+        set_score = int((out.set_correct * kb).sum())
+        results["per_category"][cat] = {
+            "set_accuracy": _pct(set_score, total),
+            "individual_accuracy": _pct((out.correct_1 * k1).sum() + (out.correct_2 * k2).sum(), total),
+            "confusion": _pct((out.confused * kb).sum(), valids),
+            "invalid": _pct((~out.valid_1 * k1).sum() + (~out.valid_2 * k2).sum(), total),
+            "precision": _pct(set_score, unconfused),
+            "total": total,
+            "valid_pairs": valids,
+        }
+    results["ci"] = bootstrap_ci(out, samples=bootstrap_samples)
+    results["ci_level"] = 95
+    results["scorer_version"] = SCORER_VERSION
+    results["parser"] = parser
+    if prompt_version is not None:
+        results["prompt_version"] = prompt_version
+    return results
+
+
+def _metric_samples(out: Outcomes, idx: np.ndarray) -> dict[str, np.ndarray]:
+    set_c = out.set_correct[idx].mean(axis=1)
+    indiv = (out.correct_1[idx].sum(axis=1) + out.correct_2[idx].sum(axis=1)) / (2 * idx.shape[1])
+    valid = out.both_valid[idx].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.where(valid > 0, out.confused[idx].sum(axis=1) / np.maximum(valid, 1), np.nan)
+    return {"set_accuracy": 100 * set_c, "individual_accuracy": 100 * indiv, "confusion": 100 * conf}
+
+
+def bootstrap_ci(out: Outcomes, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
+                 level: float = 95.0) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals over pairs for the headline metrics (fixed seed)."""
+    n = len(out.correct_1)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(samples, n))
+    tail = (100.0 - level) / 2
+    ci = {}
+    for name, values in _metric_samples(out, idx).items():
+        values = values[~np.isnan(values)]
+        ci[name] = [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))] if len(values) else [0.0, 0.0]
+    return ci
+
+
+def compare(pairs: list[Pair], answers_a: Mapping[tuple[str, int], Answer], answers_b: Mapping[tuple[str, int], Answer],
+            samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """B against A on the same pairs: paired bootstrap CI of the set-accuracy difference (B - A)
+    and the exact McNemar test on per-pair set-correctness."""
+    from scipy.stats import binomtest
+
+    keys = {(p.id, s) for p in pairs for s in (1, 2)}
+    for label, answers in (("A", answers_a), ("B", answers_b)):
+        missing = keys - set(answers)
+        if missing:
+            raise PredictionsError(f"run {label} lacks {len(missing)} question(s) of these pairs, e.g. {sorted(missing)[:3]}")
+    oa, ob = outcomes(pairs, answers_a), outcomes(pairs, answers_b)
+    sa, sb = oa.set_correct, ob.set_correct
+    n = len(pairs)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(samples, n))
+    diff_samples = 100.0 * (sb[idx].astype(float) - sa[idx].astype(float)).mean(axis=1)
+    conf_a, conf_b = _metric_samples(oa, idx)["confusion"], _metric_samples(ob, idx)["confusion"]
+    conf_diff = conf_b - conf_a
+    conf_diff = conf_diff[~np.isnan(conf_diff)]
+    only_a = int((sa & ~sb).sum())
+    only_b = int((~sa & sb).sum())
+    p_value = float(binomtest(only_b, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0
+    res_a, res_b = _pct(sa.sum(), n), _pct(sb.sum(), n)
+    ca = _pct(oa.confused.sum(), oa.both_valid.sum())
+    cb = _pct(ob.confused.sum(), ob.both_valid.sum())
+    return {
+        "n_pairs": n,
+        "set_accuracy_a": res_a,
+        "set_accuracy_b": res_b,
+        "set_accuracy_diff": res_b - res_a,
+        "set_accuracy_diff_ci": [float(np.percentile(diff_samples, 2.5)), float(np.percentile(diff_samples, 97.5))],
+        "confusion_diff": cb - ca,
+        "confusion_diff_ci": [float(np.percentile(conf_diff, 2.5)), float(np.percentile(conf_diff, 97.5))] if len(conf_diff) else [0.0, 0.0],
+        "mcnemar_only_a": only_a,
+        "mcnemar_only_b": only_b,
+        "mcnemar_p": p_value,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def render_report(results: Mapping[str, Any], title: str = "MediConfusion scores") -> str:
+    """The reference table's columns (plus the CI) as Markdown."""
+    lines = [f"# {title}", ""]
+    meta = [f"scorer {results.get('scorer_version')}", f"parser {results.get('parser')}"]
+    if results.get("prompt_version"):
+        meta.append(f"prompts {results['prompt_version']}")
+    for key in ("model", "mode", "benchmark"):
+        if results.get(key):
+            meta.append(f"{key} {results[key]}")
+    lines += [", ".join(meta), ""]
+    lines.append("| category | total | set acc. | individual acc. | confusion | valid pairs | invalid | precision |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for cat, row in results.get("per_category", {}).items():
+        lines.append(f"| {cat} | {row['total']} | {row['set_accuracy']:.2f} | {row['individual_accuracy']:.2f} | "
+                     f"{row['confusion']:.2f} | {row['valid_pairs']} | {row['invalid']:.2f} | {row['precision']:.2f} |")
+    lines.append(f"| **All** | {results['n_pairs']} | {results['set_accuracy']:.2f} | {results['individual_accuracy']:.2f} | "
+                 f"{results['confusion']:.2f} | {results['valid_pairs']} | {results['invalid']:.2f} | {results['precision']:.2f} |")
+    lines.append("")
+    ci = results.get("ci", {})
+    if ci:
+        lines.append(f"{results.get('ci_level', 95)}% bootstrap CI over pairs: " + "; ".join(
+            f"{name.replace('_', ' ')} [{lo:.1f}, {hi:.1f}]" for name, (lo, hi) in ci.items()))
+        lines.append("")
+    lines.append("Random guessing scores 25% set accuracy and 50% confusion.")
+    return "\n".join(lines) + "\n"
+
+
+def score_table(rows: list[tuple[str, Mapping[str, Any]]]) -> str:
+    """A compact console table of several results (one row per name)."""
+    header = f"{'model':<28} {'set acc.':>16} {'individual':>10} {'confusion':>16} {'invalid':>8}"
+    lines = [header, "-" * len(header)]
+    for name, res in rows:
+        lo, hi = res["ci"]["set_accuracy"]
+        clo, chi = res["ci"]["confusion"]
+        lines.append(f"{name:<28} {res['set_accuracy']:5.1f} [{lo:4.1f},{hi:5.1f}] {res['individual_accuracy']:10.1f} "
+                     f"{res['confusion']:5.1f} [{clo:4.1f},{chi:5.1f}] {res['invalid']:8.1f}")
+    return "\n".join(lines)
