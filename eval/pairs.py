@@ -132,8 +132,8 @@ def _from_upstream(pair_id: str, row: dict[str, Any], where: str) -> Pair:
         if local not in (None, ""):
             # upstream images are saved as <local id>.jpg; ints may arrive as floats from CSV
             rec[f"image_{side}"] = f"{int(float(local))}.jpg"
-        elif row.get(f"im_{side}"):
-            rec[f"image_{side}"] = str(row[f"im_{side}"])
+        elif row.get(f"image_{side}") or row.get(f"im_{side}"):
+            rec[f"image_{side}"] = str(row.get(f"image_{side}") or row[f"im_{side}"])
     sims = {k: float(row[k]) for k in ("BiomedCLIP_sim", "DINO_sim") if row.get(k) not in (None, "")}
     rec["sims"] = sims or None
     rec["source"] = "mediconfusion"
@@ -278,10 +278,13 @@ class Benchmark:
         path = Path(ref)
         if path.is_absolute():
             return path
-        for candidate in (self.image_root / ref, self.image_root / "images" / ref):
+        candidates = (self.image_root / ref, self.image_root / "images" / ref)
+        for candidate in candidates:
             if candidate.exists():
                 return candidate
-        return self.image_root / ref
+        # missing: name where it was most likely meant to be (upstream ids live under images/)
+        bare_name = "/" not in ref and (self.image_root / "images").is_dir()
+        return candidates[1] if bare_name else candidates[0]
 
     def unique_images(self) -> list[str]:
         """Image references in first-seen order, each once."""

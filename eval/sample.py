@@ -56,7 +56,7 @@ def write_sample_benchmark(out: str | Path, max_png_size: int = 512) -> Path:
     names = {}
     for name, (source, fmt) in SAMPLE_IMAGES.items():
         target = images / f"{name}.{fmt}"
-        names[name] = target.name
+        names[name] = f"images/{target.name}"
         if target.exists():
             continue
         path = get_testdata_file(source)

@@ -54,8 +54,9 @@ def parse_reference(raw: str | None, options: tuple[str, str] | None = None) -> 
 
 
 _LETTER_ONLY = re.compile(r'^[\s"\'(\[{*#:_`]*([ABab])[\s"\')\]}*.:,;!_`]*$')
-_LEADING_LETTER = re.compile(r'^[\s"\'(\[{*#_`]*([AB])(?:[\s"\')\]}*.:,;!_`]|$)')
+_LEADING_LETTER = re.compile(r'^[\s"\'(\[{*#_`]*([AB])(?:[\s"\')\]}*.:;!_`]|$)')
 _ANSWER_IS = re.compile(r'\b(?:answer|option|choice)\s*(?:is|:|=|-)?\s*(?:option\s*)?[\s"\'(\[*]*([AB])\b', re.I)
+_NOT_AFTER_ARTICLE = {"or", "and", "nor", "vs", "versus", "is", "was", "seems", "fits"}
 _STANDALONE = re.compile(r'(?<![A-Za-z0-9])([AB])(?![A-Za-z0-9])')
 
 
@@ -68,7 +69,8 @@ def parse_strict(raw: str | None, options: tuple[str, str] | None = None) -> Ans
 
     1. the output is just a letter, upper or lower case, with brackets, quotes, markdown or
        punctuation around it: ``A``, ``(A)``, ``b.``, ``**B**``, ``A")``;
-    2. it starts with a capital letter followed by a separator: ``A: pneumothorax``, ``B) ...``;
+    2. it starts with a capital letter followed by a separator (not a comma, as in ``A, B``):
+       ``A: pneumothorax``, ``B) ...``;
     3. an explicit statement: ``Answer: A``, ``The answer is (B)``, ``option A``; if statements
        name both letters, invalid;
     4. the text of exactly one option is echoed (case and punctuation ignored);
@@ -86,7 +88,7 @@ def parse_strict(raw: str | None, options: tuple[str, str] | None = None) -> Ans
         return match.group(1).upper()
     match = _LEADING_LETTER.match(text)
     if match and not re.match(r'^A\s+[a-z]', text):
-        return match.group(1)
+        return match.group(1)  # "A small nodule" falls through: an article
     stated = {m.group(1).upper() for m in _ANSWER_IS.finditer(text)}
     if len(stated) == 1:
         return stated.pop()
@@ -100,8 +102,8 @@ def parse_strict(raw: str | None, options: tuple[str, str] | None = None) -> Ans
             return echoed[0]
     letters = set()
     for m in _STANDALONE.finditer(text):
-        after = text[m.end():m.end() + 2]
-        if m.group(1) == "A" and re.match(r"\s[a-z]", after):
+        following = re.match(r"\s+([a-z]+)", text[m.end():])
+        if m.group(1) == "A" and following and following.group(1) not in _NOT_AFTER_ARTICLE:
             continue  # "A small nodule ..." is an article, not an answer
         letters.add(m.group(1))
     return letters.pop() if len(letters) == 1 else None
