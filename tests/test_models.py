@@ -127,3 +127,16 @@ def test_local_folders_resolve_to_their_family(unconfuse_home):
                if not p.name.startswith(".")}
     assert resolve_model(str(folders["tiny-hf"])).family == "hf-clip"
     assert resolve_model(str(folders["tiny-clip"])).family == "open-clip"
+
+
+def test_each_image_prefix_runs_once_per_pass(vlm):
+    """Three questions over two images: the language model sees two heads, then three tails."""
+    rows_seen = []
+    embed = vlm.model.get_input_embeddings()
+    handle = embed.register_forward_hook(lambda mod, args, out: rows_seen.append(tuple(args[0].shape)))
+    try:
+        vlm.clear_cache()
+        vlm.next_token_scores(_queries())
+    finally:
+        handle.remove()
+    assert [shape[0] for shape in rows_seen] == [2, 3]

@@ -5,6 +5,8 @@ Efficiency, as the eval contract asks:
   ``Query.image_key`` and handed to the model as ``mm_encoder_outputs`` (transformers' API for
   pre-encoded images), so a second question about the same image skips the encoder;
 - prompts are batched (left padding);
+- the part of a prompt up to and including its image is the same for every question about that
+  image: it runs once per image and its KV cache is shared (``prefill``);
 - option scoring (``prefix`` mode) runs the shared prompt once, then scores every option from its
   KV cache, instead of one full forward per option.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -127,7 +130,7 @@ class HFVisionLanguageAdapter:
         self._features.clear()
 
     def _model_kwargs(self, queries: list[Query], inputs: dict[str, Any]) -> dict[str, Any]:
-        """Forward kwargs: text tensors plus the cached image features (or pixels as a fallback)."""
+        """Generation kwargs: text tensors plus the cached image features (or pixels as a fallback)."""
         kwargs = dict(inputs)
         if self.can_cache_features:
             from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -138,11 +141,82 @@ class HFVisionLanguageAdapter:
             kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
         else:
             self.image_encoder_calls += len(queries)
-        if not self.uses_mrope:
-            # explicit positions so that left padding does not shift them (and the continuation can follow on)
-            mask = kwargs["attention_mask"]
-            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return kwargs
+
+    # -- prompt prefill with per-image prefix sharing ---------------------------------------------
+
+    @property
+    def image_token_id(self) -> int | None:
+        config = self.model.config
+        return getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+
+    @torch.no_grad()
+    def prefill(self, queries: list[Query]) -> Prefill:
+        """Run every prompt up to where the reply starts, sharing the work of repeated images.
+
+        A prompt is split after its image: the head (system text, image tokens) is the same for
+        every question about an image, so each distinct head runs once and its KV cache is copied
+        to the questions that use it; then the tails (question text, generation prompt) run on
+        top. Heads and tails are each left-padded, so rows hold holes; positions count real
+        tokens, which keeps the numbers equal to one unpadded forward per question.
+        """
+        inputs = self._inputs(queries)
+        features = self._image_features(queries, inputs) if self.can_cache_features else None
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        type_ids = inputs.get("mm_token_type_ids")
+        image_id = self.image_token_id
+        heads: dict[tuple, int] = {}
+        head_rows: list[int] = []
+        head_parts, tail_parts = [], []
+        for r, q in enumerate(queries):
+            real = ids[r][mask[r]]
+            where = (real == image_id).nonzero()
+            if features is None or image_id is None or len(where) == 0 or int(where[-1]) + 1 >= len(real):
+                raise RuntimeError(f"{self.name}: cannot split the prompt after the image; prefix sharing needs "
+                                   "mm_encoder_outputs support and an image token before the reply")
+            cut = int(where[-1]) + 1
+            key = (q.image_key, tuple(real[:cut].tolist()))
+            if key not in heads:
+                heads[key] = len(head_parts)
+                head_types = type_ids[r][mask[r]][:cut] if type_ids is not None else None
+                head_parts.append((real[:cut], head_types, r))
+            head_rows.append(heads[key])
+            tail_parts.append(real[cut:])
+
+        # 1. distinct heads
+        pad = self.tokenizer.pad_token_id
+        head_ids, head_mask = _left_pad([h for h, _, _ in head_parts], pad, self.device)
+        kwargs: dict[str, Any] = {"input_ids": head_ids, "attention_mask": head_mask}
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
+            pooler_output=[features[r] for _, _, r in head_parts])}
+        if "image_grid_thw" in inputs:
+            kwargs["image_grid_thw"] = inputs["image_grid_thw"][[r for _, _, r in head_parts]]
+        if type_ids is not None:
+            kwargs["mm_token_type_ids"], _ = _left_pad([t for _, t, _ in head_parts], 0, self.device)
+        if not self.uses_mrope:
+            kwargs["position_ids"] = (head_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(**kwargs, use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        index = torch.tensor(head_rows, device=self.device)
+        cache.batch_select_indices(index)
+        deltas = self.base.rope_deltas.to(self.device)[index] if self.uses_mrope else None
+
+        # 2. tails, on top of each question's head
+        tail_ids, tail_mask = _left_pad(tail_parts, pad, self.device)
+        full_mask = torch.cat([head_mask[index], tail_mask], dim=1)
+        positions = self._positions((full_mask.cumsum(-1) - 1).clamp(min=0)[:, head_ids.shape[1]:], deltas)
+        out = self.model(input_ids=tail_ids, attention_mask=full_mask, position_ids=positions, cache=cache,
+                         use_cache=True, logits_to_keep=1)
+        return Prefill(cache=cache, mask=full_mask, next_position=full_mask.sum(-1), deltas=deltas,
+                       last_logprobs=torch.log_softmax(out.logits[:, -1, :].float(), dim=-1))
+
+    def _positions(self, positions: torch.Tensor, deltas: torch.Tensor | None) -> torch.Tensor:
+        """Text positions; 3-D M-RoPE ones (shifted by each row's rope delta) for the Qwen2-VL family."""
+        if deltas is None:
+            return positions
+        return (positions + deltas).unsqueeze(0).expand(3, -1, -1)
 
     # -- the three questions ---------------------------------------------------------------------
 
@@ -152,11 +226,8 @@ class HFVisionLanguageAdapter:
 
     @torch.no_grad()
     def next_token_scores(self, queries: list[Query], candidates: tuple[str, ...] = ("A", "B")) -> list[list[float]]:
-        inputs = self._inputs(queries)
-        out = self.model(**self._model_kwargs(queries, inputs), logits_to_keep=1, use_cache=False)
-        logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-        ids = self.letter_token_ids(candidates)
-        return logprobs[:, ids].tolist()
+        logprobs = self.prefill(queries).last_logprobs
+        return logprobs[:, self.letter_token_ids(candidates)].tolist()
 
     def continuation_ids(self, queries: list[Query], continuations: list[tuple[str, ...]]) -> list[list[list[int]]]:
         """Token ids of each continuation as it follows its prompt (split from a joint encoding)."""
@@ -180,31 +251,24 @@ class HFVisionLanguageAdapter:
         if any(len(c) != k for c in continuations):
             raise ValueError("every query needs the same number of continuations")
         cont_ids = self.continuation_ids(queries, continuations)
-        inputs = self._inputs(queries)
-        kwargs = self._model_kwargs(queries, inputs)
-        prefix_mask = kwargs["attention_mask"]
-        out = self.model(**kwargs, use_cache=True, logits_to_keep=1)
-        first_logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).repeat_interleave(k, dim=0)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        cache.batch_repeat_interleave(k)
+        state = self.prefill(queries)
+        state.cache.batch_repeat_interleave(k)
+        first_logprobs = state.last_logprobs.repeat_interleave(k, dim=0)
 
         flat = [ids for rows in cont_ids for ids in rows]
         length = max(len(ids) for ids in flat)
-        pad = self.tokenizer.pad_token_id
-        cont = torch.full((len(flat), length), pad, dtype=torch.long, device=self.device)
+        cont = torch.full((len(flat), length), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
         cont_mask = torch.zeros_like(cont)
         for i, ids in enumerate(flat):
             cont[i, :len(ids)] = torch.tensor(ids, device=self.device)
             cont_mask[i, :len(ids)] = 1
-        full_mask = torch.cat([prefix_mask.repeat_interleave(k, dim=0), cont_mask], dim=1)
-        start = prefix_mask.sum(-1).repeat_interleave(k).unsqueeze(1)  # valid prefix length per row
-        positions = start + torch.arange(length, device=self.device).unsqueeze(0)
-        if self.uses_mrope:
-            deltas = self.base.rope_deltas.to(self.device).repeat_interleave(k, dim=0)
-            positions = (positions + deltas).unsqueeze(0).expand(3, -1, -1)
-        cont_out = self.model(input_ids=cont, attention_mask=full_mask, position_ids=positions,
-                              cache=cache, use_cache=True)
-        logprobs = torch.log_softmax(cont_out.logits.float(), dim=-1)
+        full_mask = torch.cat([state.mask.repeat_interleave(k, dim=0), cont_mask], dim=1)
+        start = state.next_position.repeat_interleave(k).unsqueeze(1)
+        deltas = state.deltas.repeat_interleave(k, dim=0) if state.deltas is not None else None
+        positions = self._positions(start + torch.arange(length, device=self.device).unsqueeze(0), deltas)
+        out = self.model(input_ids=cont, attention_mask=full_mask, position_ids=positions, cache=state.cache,
+                         use_cache=True)
+        logprobs = torch.log_softmax(out.logits.float(), dim=-1)
         scores = []
         for i, ids in enumerate(flat):
             token_lp = [first_logprobs[i, ids[0]]]
@@ -216,9 +280,31 @@ class HFVisionLanguageAdapter:
     def generate(self, queries: list[Query], max_new_tokens: int) -> list[str]:
         inputs = self._inputs(queries)
         kwargs = self._model_kwargs(queries, inputs)
-        kwargs.pop("position_ids", None)  # generate derives positions from the attention mask
         output = self.model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                      temperature=None, top_p=None, top_k=None,
                                      pad_token_id=self.tokenizer.pad_token_id)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+@dataclass
+class Prefill:
+    """Prompts run up to the reply: KV cache, attention mask (with holes), next real position per
+    row, M-RoPE deltas (Qwen2-VL family), and the log-probabilities of the first reply token."""
+
+    cache: Any
+    mask: torch.Tensor
+    next_position: torch.Tensor
+    deltas: torch.Tensor | None
+    last_logprobs: torch.Tensor
+
+
+def _left_pad(rows: list[torch.Tensor], value: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), value, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, length - len(row):] = row
+            mask[i, length - len(row):] = 1
+    return ids, mask
