@@ -125,6 +125,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     todo = [chunk for chunk in _chunks(bench.pairs, batch_pairs)
             if any((p.id, s) not in done for p in chunk for s in (1, 2))]
     if todo:
+        if not cfg.progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         adapter, spec = load_model(spec, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
         judge = None
         if cfg.mode == "freeform":

@@ -116,6 +116,10 @@ def test_a_hub_model_fails_fast_offline(monkeypatch):
     assert "llava-hf/llava-1.5-7b-hf" in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
         resolve_model("some-org/some-model")
+    start = time.time()
+    with pytest.raises(ModelLoadError, match="biomedclip.*HF_HUB_OFFLINE"):
+        load_model("biomedclip")
+    assert time.time() - start < 15
     with pytest.raises(ModelLoadError, match="unknown model"):
         resolve_model("no-such-preset")
 

@@ -7,6 +7,7 @@ checkpoint. Builds are deterministic (fixed seed, tokenizer trained on a fixed c
 from __future__ import annotations
 
 import json
+import logging
 import string
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,12 @@ def build_open_clip(out: Path, image_size: int = 32, embed_dim: int = 32, vision
     out.mkdir(parents=True, exist_ok=True)
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     torch.manual_seed(seed)
-    model = open_clip.create_model(f"local-dir:{out}", pretrained=None, load_weights=False)
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # open_clip warns that a fresh model has no weights: expected here
+    try:
+        model = open_clip.create_model(f"local-dir:{out}", pretrained=None, load_weights=False)
+    finally:
+        root.setLevel(level)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
 
 
