@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -96,8 +97,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         bench = load_benchmark(args.benchmark, split=args.split)
-        results = score_run(out, bench, parser=args.parser, meta={"benchmark": bench.name},
-                            predictions_path=Path(args.predictions))
+        predictions = Path(args.predictions)
+        meta = {"benchmark": bench.name}
+        run_meta = predictions.parent / "run.json"  # written by `unconfuse eval`: model, mode, prompt version
+        if run_meta.exists():
+            meta = {**json.loads(run_meta.read_text()), **meta}
+        results = score_run(out, bench, parser=args.parser, meta=meta, predictions_path=predictions)
     except (BenchmarkError, PredictionsError, FileNotFoundError) as exc:
         return _fail(str(exc))
     print(render_report(results))

@@ -134,6 +134,21 @@ def verify_image_bytes(data: bytes, size: int | None = None, etag: str | None = 
         raise DownloadError(f"not a decodable image ({exc})") from exc
 
 
+def source_url(cfg: DownloadConfig, roco_path: str, info: dict[str, Any], listings: dict[str, Any]) -> str:
+    """Where an image was (or would have been) fetched from, for the failure report."""
+    if cfg.roco is not None:
+        return str(cfg.roco / roco_path)
+    try:
+        pmcid = pmc_id(info["dlink"])
+    except DownloadError:
+        return str(info.get("dlink"))
+    base = cfg.pmc_base.rstrip("/")
+    having = sorted((v for v, files in listings.get(pmcid, {}).items() if info["file_name"] in files), reverse=True)
+    if having:
+        return f"{base}/{pmcid}.{having[0]}/{quote(info['file_name'])}"
+    return f"{base}/?list-type=2&prefix={quote(pmcid + '.')}"
+
+
 def download(cfg: DownloadConfig) -> list[Failure]:
     """Download (or resume) MediConfusion into ``cfg.out``; returns the images that failed."""
     from tqdm import tqdm
@@ -208,8 +223,7 @@ def download(cfg: DownloadConfig) -> list[Failure]:
                             atomic_write_json(manifest_path, manifest)
                             done_since_save = 0
                 except Exception as exc:  # every failure is reported at the end; the rest continue
-                    where = str(cfg.roco / roco_path) if cfg.roco else f"{pmc_id(info['dlink'])}/{info['file_name']}"
-                    failures.append(Failure(str(info["local"]), where, str(exc)))
+                    failures.append(Failure(str(info["local"]), source_url(cfg, roco_path, info, listings), str(exc)))
                 bar.update(1)
     finally:
         bar.close()

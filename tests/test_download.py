@@ -90,7 +90,8 @@ def test_download_verifies_retries_reports_and_resumes(tmp_path):
         assert sorted(f.local for f in failures) == ["5", "6"]
         reasons = {f.local: f.reason for f in failures}
         assert "MD5" in reasons["5"] and "no version of PMC500" in reasons["6"]
-        assert "PMC400/bad.jpg" in str(failures[0])
+        assert f"{server.url}/bucket/PMC400.1/bad.jpg" in str(failures[0])
+        assert f"{server.url}/bucket/?list-type=2&prefix=PMC500." in str(failures[1])
         images = out / "images"
         assert (images / "1.jpg").read_bytes() == bucket.objects["PMC100.2/fig1.jpg"]  # newest version wins
         assert (images / "3.jpg").read_bytes() == bucket.objects["PMC200.1/f.jpg"]  # newest that has the file
@@ -121,8 +122,9 @@ def test_download_command_exits_non_zero_and_keeps_what_succeeded(tmp_path, caps
                      "--jobs", "2", "--quiet", "--retries", "1"])
     err = capsys.readouterr().err
     # one retry is not enough for the object that answers 503 twice
-    assert code == 1 and "3 image(s) failed" in err and "4.jpg <- PMC300/flaky.jpg: HTTP 503 after 2 attempts" in err
-    assert "6.jpg <- PMC500/gone.jpg" in err
+    assert code == 1 and "3 image(s) failed" in err
+    assert "4.jpg <- http://127.0.0.1" in err and "/bucket/PMC300.1/flaky.jpg: HTTP 503 after 2 attempts" in err
+    assert "gone.jpg is in no version of PMC500" in err
     assert sorted(p.name for p in (tmp_path / "mc" / "images").glob("*.jpg")) == ["1.jpg", "2.jpg", "3.jpg"]
     from unconfuse.eval.images import check_images
     from unconfuse.eval.pairs import load_benchmark

@@ -155,3 +155,24 @@ def test_freeform_mode_with_a_loopback_judge(tmp_path, sample_bench, monkeypatch
     assert results["invalid"] == pytest.approx(100 * 2 / 12)
     for path in out.iterdir():
         assert secret not in path.read_text()
+
+
+def test_rescoring_mc_output_with_the_reference_parser(tmp_path, sample_bench, capsys):
+    out = tmp_path / "mc"
+    assert main(["eval", "--model", "tiny-llava", "--mode", "mc", "--benchmark", str(sample_bench), "--out", str(out),
+                 "--quiet"]) == 0
+    preds = out / "predictions.jsonl"
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    # give the random model some parseable answers: the two parsers read them differently
+    lines[0]["raw"], lines[1]["raw"], lines[2]["raw"] = "(A)", "B", "A, B"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert main(["score", "--benchmark", str(sample_bench), "--predictions", str(preds), "--out", str(tmp_path / "ref"),
+                 "--parser", "reference"]) == 0
+    ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert ref["parser"] == "reference" and ref["prompt_version"] == "mediconfusion-v1" and ref["model"] == "tiny-llava"
+    assert ref["invalid"] == pytest.approx(100 * 10 / 12)  # "(A)" is invalid for the reference, "A, B" reads as B
+    assert main(["score", "--benchmark", str(sample_bench), "--predictions", str(preds), "--out", str(tmp_path / "st")]) == 0
+    strict = json.loads((tmp_path / "st" / "results.json").read_text())
+    assert strict["invalid"] == pytest.approx(100 * 10 / 12)  # strict reads "(A)" but refuses the ambiguous "A, B"
+    assert strict["set_accuracy"] == 100 / 6  # s001: "(A)" and "B" are both right under strict
+    assert ref["set_accuracy"] == 0.0
