@@ -55,6 +55,20 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_download)
 
+    p = data.add_parser("synth", help="build the embedded world: confusing pairs drawn on real radiology images")
+    from .world import WorldConfig
+
+    defaults = WorldConfig()
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--pairs", type=int, default=defaults.pairs, help="pairs over train/val/test (60/15/25%%)")
+    p.add_argument("--image-size", type=int, default=defaults.image_size, help="pixels per side")
+    p.add_argument("--bases-per-source", type=int, default=defaults.bases_per_source)
+    p.add_argument("--corpus-size", type=int, default=defaults.corpus_size)
+    p.add_argument("--finding-caption-prob", type=float, default=defaults.finding_caption_prob,
+                   help="how often a corpus caption names the finding (low: encoders learn to miss findings)")
+    p.set_defaults(func=cmd_synth)
+
     p = data.add_parser("sample", help="write the six-pair benchmark of pydicom's real radiology images")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sample)
@@ -122,6 +136,22 @@ def cmd_download(args: argparse.Namespace) -> int:
             print(f"  {failure}", file=sys.stderr)
         return 1
     print(f"MediConfusion is in {args.out}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .world import WorldConfig, WorldError, synthesize
+
+    cfg = WorldConfig(seed=args.seed, pairs=args.pairs, image_size=args.image_size,
+                      bases_per_source=args.bases_per_source, corpus_size=args.corpus_size,
+                      finding_caption_prob=args.finding_caption_prob)
+    try:
+        world = synthesize(cfg, args.out)
+    except WorldError as exc:
+        return _fail(str(exc))
+    counts = world.manifest["counts"]
+    print(f"world {world.manifest['identity']} in {world.root}: pairs {counts['pairs']}, "
+          f"base images {counts['base_images']}, corpus {counts['corpus']}")
     return 0
 
 

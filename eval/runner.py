@@ -73,7 +73,9 @@ def read_done(path: Path) -> set[tuple[str, int]]:
 
 
 def _run_meta(cfg: EvalConfig, bench: Benchmark, prompt_version: str) -> dict[str, Any]:
+    where = Path(cfg.benchmark)
     return {"model": cfg.model, "mode": cfg.mode, "benchmark": bench.name, "n_pairs": len(bench.pairs),
+            "benchmark_path": str(where.resolve()) if where.exists() else cfg.benchmark,
             "prompt_version": prompt_version, "judge_model": cfg.judge_model, "tr": cfg.tr}
 
 

@@ -231,10 +231,14 @@ BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "open_clip": build
 
 
 def materialize(name: str, build: dict[str, Any], cache_root: Path) -> Path:
-    """Build a tiny model into ``cache_root/<name>-<hash of its settings>`` once; return the folder.
+    """Build a tiny model into ``cache_root/<name>-<hash>`` once; return the folder.
 
-    The folder appears atomically (built in a temp folder, then renamed), so concurrent test
-    processes never see half a model.
+    ``build`` holds the builder's settings (``arch`` picks the builder) and optionally
+    ``pretrain``: {task: clip|llava, world: {WorldConfig overrides}, steps, batch_size, lr, seed,
+    captions}, a brief pretraining on that embedded world's corpus. The hash covers the settings
+    and, when pretrained, the world's content, so a changed world gives a new model. The folder
+    appears atomically (built in a temp folder, then renamed): concurrent processes never see
+    half a model.
     """
     import hashlib
     import os
@@ -243,9 +247,16 @@ def materialize(name: str, build: dict[str, Any], cache_root: Path) -> Path:
 
     settings = dict(build)
     arch = settings.pop("arch")
+    pretrain = dict(settings.pop("pretrain", None) or {})
     if arch not in BUILDERS:
         raise ValueError(f"unknown tiny model arch {arch!r}; known: {', '.join(BUILDERS)}")
-    digest = hashlib.sha256(json.dumps([arch, settings, BUILD_VERSION], sort_keys=True).encode()).hexdigest()[:10]
+    world = None
+    if pretrain:
+        from ..world import WorldConfig, default_world
+
+        world = default_world(WorldConfig(**pretrain.pop("world", {})))
+    identity = [arch, settings, pretrain, world.hash if world else None, BUILD_VERSION]
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     target = cache_root / f"{name}-{digest}"
     if (target / ".complete").exists():
         return target
@@ -253,7 +264,14 @@ def materialize(name: str, build: dict[str, Any], cache_root: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".{name}-"))
     try:
         BUILDERS[arch](tmp, **settings)
-        (tmp / "unconfuse_build.json").write_text(json.dumps({"arch": arch, **settings}, indent=2))
+        record: dict[str, Any] = {"arch": arch, **settings}
+        if pretrain:
+            from .pretrain import PRETRAINERS
+
+            task = pretrain.pop("task")
+            record["pretrain"] = {"task": task, **pretrain, "world": str(world.root), "world_hash": world.hash,
+                                  "result": PRETRAINERS[task](tmp, world, **pretrain)}
+        (tmp / "unconfuse_build.json").write_text(json.dumps(record, indent=2))
         (tmp / ".complete").write_text("")
         try:
             os.rename(tmp, target)
