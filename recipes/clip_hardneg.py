@@ -1,0 +1,303 @@
+"""clip_hardneg: contrastive fine-tuning of a CLIP-style encoder with confusing pairs as hard negatives.
+
+Each batch holds whole pairs. The loss is CLIP's InfoNCE with identical texts as shared positives,
+plus a NegCLIP-style term: each image must prefer its own text over its pair partner's
+(``hardneg_weight``), and optionally each text its own image over the partner image
+(``image_side_weight``). Both weights 0 is plain CLIP fine-tuning on the same batches: the baseline.
+
+    unconfuse train clip_hardneg --config configs/clip_hardneg/tiny.yaml [key=value ...]
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m unconfuse.recipes.clip_hardneg --config ...
+
+Skeleton: setup (run directory, data, leakage audit, model, W&B) -> base test score -> train
+(transformers.Trainer, validation callback) -> final test score with the selected checkpoint -> save.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainingArguments
+
+from unconfuse.eval.io import atomic_write_json, atomic_write_text
+from unconfuse.eval.models import load_model, resolve_model
+from unconfuse.eval.prompts import load_prompts
+from unconfuse.eval.scorer import SCORER_VERSION, render_report
+from unconfuse.train.callbacks import PairValidationCallback, predict, score_records
+from unconfuse.train.config import ConfigError, dump_config, load_config, to_dict
+from unconfuse.train.data import ClipCollator, PairBatchSampler, PairItems
+from unconfuse.train.losses import clip_hardneg_loss
+from unconfuse.train.run import check_leakage, default_output_dir, log_final_to_wandb, resolve_data, setup_wandb
+
+RECIPE = "clip_hardneg"
+TRAINABLE = ("full", "locked_text")
+
+
+@dataclass
+class DataConfig:
+    train: str = "world:train"  # any benchmark argument, or world:<split> for the embedded world
+    val: str = "world:val"
+    test: str = "world:test"
+    text: str = "option"  # option | question_option | caption: what each image is trained to match
+
+
+@dataclass
+class LossConfig:
+    hardneg_weight: float = 1.0  # image vs (own text, partner's text); 0 = plain CLIP fine-tuning
+    image_side_weight: float = 0.0  # text vs (own image, partner image)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 150
+    pairs_per_batch: int = 16  # per device; a batch holds 2x this many images
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    lr_scheduler: str = "cosine"
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    eval_steps: int = 25  # validation cadence (also at step 0)
+    save_steps: int = 50  # resumable Trainer checkpoints
+    logging_steps: int = 10
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never
+    seed: int = 0
+    bf16: bool = False
+
+
+@dataclass
+class ClipHardNegConfig:
+    """Every field can be set in YAML or as ``key=value`` on the command line."""
+
+    model: str = "tiny-clip-base"  # preset, local-dir:/path, hf-hub:org/name, open_clip arch
+    strategy: str | None = None  # name for grouping runs (default: hardneg, or clip-ft when both weights are 0)
+    output_dir: str | None = None  # default runs/clip_hardneg-<time>
+    trainable: str = "full"  # full | locked_text
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    report_to: str = "wandb"  # wandb | none
+    allow_leakage: bool = False
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest"
+    val_batch_pairs: int = 32
+
+
+def strategy_name(cfg: ClipHardNegConfig) -> str:
+    if cfg.strategy:
+        return cfg.strategy
+    return "clip-ft" if not (cfg.loss.hardneg_weight or cfg.loss.image_side_weight) else "hardneg"
+
+
+class ClipHardNegTrainer(Trainer):
+    """transformers.Trainer with whole-pair batches and the pair loss."""
+
+    def __init__(self, *args, pairs_per_batch: int, loss_config: LossConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pairs_per_batch = pairs_per_batch
+        self.loss_config = loss_config
+
+    def get_train_dataloader(self) -> DataLoader:
+        sampler = PairBatchSampler(len(self.train_dataset) // 2, self.pairs_per_batch, seed=self.args.seed)
+        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator, num_workers=0)
+        return self.accelerator.prepare(loader)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(inputs["pixel_values"], inputs["input_ids"])
+        image_features, text_features, logit_scale = (out["image_features"], out["text_features"], out["logit_scale"]) \
+            if isinstance(out, dict) else out[:3]
+        parts = clip_hardneg_loss(image_features, text_features, logit_scale, inputs["text_ids"], inputs["partner"],
+                                  self.loss_config.hardneg_weight, self.loss_config.image_side_weight)
+        return (parts["loss"], parts) if return_outputs else parts["loss"]
+
+
+def open_clip_config_dict(spec) -> dict[str, Any]:
+    """The open_clip_config.json of the model being trained, so checkpoints load as ``local-dir:``."""
+    import open_clip
+
+    model_id = spec.model_id or ""
+    if model_id.startswith("local-dir:"):
+        return json.loads((Path(model_id[len("local-dir:"):]) / "open_clip_config.json").read_text())
+    if model_id.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(model_id[len("hf-hub:"):], "open_clip_config.json")).read_text())
+    return {"model_cfg": open_clip.get_model_config(model_id),
+            "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}}
+
+
+def unscalar_parameters(model: torch.nn.Module) -> None:
+    """Give 0-dim parameters (open_clip's logit_scale) one dimension: DeepSpeed 0.19 broadcasts
+    every parameter as ``p.data.view(torch.uint8)``, which fails on scalars. Values are unchanged;
+    checkpoints are written back in the original shapes."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dim() == 0:
+                setattr(module, name, torch.nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
+
+
+def save_open_clip(model: torch.nn.Module, config: dict[str, Any], folder: Path,
+                   shapes: dict[str, torch.Size] | None = None) -> None:
+    """Write a ``local-dir:`` open_clip checkpoint (config + safetensors) atomically, each tensor
+    in ``shapes`` (the model's original ones) when given."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().to("cpu").reshape(shapes[k] if shapes else v.shape).contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "open_clip_model.safetensors"))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def freeze(model: torch.nn.Module, trainable: str) -> None:
+    if trainable not in TRAINABLE:
+        raise ConfigError(f"trainable: must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+    if trainable == "locked_text":
+        for name, param in model.named_parameters():
+            if not name.startswith("visual.") and name != "logit_scale":
+                param.requires_grad_(False)
+
+
+def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
+    """Run the recipe; returns the run's results.json content."""
+    start = time.time()
+    deepspeed_config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else None
+    distributed_cpu_deepspeed = deepspeed_config is not None and not torch.cuda.is_available()
+    if distributed_cpu_deepspeed:
+        from accelerate import PartialState  # accelerate leaves the backend unset on CPU + DeepSpeed: set gloo first
+
+        PartialState(backend="gloo")
+
+    # -- setup ----------------------------------------------------------------------------------
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(RECIPE)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # set by torchrun/accelerate for every process
+    if is_main:
+        dump_config(cfg, run_dir / "config.yaml")
+    train_bench, val_bench, test_bench = (resolve_data(a) for a in (cfg.data.train, cfg.data.val, cfg.data.test))
+    check_leakage(run_dir, train_bench, {"val": val_bench, "test": test_bench}, cfg.allow_leakage)
+    spec = resolve_model(cfg.model)
+    if spec.family != "open-clip":
+        raise ConfigError(f"model: clip_hardneg trains open_clip models; {cfg.model!r} is {spec.family}")
+    spec = replace(spec, clip_prompt="question" if cfg.data.text == "question_option" else "default")
+    torch.manual_seed(cfg.train.seed)
+    adapter, spec = load_model(spec, device="cuda" if torch.cuda.is_available() else "cpu")
+    clip_config = open_clip_config_dict(replace(spec, model_id=_materialized_id(spec)))
+    model = adapter.model
+    original_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    freeze(model, cfg.trainable)
+    if deepspeed_config:
+        unscalar_parameters(model)
+    prompts = load_prompts()
+    tags = [RECIPE, spec.name, cfg.data.train]
+    wandb_run = setup_wandb(cfg.report_to, run_dir, to_dict(cfg), strategy_name(cfg), tags) if is_main else None
+    train_items = PairItems(train_bench, adapter.preprocess, cfg.data.text)
+
+    def evaluate(bench) -> tuple[list[dict], dict[str, Any]]:
+        model.eval()
+        adapter.clear_cache()
+        records = predict(adapter, spec, "clip", bench, prompts, cfg.val_batch_pairs)
+        model.train()
+        return records, score_records(bench, records, prompt_version=prompts.version)
+
+    def write_test(name: str, records, results) -> None:
+        if not is_main:
+            return
+        folder = run_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_json(folder / "results.json", results)
+        atomic_write_text(folder / "report.md", render_report(results, title=f"{RECIPE} {name}: {spec.name}"))
+
+    # -- base score (the test split is scored, never used for selection) -----------------------
+    base_path = run_dir / "base" / "results.json"
+    if base_path.exists():
+        base = json.loads(base_path.read_text())
+    else:
+        records, base = evaluate(test_bench)
+        write_test("base", records, base)
+
+    # -- train ----------------------------------------------------------------------------------
+    best_dir = run_dir / "checkpoints" / "best"
+
+    def save_best(step: int) -> None:
+        if is_main:
+            save_open_clip(model, clip_config, best_dir, original_shapes)
+            (best_dir / "step.txt").write_text(str(step))
+
+    callback = PairValidationCallback(run_dir, lambda: evaluate(val_bench)[1], save_best, cfg.train.eval_steps,
+                                      cfg.train.patience, is_main=is_main,
+                                      log=(lambda row: wandb_run.log(row)) if wandb_run else None)
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"), max_steps=cfg.train.max_steps,
+        per_device_train_batch_size=2 * cfg.train.pairs_per_batch, learning_rate=cfg.train.learning_rate,
+        weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_steps,
+        lr_scheduler_type=cfg.train.lr_scheduler, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        max_grad_norm=cfg.train.max_grad_norm, logging_steps=cfg.train.logging_steps, save_strategy="steps",
+        save_steps=cfg.train.save_steps, seed=cfg.train.seed, data_seed=cfg.train.seed, bf16=cfg.train.bf16,
+        report_to=["wandb"] if wandb_run else [], use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(),
+        accelerator_config={"use_configured_state": True} if distributed_cpu_deepspeed else None,
+        deepspeed=deepspeed_config,
+    )
+    trainer = ClipHardNegTrainer(model=model, args=args, train_dataset=train_items,
+                                 data_collator=ClipCollator(adapter.tokenizer), callbacks=[callback],
+                                 pairs_per_batch=cfg.train.pairs_per_batch, loss_config=cfg.loss)
+    resume = cfg.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    trainer.accelerator.wait_for_everyone()  # rank 0 may still be writing the best weights
+
+    # -- final test score with the selected checkpoint -----------------------------------------
+    import safetensors.torch
+
+    current = model.state_dict()
+    best = safetensors.torch.load_file(str(best_dir / "open_clip_model.safetensors"))
+    model.load_state_dict({k: v.reshape(current[k].shape) for k, v in best.items()})
+    records, final = evaluate(test_bench)
+    write_test("test", records, final)
+    results = {"recipe": RECIPE, "strategy": strategy_name(cfg), "model": spec.name, "data": cfg.data.train,
+               "seed": cfg.train.seed, "base": base, "final": final, "best_step": callback.state.best_step,
+               "best_val": callback.state.best, "steps": trainer.state.global_step,
+               "wall_time_s": time.time() - start, "scorer_version": SCORER_VERSION, "prompt_version": prompts.version,
+               "loss": to_dict(cfg.loss), "trainable": cfg.trainable}
+    if is_main:
+        atomic_write_json(run_dir / "results.json", results)
+        log_final_to_wandb(wandb_run, results, run_dir / "test" / "predictions.jsonl")
+    return results
+
+
+def _materialized_id(spec) -> str:
+    """The model id after tiny presets are built (their folder), for reading the open_clip config."""
+    if spec.build:
+        from unconfuse.eval.models.tiny import materialize
+        from unconfuse.eval.pairs import unconfuse_home
+
+        return f"local-dir:{materialize(spec.name, spec.build, unconfuse_home() / 'models')}"
+    return spec.model_id
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m unconfuse.recipes.{RECIPE}")
+    parser.add_argument("--config", help="recipe YAML (configs/clip_hardneg/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
+    args = parser.parse_args(argv)
+    cfg = load_config(ClipHardNegConfig, args.config, args.overrides)
+    results = main(cfg)
+    print(json.dumps({k: results[k] for k in ("strategy", "best_step", "steps")}
+                     | {f"{n}_{m}": results[n][m] for n in ("base", "final") for m in ("set_accuracy", "confusion")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
