@@ -1,0 +1,146 @@
+"""The clip_hardneg recipe on a tiny model and a small world: losses, resume, freezing, leakage, launchers."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unconfuse.eval.models import load_model
+from unconfuse.eval.world import WorldConfig, synthesize
+from unconfuse.recipes import clip_hardneg
+from unconfuse.recipes.clip_hardneg import ClipHardNegConfig, DataConfig, LossConfig, TrainConfig
+from unconfuse.train.callbacks import PairValidationCallback
+from unconfuse.train.data import ClipCollator, PairBatchSampler, PairItems
+from unconfuse.train.losses import clip_hardneg_loss
+from unconfuse.train.run import LeakageError, resolve_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return synthesize(WorldConfig(pairs=42, bases_per_source=8, corpus_size=10, image_size=32),
+                      tmp_path_factory.mktemp("w") / "world")
+
+
+def config(world, out, **train):
+    return ClipHardNegConfig(
+        model="tiny-clip", output_dir=str(out), report_to="none",
+        data=DataConfig(train=str(world.root / "train"), val=str(world.root / "val"), test=str(world.root / "test")),
+        train=TrainConfig(**{"max_steps": 2, "pairs_per_batch": 4, "learning_rate": 1e-3, "warmup_steps": 0,
+                             "eval_steps": 2, "save_steps": 2, "logging_steps": 1, **train}))
+
+
+def _log(run_dir, step):
+    state = json.loads((Path(run_dir) / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return [h for h in state["log_history"] if "loss" in h]
+
+
+def test_two_steps_log_the_loss_of_the_first_batch(world, tmp_path):
+    results = clip_hardneg.main(config(world, tmp_path / "run"))
+    assert results["steps"] == 2 and results["best_step"] in (0, 2)
+    logged = _log(tmp_path / "run", 2)
+    # recompute step 1's loss independently: fresh model, the sampler's first batch, the loss function
+    adapter, _ = load_model("tiny-clip", device="cpu")
+    items = PairItems(resolve_data(str(world.root / "train")), adapter.preprocess)
+    batch = ClipCollator(tokenize=adapter.tokenizer)([items[i] for i in next(iter(PairBatchSampler(len(items) // 2, 4, seed=0)))])
+    with torch.no_grad():
+        image_features, text_features, logit_scale = adapter.model.train()(batch["pixel_values"], batch["input_ids"])[:3]
+        expected = clip_hardneg_loss(image_features, text_features, logit_scale, batch["text_ids"],
+                                     batch["partner"])["loss"].item()
+    assert logged[0]["loss"] == pytest.approx(expected, rel=1e-4)
+    assert logged[1]["loss"] != logged[0]["loss"]
+    for name in ("config.yaml", "leakage.json", "val_history.jsonl", "base/results.json", "test/predictions.jsonl",
+                 "test/results.json", "checkpoints/best/open_clip_model.safetensors"):
+        assert (tmp_path / "run" / name).exists(), name
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(saved["base"]) >= {"set_accuracy", "confusion", "ci", "per_category"} and saved["strategy"] == "hardneg"
+    history = [json.loads(l) for l in (tmp_path / "run" / "val_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [0, 2]
+
+
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(world, tmp_path, monkeypatch):
+    full = clip_hardneg.main(config(world, tmp_path / "full", max_steps=8, save_steps=4, eval_steps=4))
+    original = PairValidationCallback.on_step_end
+
+    def killed_at_6(self, args, state, control, **kw):
+        original(self, args, state, control, **kw)
+        if state.global_step == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PairValidationCallback, "on_step_end", killed_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        clip_hardneg.main(config(world, tmp_path / "part", max_steps=8, save_steps=4, eval_steps=4))
+    monkeypatch.setattr(PairValidationCallback, "on_step_end", original)
+    resumed_cfg = config(world, tmp_path / "part", max_steps=8, save_steps=4, eval_steps=4)
+    resumed_cfg.resume_from_checkpoint = "latest"
+    resumed = clip_hardneg.main(resumed_cfg)
+    for key in ("set_accuracy", "confusion", "individual_accuracy"):
+        assert resumed["final"][key] == full["final"][key]
+    assert resumed["best_step"] == full["best_step"]
+    assert _log(tmp_path / "part", 8)[-1]["loss"] == pytest.approx(_log(tmp_path / "full", 8)[-1]["loss"], rel=1e-5)
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "best" / "open_clip_model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "checkpoints" / "best" / "open_clip_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_locked_text_tower_is_bitwise_unchanged(world, tmp_path):
+    cfg = config(world, tmp_path / "run", max_steps=3, eval_steps=3, save_steps=3)
+    cfg.trainable = "locked_text"
+    clip_hardneg.main(cfg)
+    adapter, _ = load_model("tiny-clip", device="cpu")
+    before = adapter.model.state_dict()
+    after = load_file(str(tmp_path / "run" / "checkpoints" / "best" / "open_clip_model.safetensors"))
+    text = [k for k in before if not k.startswith("visual.") and k != "logit_scale"]
+    assert text and all(torch.equal(before[k], after[k]) for k in text)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
+
+
+def test_leakage_aborts_before_training(world, tmp_path):
+    cfg = config(world, tmp_path / "run")
+    cfg.data.test = cfg.data.train
+    with pytest.raises(LeakageError, match="training images appear"):
+        clip_hardneg.main(cfg)
+    report = json.loads((tmp_path / "run" / "leakage.json").read_text())
+    assert report["leak"] and report["splits"]["test"]["shared_by_id"] and report["splits"]["val"]["shared_by_id"] == []
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_zero_weights_is_the_plain_fine_tuning_baseline(world, tmp_path):
+    cfg = config(world, tmp_path / "run")
+    cfg.loss = LossConfig(hardneg_weight=0, image_side_weight=0)
+    assert clip_hardneg.main(cfg)["strategy"] == "clip-ft"
+
+
+def test_wandb_runs_offline_without_a_key(world, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = config(world, tmp_path / "run")
+    cfg.report_to = "wandb"
+    clip_hardneg.main(cfg)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert runs and os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+@pytest.mark.parametrize("launch", ["ddp", "zero2"])
+def test_two_process_launch_on_cpu(world, tmp_path, launch):
+    out = tmp_path / launch
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "unconfuse.train.cli", "train", "clip_hardneg", "--config",
+           str(REPO / "configs" / "clip_hardneg" / "tiny.yaml"), "--launch", str(REPO / "configs" / "accelerate" / f"{launch}.yaml"),
+           "model=tiny-clip", f"output_dir={out}", "report_to=none", "train.max_steps=4", "train.eval_steps=2",
+           "train.save_steps=2", "train.logging_steps=1", "train.pairs_per_batch=4", f"data.train={world.root / 'train'}",
+           f"data.val={world.root / 'val'}", f"data.test={world.root / 'test'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 4
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    # 26 training pairs in 7 batches of 4 pairs: one process needs 7 steps per epoch, two ranks
+    # sharing whole batches need 4, so 4 steps make one epoch only if both processes trained
+    assert state["log_history"][-1]["epoch"] == pytest.approx(1.0)
