@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="the main job: evaluate the tiny preset models on real radiology images, offline")
-    p.add_argument("--out", default="runs/demo", help="where benchmark, predictions and results go")
+    p.add_argument("--out", default=None, help="where everything goes (default runs/demo-<time>)")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -67,7 +68,9 @@ def launch(recipe: str, config: str, accelerate_config: str, overrides: list[str
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out)
+    import time
+
+    run_demo(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}", seed=args.seed)
     return 0
 
 
