@@ -38,7 +38,7 @@ from unconfuse.train.losses import clip_hardneg_loss
 from unconfuse.train.run import check_leakage, default_output_dir, log_final_to_wandb, resolve_data, setup_wandb
 
 RECIPE = "clip_hardneg"
-TRAINABLE = ("full", "locked_text")
+TRAINABLE = ("full", "locked_text", "locked_vision", "lora")
 
 
 @dataclass
@@ -53,6 +53,16 @@ class DataConfig:
 class LossConfig:
     hardneg_weight: float = 1.0  # image vs (own text, partner's text); 0 = plain CLIP fine-tuning
     image_side_weight: float = 0.0  # text vs (own image, partner image)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the vision tower's attention and MLP linears (``trainable: lora``)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str = r"visual\..*\.(q_proj|k_proj|v_proj|c_proj|c_fc|out_proj)"
 
 
 @dataclass
@@ -80,7 +90,8 @@ class ClipHardNegConfig:
     model: str = "tiny-clip-base"  # preset, local-dir:/path, hf-hub:org/name, open_clip arch
     strategy: str | None = None  # name for grouping runs (default: hardneg, or clip-ft when both weights are 0)
     output_dir: str | None = None  # default runs/clip_hardneg-<time>
-    trainable: str = "full"  # full | locked_text
+    trainable: str = "full"  # full | locked_text | locked_vision | lora (vision tower)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -153,20 +164,43 @@ def save_open_clip(model: torch.nn.Module, config: dict[str, Any], folder: Path,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-    state = {k: v.detach().to("cpu").reshape(shapes[k] if shapes else v.shape).contiguous()
-             for k, v in model.state_dict().items()}
+    state = {k: v.to("cpu").reshape(shapes[k] if shapes else v.shape).contiguous() for k, v in export_state(model).items()}
     save_file(state, str(tmp / "open_clip_model.safetensors"))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
 
-def freeze(model: torch.nn.Module, trainable: str) -> None:
+def freeze(model: torch.nn.Module, trainable: str, lora: LoraSettings) -> torch.nn.Module:
+    """Make only the chosen parts trainable; returns the model (with LoRA layers for ``lora``)."""
     if trainable not in TRAINABLE:
         raise ConfigError(f"trainable: must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+    if trainable == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
+        return inject_adapter_in_model(config, model)  # freezes everything but the LoRA weights
+    for name, param in model.named_parameters():
+        is_vision = name.startswith("visual.")
+        if (trainable == "locked_text" and not is_vision) or (trainable == "locked_vision" and is_vision):
+            param.requires_grad_(False)
     if trainable == "locked_text":
-        for name, param in model.named_parameters():
-            if not name.startswith("visual.") and name != "logit_scale":
-                param.requires_grad_(False)
+        model.logit_scale.requires_grad_(True)
+    return model
+
+
+def export_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under their open_clip names, LoRA merged into the base layers."""
+    from peft.tuners.lora import LoraLayer
+
+    lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in lora_layers:
+        layer.merge()
+    try:
+        state = {k.replace(".base_layer", ""): v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    finally:
+        for layer in lora_layers:
+            layer.unmerge()
+    return state
 
 
 def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
@@ -194,9 +228,8 @@ def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     adapter, spec = load_model(spec, device="cuda" if torch.cuda.is_available() else "cpu")
     clip_config = open_clip_config_dict(replace(spec, model_id=_materialized_id(spec)))
-    model = adapter.model
-    original_shapes = {k: v.shape for k, v in model.state_dict().items()}
-    freeze(model, cfg.trainable)
+    original_shapes = {k: v.shape for k, v in adapter.model.state_dict().items()}
+    model = adapter.model = freeze(adapter.model, cfg.trainable, cfg.lora)
     if deepspeed_config:
         unscalar_parameters(model)
     prompts = load_prompts()
@@ -204,10 +237,17 @@ def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
     wandb_run = setup_wandb(cfg.report_to, run_dir, to_dict(cfg), strategy_name(cfg), tags) if is_main else None
     train_items = PairItems(train_bench, adapter.preprocess, cfg.data.text)
 
-    def evaluate(bench) -> tuple[list[dict], dict[str, Any]]:
+    vision_trains = any(p.requires_grad for n, p in model.named_parameters() if n.startswith("visual."))
+    text_trains = any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("visual.") and "logit" not in n)
+
+    def evaluate(bench, scorer_adapter=adapter) -> tuple[list[dict], dict[str, Any]]:
         model.eval()
-        adapter.clear_cache()
-        records = predict(adapter, spec, "clip", bench, prompts, cfg.val_batch_pairs)
+        # embeddings of a frozen tower stay valid between evaluations: only recompute what trains
+        if vision_trains or scorer_adapter is not adapter:
+            scorer_adapter._image_emb.clear()
+        if text_trains or scorer_adapter is not adapter:
+            scorer_adapter._text_emb.clear()
+        records = predict(scorer_adapter, spec, "clip", bench, prompts, cfg.val_batch_pairs)
         model.train()
         return records, score_records(bench, records, prompt_version=prompts.version)
 
@@ -258,13 +298,10 @@ def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
     trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
     trainer.accelerator.wait_for_everyone()  # rank 0 may still be writing the best weights
 
-    # -- final test score with the selected checkpoint -----------------------------------------
-    import safetensors.torch
-
-    current = model.state_dict()
-    best = safetensors.torch.load_file(str(best_dir / "open_clip_model.safetensors"))
-    model.load_state_dict({k: v.reshape(current[k].shape) for k, v in best.items()})
-    records, final = evaluate(test_bench)
+    # -- final test score with the selected checkpoint, loaded the way `unconfuse eval` loads it --
+    best_adapter, _ = load_model(replace(spec, build=None, model_id=f"local-dir:{best_dir}"),
+                                 device="cuda" if torch.cuda.is_available() else "cpu")
+    records, final = evaluate(test_bench, best_adapter)
     write_test("test", records, final)
     results = {"recipe": RECIPE, "strategy": strategy_name(cfg), "model": spec.name, "data": cfg.data.train,
                "seed": cfg.train.seed, "base": base, "final": final, "best_step": callback.state.best_step,

@@ -144,3 +144,44 @@ def test_two_process_launch_on_cpu(world, tmp_path, launch):
     # 26 training pairs in 7 batches of 4 pairs: one process needs 7 steps per epoch, two ranks
     # sharing whole batches need 4, so 4 steps make one epoch only if both processes trained
     assert state["log_history"][-1]["epoch"] == pytest.approx(1.0)
+
+
+def test_lora_changes_only_the_adapted_vision_linears(world, tmp_path):
+    cfg = config(world, tmp_path / "run", max_steps=3, eval_steps=3, save_steps=3, learning_rate=1e-2)
+    cfg.trainable = "lora"
+    results = clip_hardneg.main(cfg)
+    adapter, _ = load_model("tiny-clip", device="cpu")
+    before = adapter.model.state_dict()
+    after = load_file(str(tmp_path / "run" / "checkpoints" / "best" / "open_clip_model.safetensors"))
+    assert set(after) == set(before)  # plain open_clip names: LoRA merged away
+    import re
+
+    adapted = [k for k in before if re.match(r"visual\..*\.(c_proj|c_fc|out_proj)\.weight$", k)]
+    others = [k for k in before if k not in adapted and not k.endswith("bias")]
+    assert adapted and all(torch.equal(before[k], after[k]) for k in others)
+    if results["best_step"]:
+        assert any(not torch.equal(before[k], after[k]) for k in adapted)
+
+
+def test_frozen_vision_tower_encodes_validation_images_once(world, tmp_path, monkeypatch):
+    from unconfuse.eval.models.clip import OpenClipAdapter
+
+    counts = {"images": 0}
+    original = OpenClipAdapter._encode_images
+
+    def counting(self, images):
+        counts["images"] += len(images)
+        return original(self, images)
+
+    monkeypatch.setattr(OpenClipAdapter, "_encode_images", counting)
+    n_val = len(resolve_data(str(world.root / "val")).unique_images())
+    n_test = len(resolve_data(str(world.root / "test")).unique_images())
+    runs = {}
+    for trainable in ("locked_vision", "full"):
+        counts["images"] = 0
+        cfg = config(world, tmp_path / trainable, max_steps=4, eval_steps=2, save_steps=4)
+        cfg.trainable = trainable
+        clip_hardneg.main(cfg)
+        runs[trainable] = counts["images"]
+    assert runs["locked_vision"] == n_val + 2 * n_test  # val once for 3 evaluations; test before and after
+    assert runs["full"] == 3 * n_val + 2 * n_test

@@ -18,6 +18,7 @@ def test_yaml_then_overrides(tmp_path):
     cfg = load_config(ClipHardNegConfig, path, ["train.max_steps=3", "loss.hardneg_weight=0", "data.text=question_option"])
     assert cfg.train.max_steps == 3 and cfg.train.learning_rate == 0.01 and cfg.loss.hardneg_weight == 0.0
     assert cfg.data.text == "question_option" and cfg.train.pairs_per_batch == 16  # default kept
+    assert load_config(ClipHardNegConfig, None, ["train.learning_rate=1e-5"]).train.learning_rate == 1e-5
 
 
 @pytest.mark.parametrize("content, overrides, message", [
