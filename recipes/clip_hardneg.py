@@ -129,19 +129,103 @@ class ClipHardNegTrainer(Trainer):
         return (parts["loss"], parts) if return_outputs else parts["loss"]
 
 
-def open_clip_config_dict(spec) -> dict[str, Any]:
-    """The open_clip_config.json of the model being trained, so checkpoints load as ``local-dir:``."""
+class HFClipForTraining(torch.nn.Module):
+    """A transformers CLIP/SigLIP seen the way open_clip's CLIP is: forward(pixels, text) ->
+    (normalised image features, normalised text features, logit scale)."""
+
+    def __init__(self, clip: torch.nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixel_values: torch.Tensor, text: dict[str, torch.Tensor]):
+        image = self.clip.get_image_features(pixel_values=pixel_values)
+        texts = self.clip.get_text_features(**text)
+        image, texts = (x if torch.is_tensor(x) else x.pooler_output for x in (image, texts))
+        normalize = torch.nn.functional.normalize
+        return normalize(image, dim=-1), normalize(texts, dim=-1), self.clip.logit_scale.exp()
+
+
+@dataclass
+class Encoder:
+    """What the recipe needs from a model family: the module to train, how to feed it, which
+    parameters are the vision tower, and how to save a checkpoint that ``unconfuse eval`` loads."""
+
+    trained: torch.nn.Module  # forward(pixel_values, text) -> (image features, text features, scale)
+    weights: torch.nn.Module  # the model whose weights are saved (open_clip CLIP / transformers CLIPModel)
+    preprocess: Any  # PIL image -> pixel tensor
+    tokenize: Any  # list[str] -> tensor, or dict of tensors
+    vision_prefixes: tuple[str, ...]
+    save: Any  # (folder) -> None
+    model_id: Any  # (folder) -> model argument for load_model
+
+    def is_vision(self, name: str) -> bool:
+        return name.startswith(self.vision_prefixes)
+
+
+def open_clip_encoder(adapter, spec) -> Encoder:
     import open_clip
 
-    model_id = spec.model_id or ""
+    model_id = _materialized_id(spec)
     if model_id.startswith("local-dir:"):
-        return json.loads((Path(model_id[len("local-dir:"):]) / "open_clip_config.json").read_text())
-    if model_id.startswith("hf-hub:"):
+        config = json.loads((Path(model_id[len("local-dir:"):]) / "open_clip_config.json").read_text())
+    elif model_id.startswith("hf-hub:"):
         from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(model_id[len("hf-hub:"):], "open_clip_config.json")).read_text())
-    return {"model_cfg": open_clip.get_model_config(model_id),
-            "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}}
+        config = json.loads(Path(hf_hub_download(model_id[len("hf-hub:"):], "open_clip_config.json")).read_text())
+    else:  # an open_clip architecture name with a pretrained tag
+        config = {"model_cfg": open_clip.get_model_config(model_id),
+                  "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}}
+    shapes = {k: v.shape for k, v in adapter.model.state_dict().items()}
+
+    def save(folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.to("cpu").reshape(shapes[k]).contiguous() for k, v in export_state(adapter.model).items()}
+        with _atomic_folder(folder) as tmp:
+            (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+            save_file(state, str(tmp / "open_clip_model.safetensors"))
+
+    return Encoder(adapter.model, adapter.model, adapter.preprocess, adapter.tokenizer, ("visual.",), save,
+                   lambda folder: f"local-dir:{folder}")
+
+
+def hf_clip_encoder(adapter, spec) -> Encoder:
+    processor = adapter.processor
+    shapes = {k: v.shape for k, v in adapter.model.state_dict().items()}
+
+    def preprocess(image):
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+        return dict(processor(text=texts, return_tensors="pt", padding=adapter.text_padding, truncation=True))
+
+    def save(folder: Path) -> None:
+        state = {k: v.to("cpu").reshape(shapes[k]).contiguous() for k, v in export_state(adapter.model).items()}
+        with _atomic_folder(folder) as tmp:
+            adapter.model.save_pretrained(tmp, state_dict=state)
+            processor.save_pretrained(tmp)
+
+    return Encoder(HFClipForTraining(adapter.model), adapter.model, preprocess, tokenize,
+                   ("clip.vision_model.", "clip.visual_projection", "vision_model.", "visual_projection"), save, str)
+
+
+class _atomic_folder:
+    """Write a folder's files into a sibling temp folder, then swap it in."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.tmp = folder, folder.with_name(folder.name + ".tmp")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, kind, *exc) -> None:
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        shutil.rmtree(self.folder, ignore_errors=True)
+        os.replace(self.tmp, self.folder)
 
 
 def unscalar_parameters(model: torch.nn.Module) -> None:
@@ -154,38 +238,24 @@ def unscalar_parameters(model: torch.nn.Module) -> None:
                 setattr(module, name, torch.nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
 
 
-def save_open_clip(model: torch.nn.Module, config: dict[str, Any], folder: Path,
-                   shapes: dict[str, torch.Size] | None = None) -> None:
-    """Write a ``local-dir:`` open_clip checkpoint (config + safetensors) atomically, each tensor
-    in ``shapes`` (the model's original ones) when given."""
-    from safetensors.torch import save_file
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-    state = {k: v.to("cpu").reshape(shapes[k] if shapes else v.shape).contiguous() for k, v in export_state(model).items()}
-    save_file(state, str(tmp / "open_clip_model.safetensors"))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-
-
-def freeze(model: torch.nn.Module, trainable: str, lora: LoraSettings) -> torch.nn.Module:
-    """Make only the chosen parts trainable; returns the model (with LoRA layers for ``lora``)."""
+def freeze(encoder: Encoder, trainable: str, lora: LoraSettings) -> None:
+    """Make only the chosen parts of ``encoder.trained`` trainable (LoRA layers are added in place)."""
     if trainable not in TRAINABLE:
         raise ConfigError(f"trainable: must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
     if trainable == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
-        return inject_adapter_in_model(config, model)  # freezes everything but the LoRA weights
-    for name, param in model.named_parameters():
-        is_vision = name.startswith("visual.")
-        if (trainable == "locked_text" and not is_vision) or (trainable == "locked_vision" and is_vision):
+        targets = lora.target_modules if encoder.vision_prefixes[0] == "visual." else HF_LORA_TARGETS
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+        inject_adapter_in_model(config, encoder.weights)  # freezes everything but the LoRA weights
+        return
+    for name, param in encoder.trained.named_parameters():
+        vision = encoder.is_vision(name)
+        if (trainable == "locked_text" and not vision and "logit" not in name) or (trainable == "locked_vision" and vision):
             param.requires_grad_(False)
-    if trainable == "locked_text":
-        model.logit_scale.requires_grad_(True)
-    return model
+
+
+HF_LORA_TARGETS = r".*vision_model\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
 
 
 def export_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -222,23 +292,23 @@ def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
     train_bench, val_bench, test_bench = (resolve_data(a) for a in (cfg.data.train, cfg.data.val, cfg.data.test))
     check_leakage(run_dir, train_bench, {"val": val_bench, "test": test_bench}, cfg.allow_leakage)
     spec = resolve_model(cfg.model)
-    if spec.family != "open-clip":
-        raise ConfigError(f"model: clip_hardneg trains open_clip models; {cfg.model!r} is {spec.family}")
+    if not spec.is_encoder:
+        raise ConfigError(f"model: clip_hardneg trains CLIP-style encoders; {cfg.model!r} is {spec.family}")
     spec = replace(spec, clip_prompt="question" if cfg.data.text == "question_option" else "default")
     torch.manual_seed(cfg.train.seed)
     adapter, spec = load_model(spec, device="cuda" if torch.cuda.is_available() else "cpu")
-    clip_config = open_clip_config_dict(replace(spec, model_id=_materialized_id(spec)))
-    original_shapes = {k: v.shape for k, v in adapter.model.state_dict().items()}
-    model = adapter.model = freeze(adapter.model, cfg.trainable, cfg.lora)
+    encoder = (open_clip_encoder if spec.family == "open-clip" else hf_clip_encoder)(adapter, spec)
+    freeze(encoder, cfg.trainable, cfg.lora)
     if deepspeed_config:
-        unscalar_parameters(model)
+        unscalar_parameters(encoder.weights)
+    model = encoder.trained
     prompts = load_prompts()
     tags = [RECIPE, spec.name, cfg.data.train]
     wandb_run = setup_wandb(cfg.report_to, run_dir, to_dict(cfg), strategy_name(cfg), tags) if is_main else None
-    train_items = PairItems(train_bench, adapter.preprocess, cfg.data.text)
+    train_items = PairItems(train_bench, encoder.preprocess, cfg.data.text)
 
-    vision_trains = any(p.requires_grad for n, p in model.named_parameters() if n.startswith("visual."))
-    text_trains = any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("visual.") and "logit" not in n)
+    vision_trains = any(p.requires_grad for n, p in model.named_parameters() if encoder.is_vision(n))
+    text_trains = any(p.requires_grad for n, p in model.named_parameters() if not encoder.is_vision(n) and "logit" not in n)
 
     def evaluate(bench, scorer_adapter=adapter) -> tuple[list[dict], dict[str, Any]]:
         model.eval()
@@ -273,7 +343,7 @@ def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
 
     def save_best(step: int) -> None:
         if is_main:
-            save_open_clip(model, clip_config, best_dir, original_shapes)
+            encoder.save(best_dir)
             (best_dir / "step.txt").write_text(str(step))
 
     callback = PairValidationCallback(run_dir, lambda: evaluate(val_bench)[1], save_best, cfg.train.eval_steps,
@@ -292,14 +362,14 @@ def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
         deepspeed=deepspeed_config,
     )
     trainer = ClipHardNegTrainer(model=model, args=args, train_dataset=train_items,
-                                 data_collator=ClipCollator(adapter.tokenizer), callbacks=[callback],
+                                 data_collator=ClipCollator(encoder.tokenize), callbacks=[callback],
                                  pairs_per_batch=cfg.train.pairs_per_batch, loss_config=cfg.loss)
     resume = cfg.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
     trainer.accelerator.wait_for_everyone()  # rank 0 may still be writing the best weights
 
     # -- final test score with the selected checkpoint, loaded the way `unconfuse eval` loads it --
-    best_adapter, _ = load_model(replace(spec, build=None, model_id=f"local-dir:{best_dir}"),
+    best_adapter, _ = load_model(replace(spec, build=None, model_id=encoder.model_id(best_dir)),
                                  device="cuda" if torch.cuda.is_available() else "cpu")
     records, final = evaluate(test_bench, best_adapter)
     write_test("test", records, final)

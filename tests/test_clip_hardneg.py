@@ -185,3 +185,20 @@ def test_frozen_vision_tower_encodes_validation_images_once(world, tmp_path, mon
         runs[trainable] = counts["images"]
     assert runs["locked_vision"] == n_val + 2 * n_test  # val once for 3 evaluations; test before and after
     assert runs["full"] == 3 * n_val + 2 * n_test
+
+
+@pytest.mark.parametrize("trainable", ["full", "lora"])
+def test_transformers_clip_trains_through_the_same_recipe(world, tmp_path, trainable):
+    cfg = config(world, tmp_path / "run", max_steps=3, eval_steps=3, save_steps=3, learning_rate=1e-2)
+    cfg.model, cfg.trainable = "tiny-hf-clip", trainable
+    results = clip_hardneg.main(cfg)
+    best = tmp_path / "run" / "checkpoints" / "best"
+    assert (best / "config.json").exists() and (best / "model.safetensors").exists()
+    adapter, spec = load_model(str(best), device="cpu")  # what `unconfuse eval --model DIR` does
+    assert spec.family == "hf-clip" and results["final"]["n_pairs"] == len(resolve_data(str(world.root / "test")).pairs)
+    before, _ = load_model("tiny-hf-clip", device="cpu")
+    changed = [k for k, v in before.model.state_dict().items() if not torch.equal(v, adapter.model.state_dict()[k])]
+    if results["best_step"]:
+        assert changed
+        if trainable == "lora":
+            assert all("vision_model" in k for k in changed)
