@@ -74,7 +74,7 @@ def build_queries(bench, prompts, mode):
 def reference_greedy(adapter, q):
     inputs = adapter.processor(text=[adapter.render(q.prompt)], images=[q.image], return_tensors="pt")
     logits = adapter.model(**inputs).logits[0, -1]
-    a, b = adapter.letter_token_ids(("A", "B"))
+    a, b = adapter.letter_token_ids(("A", "B"), q)
     return "A" if logits[a] >= logits[b] else "B"
 
 

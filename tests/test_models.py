@@ -57,7 +57,7 @@ def test_greedy_with_cached_features_equals_the_pixel_path(vlm):
     queries = _queries()
     vlm.clear_cache()
     cached = vlm.next_token_scores(queries)
-    a_id, b_id = vlm.letter_token_ids(("A", "B"))
+    a_id, b_id = vlm.letter_token_ids(("A", "B"), queries[0])
     for q, row in zip(queries, cached):
         inputs = vlm._inputs([q])
         with torch.no_grad():
@@ -74,10 +74,13 @@ def test_batched_generation_equals_one_by_one(vlm):
     assert batched == single and all(isinstance(t, str) for t in batched)
 
 
-def test_letter_tokens_are_single_tokens(vlm):
-    a, b = vlm.letter_token_ids(("A", "B"))
-    assert a != b
-    assert vlm.tokenizer.decode([a]).strip() == "A"
+def test_letter_tokens_are_the_replies_first_tokens(vlm):
+    query = _queries()[0]
+    a, b = vlm.letter_token_ids(("A", "B"), query)
+    assert a != b and vlm.tokenizer.decode([a]).strip() == "A"
+    rendered = vlm.render(query.prompt)
+    full = vlm.tokenizer.encode(rendered + vlm.reply_text(query.prompt, rendered, "A"), add_special_tokens=False)
+    assert full[len(vlm.tokenizer.encode(rendered, add_special_tokens=False))] == a
 
 
 @pytest.mark.parametrize("preset", ["tiny-clip", "tiny-hf-clip"])

@@ -220,14 +220,21 @@ class HFVisionLanguageAdapter:
 
     # -- the three questions ---------------------------------------------------------------------
 
-    def letter_token_ids(self, candidates: tuple[str, ...]) -> list[int]:
-        """First token of each candidate, encoded as the reference does (no special tokens)."""
-        return [self.tokenizer.encode(c, add_special_tokens=False)[0] for c in candidates]
+    def letter_token_ids(self, candidates: tuple[str, ...], query: Query | None = None) -> list[int]:
+        """The first token of each candidate as the chat template renders it as the reply.
+
+        For LLaVA-1.5 (SentencePiece "▁A" after "ASSISTANT:") and Qwen ("A" after "assistant\n")
+        this is the token the reference takes (``encode("A")``); for templates that put a space
+        before the reply it is the spaced token the model is trained to emit, not the bare letter.
+        """
+        if query is None:
+            return [self.tokenizer.encode(c, add_special_tokens=False)[0] for c in candidates]
+        return [ids[0] for ids in self.continuation_ids([query], [candidates])[0]]
 
     @torch.no_grad()
     def next_token_scores(self, queries: list[Query], candidates: tuple[str, ...] = ("A", "B")) -> list[list[float]]:
         logprobs = self.prefill(queries).last_logprobs
-        return logprobs[:, self.letter_token_ids(candidates)].tolist()
+        return logprobs[:, self.letter_token_ids(candidates, queries[0])].tolist()
 
     def continuation_ids(self, queries: list[Query], continuations: list[tuple[str, ...]]) -> list[list[list[int]]]:
         """Token ids of each continuation as it follows its prompt (split from a joint encoding)."""
