@@ -6,10 +6,11 @@ import pytest
 import yaml
 
 from unconfuse.recipes.clip_hardneg import ClipHardNegConfig
+from unconfuse.recipes.mllm_sft import MllmSftConfig
 from unconfuse.train.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPE_CONFIGS = {"clip_hardneg": ClipHardNegConfig}
+RECIPE_CONFIGS = {"clip_hardneg": ClipHardNegConfig, "mllm_sft": MllmSftConfig}
 
 
 def test_yaml_then_overrides(tmp_path):

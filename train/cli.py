@@ -19,6 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10 loss.hardneg_weight=0")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("merge", help="merge LoRA adapters (a run's checkpoints/best) into a model folder that eval loads")
+    p.add_argument("adapters", help="folder with adapter_config.json, e.g. RUN/checkpoints/best")
+    p.add_argument("--out", required=True)
+    p.add_argument("--base", help="base model folder or hub id (default: the one the adapters name)")
+    p.set_defaults(func=_cmd_merge)
+
     p = sub.add_parser("demo", help="the main job: evaluate the tiny preset models on real radiology images, offline")
     p.add_argument("--out", default=None, help="where everything goes (default runs/demo-<time>)")
     p.add_argument("--seed", type=int, default=0)
@@ -26,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RECIPES = ("clip_hardneg",)
+RECIPES = ("clip_hardneg", "mllm_sft")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -63,6 +69,18 @@ def launch(recipe: str, config: str, accelerate_config: str, overrides: list[str
         command.append("--multi_gpu")
     command += ["-m", f"unconfuse.recipes.{recipe}", "--config", config, *overrides]
     return subprocess.call(command)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from unconfuse.recipes.mllm_sft import merge_adapters
+
+    model, processor = merge_adapters(Path(args.adapters), args.base)
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    print(f"merged model written to {args.out}")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

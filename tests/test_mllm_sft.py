@@ -1,0 +1,93 @@
+"""mllm_sft on tiny models: assistant-only labels, whole pairs, adapters-only training, merge."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from unconfuse.eval.models import load_model
+from unconfuse.eval.prompts import load_prompts
+from unconfuse.eval.world import WorldConfig, synthesize
+from unconfuse.recipes import mllm_sft
+from unconfuse.recipes.mllm_sft import DataConfig, MllmSftConfig, TrainConfig, sft_examples
+from unconfuse.train.run import resolve_data
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return synthesize(WorldConfig(pairs=30, bases_per_source=8, corpus_size=10, image_size=32),
+                      tmp_path_factory.mktemp("w") / "world")
+
+
+def config(world, out, model="tiny-llava", **train):
+    return MllmSftConfig(
+        model=model, output_dir=str(out), report_to="none", val_mode="greedy", test_modes=["greedy", "prefix"],
+        data=DataConfig(train=str(world.root / "train"), val=str(world.root / "val"), test=str(world.root / "test")),
+        train=TrainConfig(**{"max_steps": 2, "pairs_per_batch": 2, "learning_rate": 1e-3, "warmup_steps": 0,
+                             "eval_steps": 2, "save_steps": 2, "logging_steps": 1, **train}))
+
+
+def test_examples_swap_options_with_the_answer(world):
+    bench = resolve_data(str(world.root / "train"))
+    examples = sft_examples(bench, load_prompts(), DataConfig(swap_options=True), seed=0)
+    assert len(examples) == 2 * len(bench.pairs)
+    swapped = 0
+    for k, pair in enumerate(bench.pairs):
+        for side in (1, 2):
+            ex = examples[2 * k + side - 1]
+            prompt, letter = ex["messages"][0]["content"], ex["messages"][1]["content"]
+            correct = pair.options["AB".index(pair.answer(side))]
+            assert f"{letter}: {correct}" in prompt  # the letter names the correct option as presented
+            swapped += prompt.index(pair.option_b) < prompt.index(pair.option_a) if side == 1 else 0
+    assert 0 < swapped < len(bench.pairs)
+    letters = [ex["messages"][1]["content"] for ex in examples]
+    assert abs(letters.count("A") - letters.count("B")) < len(letters) // 2
+
+
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2-vl"])
+def test_only_the_assistant_reply_carries_loss(world, model):
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    adapter, _ = load_model(model, device="cpu")
+    examples = sft_examples(resolve_data(str(world.root / "train")), load_prompts(), DataConfig(), seed=0)[:4]
+    batch = DataCollatorForVisionLanguageModeling(adapter.processor, assistant_only_loss=True, max_length=None)(examples)
+    image_id = adapter.image_token_id
+    for row in range(4):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        trained = ids[labels != -100]
+        assert (ids == image_id).any() and not (trained == image_id).any()
+        text = adapter.tokenizer.decode(trained)
+        assert text.strip().startswith(examples[row]["messages"][1]["content"])  # the letter (+ end of turn)
+        assert "Question" not in text and len(trained) <= 4
+
+
+def test_two_steps_train_only_the_adapters_and_merge(world, tmp_path):
+    results = mllm_sft.main(config(world, tmp_path / "run"))
+    assert results["steps"] == 2 and set(results["final_by_mode"]) == {"greedy", "prefix"}
+    state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(losses) == 2 and all(l > 0 for l in losses)
+    best = tmp_path / "run" / "checkpoints" / "best"
+    assert (best / "adapter_model.safetensors").exists() and (best / "adapter_config.json").exists()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(best / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k and "language_model" in k for k in saved)
+    # merged model: only the adapted language-model linears differ from the base
+    merged, _ = mllm_sft.merge_adapters(best)
+    base, _ = load_model("tiny-llava", device="cpu")
+    changed = [k for k, v in base.model.state_dict().items() if not torch.equal(v, merged.state_dict()[k])]
+    if results["best_step"]:
+        assert changed and all("language_model" in k and k.endswith("proj.weight") for k in changed)
+
+
+def test_merge_command_writes_a_model_that_eval_loads(world, tmp_path, capsys):
+    from unconfuse.train.cli import main
+
+    mllm_sft.main(config(world, tmp_path / "run"))
+    assert main(["merge", str(tmp_path / "run" / "checkpoints" / "best"), "--out", str(tmp_path / "merged")]) == 0
+    assert main(["eval", "--model", str(tmp_path / "merged"), "--mode", "greedy", "--benchmark",
+                 str(world.root / "test"), "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+    ours = json.loads((tmp_path / "eval" / "results.json").read_text())
+    recipe = json.loads((tmp_path / "run" / "test-greedy" / "results.json").read_text())
+    assert ours["set_accuracy"] == recipe["set_accuracy"] and ours["confusion"] == recipe["confusion"]
