@@ -26,6 +26,8 @@ TOKENIZER_CORPUS = [
 ]
 
 # Chat templates that mark assistant turns with {% generation %} (TRL's assistant_only_loss needs it).
+# The reply follows "ASSISTANT:" with no space: with a space, byte-level BPE would merge " A" into one
+# token but split " B" into " " + "B", and the space would fall outside the generation block.
 _RENDER_CONTENT = (
     "{% macro render(content, image) %}"
     "{% if content is string %}{{ content }}"
@@ -38,7 +40,7 @@ _RENDER_CONTENT = (
 LLAVA_CHAT_TEMPLATE = _RENDER_CONTENT + (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}"
-    "ASSISTANT: {% generation %}{{ render(message['content'], '<image>\\n') }}</s>{% endgeneration %}\n"
+    "ASSISTANT:{% generation %}{{ render(message['content'], '<image>\\n') }}</s>{% endgeneration %}\n"
     "{% else %}"
     "{% if message['role'] == 'user' %}USER: {% else %}SYSTEM: {% endif %}"
     "{{ render(message['content'], '<image>\\n') }}\n"
@@ -283,4 +285,4 @@ def materialize(name: str, build: dict[str, Any], cache_root: Path) -> Path:
     return target
 
 
-BUILD_VERSION = 1  # bump when a builder changes, so cached tiny models are rebuilt
+BUILD_VERSION = 2  # bump when a builder changes, so cached tiny models are rebuilt
