@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import atomic_write_json, atomic_write_text, sha256_file
+from .io import atomic_write_text, sha256_file
 from .pairs import Pair
 
 WORLD_VERSION = 1

@@ -27,15 +27,16 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
-from unconfuse.eval.io import atomic_write_json, atomic_write_text
+from unconfuse.eval.io import atomic_write_json
 from unconfuse.eval.models import load_model, resolve_model
 from unconfuse.eval.prompts import load_prompts
-from unconfuse.eval.scorer import SCORER_VERSION, render_report
+from unconfuse.eval.scorer import SCORER_VERSION
 from unconfuse.train.callbacks import PairValidationCallback, predict, score_records
 from unconfuse.train.config import ConfigError, dump_config, load_config, to_dict
 from unconfuse.train.data import ClipCollator, PairBatchSampler, PairItems
 from unconfuse.train.losses import clip_hardneg_loss
-from unconfuse.train.run import check_leakage, default_output_dir, log_final_to_wandb, resolve_data, setup_wandb
+from unconfuse.train.run import (check_leakage, default_output_dir, log_final_to_wandb, resolve_data, setup_wandb,
+                                 write_scored)
 
 RECIPE = "clip_hardneg"
 TRAINABLE = ("full", "locked_text", "locked_vision", "lora")
@@ -322,13 +323,8 @@ def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
         return records, score_records(bench, records, prompt_version=prompts.version)
 
     def write_test(name: str, records, results) -> None:
-        if not is_main:
-            return
-        folder = run_dir / name
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        atomic_write_json(folder / "results.json", results)
-        atomic_write_text(folder / "report.md", render_report(results, title=f"{RECIPE} {name}: {spec.name}"))
+        if is_main:
+            write_scored(run_dir, name, records, results, title=f"{RECIPE} {name}: {spec.name}")
 
     # -- base score (the test split is scored, never used for selection) -----------------------
     base_path = run_dir / "base" / "results.json"

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from unconfuse.eval.io import atomic_write_json, atomic_write_text
+from unconfuse.eval.io import atomic_write_json
 from unconfuse.eval.models import load_model, resolve_model
 from unconfuse.eval.models.hf_vlm import HFVisionLanguageAdapter
 from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.prompts import load_prompts
-from unconfuse.eval.scorer import SCORER_VERSION, render_report
+from unconfuse.eval.scorer import SCORER_VERSION
 from unconfuse.train.callbacks import PairValidationCallback, predict, score_records
 from unconfuse.train.config import ConfigError, dump_config, load_config, to_dict
 from unconfuse.train.data import PairBatchSampler
-from unconfuse.train.run import check_leakage, default_output_dir, log_final_to_wandb, resolve_data, setup_wandb
+from unconfuse.train.run import (check_leakage, default_output_dir, log_final_to_wandb, resolve_data, setup_wandb,
+                                 write_scored)
 
 RECIPE = "mllm_sft"
 EVAL_MODES = ("greedy", "prefix", "mc")
@@ -215,11 +216,7 @@ def main(cfg: MllmSftConfig) -> dict[str, Any]:
 
     def write_test(name: str, records, results) -> None:
         if is_main:
-            folder = run_dir / name
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(folder / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-            atomic_write_json(folder / "results.json", results)
-            atomic_write_text(folder / "report.md", render_report(results, title=f"{RECIPE} {name}: {spec.name}"))
+            write_scored(run_dir, name, records, results, title=f"{RECIPE} {name}: {spec.name}")
 
     # -- base scores (test split: scored, never used for selection) ----------------------------
     base: dict[str, Any] = {}

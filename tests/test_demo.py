@@ -1,7 +1,6 @@
 """The main job, as `make demo` runs it (about a minute here once the world and base models exist)."""
 import json
 
-import pytest
 
 from unconfuse.eval.pairs import load_benchmark
 from unconfuse.eval.world import default_world

@@ -5,7 +5,6 @@ import json
 from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from unconfuse.eval.download import DownloadConfig, download

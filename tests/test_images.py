@@ -1,6 +1,5 @@
 import numpy as np
 import pydicom
-import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 

@@ -1,6 +1,5 @@
 """mllm_sft on tiny models: assistant-only labels, whole pairs, adapters-only training, merge."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

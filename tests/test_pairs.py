@@ -1,9 +1,8 @@
 import json
-from pathlib import Path
 
 import pytest
 
-from unconfuse.eval.pairs import (Benchmark, BenchmarkError, Pair, load_benchmark, load_hf_dataset, load_jsonl,
+from unconfuse.eval.pairs import (Benchmark, BenchmarkError, load_benchmark, load_hf_dataset, load_jsonl,
                                   load_upstream_csv, load_upstream_json, write_jsonl)
 
 

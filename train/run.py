@@ -57,6 +57,18 @@ def check_leakage(run_dir: Path, train: Benchmark, others: dict[str, Benchmark],
     return report
 
 
+def write_scored(run_dir: Path, name: str, records: list[dict[str, Any]], results: dict[str, Any], title: str) -> None:
+    """``run_dir/name/`` with predictions.jsonl, results.json and report.md (atomic writes)."""
+    from unconfuse.eval.io import atomic_write_text
+    from unconfuse.eval.scorer import render_report
+
+    folder = run_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_json(folder / "results.json", results)
+    atomic_write_text(folder / "report.md", render_report(results, title=title))
+
+
 def setup_wandb(report_to: str, run_dir: Path, config: dict[str, Any], strategy: str, tags: list[str]):
     """Start a W&B run (project ``unconfuse``, grouped by strategy) or return None.
 
