@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from unconfuse.eval.io import atomic_write_json
 from unconfuse.eval.models import load_model, resolve_model
@@ -34,16 +33,12 @@ from unconfuse.eval.prompts import load_prompts
 from unconfuse.eval.scorer import SCORER_VERSION
 from unconfuse.train.callbacks import PairValidationCallback, predict, score_records
 from unconfuse.train.config import ConfigError, dump_config, load_config, to_dict
-from unconfuse.train.data import PairBatchSampler
+from unconfuse.train.mllm import LoraSettings, PairBatches, lora_config, merge_adapters
 from unconfuse.train.run import (check_leakage, default_output_dir, log_final_to_wandb, resolve_data, setup_wandb,
                                  write_scored)
 
 RECIPE = "mllm_sft"
 EVAL_MODES = ("greedy", "prefix", "mc")
-# LoRA targets by part, as regexes over module names (LLaVA / Qwen2-VL / Gemma3 naming)
-LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-PROJECTOR_TARGETS = r".*(multi_modal_projector\.linear_\d|merger\.mlp\.\d|mm_input_projection)"
-VISION_TARGETS = r".*(vision_tower|visual\.blocks).*\.(q_proj|k_proj|v_proj|out_proj|qkv|proj|fc1|fc2)"
 
 
 @dataclass
@@ -54,15 +49,6 @@ class DataConfig:
     prompt_mode: str = "greedy"  # whose prompt the examples use (greedy or mc)
     answer_with_option: bool = False  # reply "A" or "A: <option text>"
     swap_options: bool = True  # present the options in swapped order (answers flipped) for half of the pairs
-
-
-@dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    projector: str = "none"  # none | lora | full: also adapt the multimodal projector
-    vision: str = "none"  # none | lora | full: also adapt the vision tower
 
 
 @dataclass
@@ -126,55 +112,6 @@ def sft_examples(bench: Benchmark, prompts, cfg: DataConfig, seed: int) -> list[
             examples.append({"images": [images[ref]],
                              "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]})
     return examples
-
-
-def lora_config(settings: LoraSettings):
-    """LoRA on the language model's attention and MLP projections, plus the parts asked for."""
-    from peft import LoraConfig
-
-    for part in ("projector", "vision"):
-        if getattr(settings, part) not in ("none", "lora", "full"):
-            raise ConfigError(f"lora.{part}: must be none, lora or full, got {getattr(settings, part)!r}")
-    targets = [LM_TARGETS]
-    if settings.projector == "lora":
-        targets.append(PROJECTOR_TARGETS)
-    if settings.vision == "lora":
-        targets.append(VISION_TARGETS)
-    trainable = [name for part, name in (("projector", "multi_modal_projector"), ("vision", "vision_tower"))
-                 if getattr(settings, part) == "full"]
-    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules="(" + "|".join(targets) + ")$", modules_to_save=trainable or None,
-                      task_type="CAUSAL_LM")
-
-
-def make_trainer_class():
-    from trl import SFTTrainer
-
-    class PairSFTTrainer(SFTTrainer):
-        """SFTTrainer whose batches hold whole pairs (both images of a pair)."""
-
-        def __init__(self, *args, pairs_per_batch: int, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.pairs_per_batch = pairs_per_batch
-
-        def get_train_dataloader(self) -> DataLoader:
-            sampler = PairBatchSampler(len(self.train_dataset) // 2, self.pairs_per_batch, seed=self.args.seed)
-            loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator, num_workers=0)
-            return self.accelerator.prepare(loader)
-
-    return PairSFTTrainer
-
-
-def merge_adapters(adapter_dir: Path, base: str | None = None):
-    """The base model with the LoRA adapters of ``adapter_dir`` merged in, and its processor."""
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    base = base or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
-    model = AutoModelForImageTextToText.from_pretrained(base, use_safetensors=True)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    processor = AutoProcessor.from_pretrained(str(adapter_dir) if (adapter_dir / "processor_config.json").exists() else base)
-    return model, processor
 
 
 def main(cfg: MllmSftConfig) -> dict[str, Any]:
@@ -255,7 +192,12 @@ def main(cfg: MllmSftConfig) -> dict[str, Any]:
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(),
         assistant_only_loss=True, max_length=None,  # never truncate: it could cut image tokens
     )
-    trainer = make_trainer_class()(model=model, args=args, train_dataset=train_data, processing_class=adapter.processor,
+    from trl import SFTTrainer
+
+    class PairSFTTrainer(PairBatches, SFTTrainer):
+        """SFTTrainer whose batches hold whole pairs (both images of a pair)."""
+
+    trainer = PairSFTTrainer(model=model, args=args, train_dataset=train_data, processing_class=adapter.processor,
                                    callbacks=[callback], pairs_per_batch=cfg.train.pairs_per_batch)
     resume = cfg.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)

@@ -9,6 +9,7 @@ from unconfuse.eval.prompts import load_prompts
 from unconfuse.eval.world import WorldConfig, synthesize
 from unconfuse.recipes import mllm_sft
 from unconfuse.recipes.mllm_sft import DataConfig, MllmSftConfig, TrainConfig, sft_examples
+from unconfuse.train.mllm import merge_adapters
 from unconfuse.train.run import resolve_data
 
 
@@ -73,7 +74,7 @@ def test_two_steps_train_only_the_adapters_and_merge(world, tmp_path):
     saved = load_file(str(best / "adapter_model.safetensors"))
     assert saved and all("lora_" in k and "language_model" in k for k in saved)
     # merged model: only the adapted language-model linears differ from the base
-    merged, _ = mllm_sft.merge_adapters(best)
+    merged, _ = merge_adapters(best)
     base, _ = load_model("tiny-llava", device="cpu")
     changed = [k for k, v in base.model.state_dict().items() if not torch.equal(v, merged.state_dict()[k])]
     if results["best_step"]:

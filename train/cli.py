@@ -74,7 +74,7 @@ def launch(recipe: str, config: str, accelerate_config: str, overrides: list[str
 def _cmd_merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from unconfuse.recipes.mllm_sft import merge_adapters
+    from unconfuse.train.mllm import merge_adapters
 
     model, processor = merge_adapters(Path(args.adapters), args.base)
     model.save_pretrained(args.out)
