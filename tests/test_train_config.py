@@ -6,11 +6,12 @@ import pytest
 import yaml
 
 from unconfuse.recipes.clip_hardneg import ClipHardNegConfig
+from unconfuse.recipes.mllm_dpo import MllmDpoConfig
 from unconfuse.recipes.mllm_sft import MllmSftConfig
 from unconfuse.train.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPE_CONFIGS = {"clip_hardneg": ClipHardNegConfig, "mllm_sft": MllmSftConfig}
+RECIPE_CONFIGS = {"clip_hardneg": ClipHardNegConfig, "mllm_sft": MllmSftConfig, "mllm_dpo": MllmDpoConfig}
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RECIPES = ("clip_hardneg", "mllm_sft")
+RECIPES = ("clip_hardneg", "mllm_sft", "mllm_dpo")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -58,8 +58,8 @@ def pair_preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Ten
     if image_contrast_weight:
         if policy_chosen_partner is None or ref_chosen_partner is None:
             raise ValueError("the image-contrast term needs the chosen answer's log-probs with the partner image")
-        partner_ratio = policy_chosen_partner - ref_chosen_partner
-        parts["image_contrast"] = -F.logsigmoid(beta * (chosen_ratio - partner_ratio)).mean()
+        parts["image_contrast"] = image_contrast_loss(policy_chosen, ref_chosen, policy_chosen_partner,
+                                                      ref_chosen_partner, beta)
         loss = loss + image_contrast_weight * parts["image_contrast"]
     if sft_weight:
         nll = -policy_chosen / chosen_tokens if chosen_tokens is not None else -policy_chosen
@@ -67,3 +67,10 @@ def pair_preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Ten
         loss = loss + sft_weight * parts["sft"]
     parts["loss"] = loss
     return parts
+
+
+def image_contrast_loss(policy_own: torch.Tensor, ref_own: torch.Tensor, policy_partner: torch.Tensor,
+                        ref_partner: torch.Tensor, beta: float) -> torch.Tensor:
+    """-log sigmoid(beta * [(pi(y|x, own image) - ref(...)) - (pi(y|x, partner image) - ref(...))]):
+    the correct answer must become likelier with its own image than with the pair partner's."""
+    return -F.logsigmoid(beta * ((policy_own - ref_own) - (policy_partner - ref_partner))).mean()
