@@ -35,8 +35,8 @@ from unconfuse.train.callbacks import PairValidationCallback, predict, score_rec
 from unconfuse.train.config import ConfigError, dump_config, load_config, to_dict
 from unconfuse.train.data import ClipCollator, PairBatchSampler, PairItems
 from unconfuse.train.losses import clip_hardneg_loss
-from unconfuse.train.run import (check_leakage, default_output_dir, log_final_to_wandb, resolve_data, setup_wandb,
-                                 write_scored)
+from unconfuse.train.run import (check_leakage, default_output_dir, launch_settings, log_final_to_wandb, resolve_data,
+                                 setup_wandb, write_scored)
 
 RECIPE = "clip_hardneg"
 TRAINABLE = ("full", "locked_text", "locked_vision", "lora")
@@ -277,12 +277,7 @@ def export_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
     """Run the recipe; returns the run's results.json content."""
     start = time.time()
-    deepspeed_config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else None
-    distributed_cpu_deepspeed = deepspeed_config is not None and not torch.cuda.is_available()
-    if distributed_cpu_deepspeed:
-        from accelerate import PartialState  # accelerate leaves the backend unset on CPU + DeepSpeed: set gloo first
-
-        PartialState(backend="gloo")
+    launch = launch_settings()
 
     # -- setup ----------------------------------------------------------------------------------
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(RECIPE)
@@ -299,8 +294,9 @@ def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     adapter, spec = load_model(spec, device="cuda" if torch.cuda.is_available() else "cpu")
     encoder = (open_clip_encoder if spec.family == "open-clip" else hf_clip_encoder)(adapter, spec)
+    torch.manual_seed(cfg.train.seed)  # LoRA init must not depend on whether the base model was just built
     freeze(encoder, cfg.trainable, cfg.lora)
-    if deepspeed_config:
+    if launch["deepspeed"]:
         unscalar_parameters(encoder.weights)
     model = encoder.trained
     prompts = load_prompts()
@@ -352,10 +348,8 @@ def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
         lr_scheduler_type=cfg.train.lr_scheduler, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         max_grad_norm=cfg.train.max_grad_norm, logging_steps=cfg.train.logging_steps, save_strategy="steps",
         save_steps=cfg.train.save_steps, seed=cfg.train.seed, data_seed=cfg.train.seed, bf16=cfg.train.bf16,
-        report_to=["wandb"] if wandb_run else [], use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-        dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(),
-        accelerator_config={"use_configured_state": True} if distributed_cpu_deepspeed else None,
-        deepspeed=deepspeed_config,
+        report_to=["wandb"] if wandb_run else [], remove_unused_columns=False, dataloader_num_workers=0,
+        disable_tqdm=not sys.stderr.isatty(), **launch,
     )
     trainer = ClipHardNegTrainer(model=model, args=args, train_dataset=train_items,
                                  data_collator=ClipCollator(encoder.tokenize), callbacks=[callback],

@@ -38,8 +38,8 @@ from unconfuse.train.callbacks import PairValidationCallback, predict, score_rec
 from unconfuse.train.config import ConfigError, dump_config, load_config, to_dict
 from unconfuse.train.losses import image_contrast_loss
 from unconfuse.train.mllm import LoraSettings, PairBatches, lora_config, merge_adapters
-from unconfuse.train.run import (check_leakage, default_output_dir, log_final_to_wandb, resolve_data, setup_wandb,
-                                 write_scored)
+from unconfuse.train.run import (check_leakage, default_output_dir, launch_settings, log_final_to_wandb, resolve_data,
+                                 setup_wandb, write_scored)
 
 RECIPE = "mllm_dpo"
 
@@ -166,6 +166,7 @@ def main(cfg: MllmDpoConfig) -> dict[str, Any]:
     from trl import DPOConfig
 
     start = time.time()
+    launch = launch_settings()
     # -- setup ----------------------------------------------------------------------------------
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(RECIPE)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +213,7 @@ def main(cfg: MllmDpoConfig) -> dict[str, Any]:
             write_test(f"base-{mode}", records, base[mode])
 
     # -- model with adapters, data -------------------------------------------------------------
+    torch.manual_seed(cfg.train.seed)  # LoRA init must not depend on whether the base model was just built
     model = get_peft_model(adapter.model, lora_config(cfg.lora))
     adapter.model = model.get_base_model()
     vision_trains = cfg.lora.vision != "none" or cfg.lora.projector != "none"
@@ -237,7 +239,7 @@ def main(cfg: MllmDpoConfig) -> dict[str, Any]:
         seed=cfg.train.seed, data_seed=cfg.train.seed, bf16=cfg.train.bf16, beta=cfg.preference.beta,
         loss_type=loss_types, loss_weights=[1.0, cfg.preference.sft_weight] if cfg.preference.sft_weight else None,
         gradient_checkpointing=cfg.train.gradient_checkpointing, report_to=["wandb"] if wandb_run else [],
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(),
+        dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(), **launch,
         max_length=None,  # never truncate: it could cut image tokens
     )
     trainer = make_trainer_class()(model=model, args=args, train_dataset=train_data, processing_class=adapter.processor,

@@ -34,8 +34,8 @@ from unconfuse.eval.scorer import SCORER_VERSION
 from unconfuse.train.callbacks import PairValidationCallback, predict, score_records
 from unconfuse.train.config import ConfigError, dump_config, load_config, to_dict
 from unconfuse.train.mllm import LoraSettings, PairBatches, lora_config, merge_adapters
-from unconfuse.train.run import (check_leakage, default_output_dir, log_final_to_wandb, resolve_data, setup_wandb,
-                                 write_scored)
+from unconfuse.train.run import (check_leakage, default_output_dir, launch_settings, log_final_to_wandb, resolve_data,
+                                 setup_wandb, write_scored)
 
 RECIPE = "mllm_sft"
 EVAL_MODES = ("greedy", "prefix", "mc")
@@ -120,6 +120,7 @@ def main(cfg: MllmSftConfig) -> dict[str, Any]:
     from trl import SFTConfig
 
     start = time.time()
+    launch = launch_settings()
     # -- setup ----------------------------------------------------------------------------------
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(RECIPE)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -166,6 +167,7 @@ def main(cfg: MllmSftConfig) -> dict[str, Any]:
             write_test(f"base-{mode}", records, base[mode])
 
     # -- model with adapters, data -------------------------------------------------------------
+    torch.manual_seed(cfg.train.seed)  # LoRA init must not depend on whether the base model was just built
     model = get_peft_model(adapter.model, lora_config(cfg.lora))
     adapter.model = model.get_base_model()  # LoRA layers live inside it: the scorer sees the trained model
     vision_trains = cfg.lora.vision != "none" or cfg.lora.projector != "none"
@@ -189,7 +191,7 @@ def main(cfg: MllmSftConfig) -> dict[str, Any]:
         logging_steps=cfg.train.logging_steps, save_strategy="steps", save_steps=cfg.train.save_steps,
         seed=cfg.train.seed, data_seed=cfg.train.seed, bf16=cfg.train.bf16,
         gradient_checkpointing=cfg.train.gradient_checkpointing, report_to=["wandb"] if wandb_run else [],
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(),
+        dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(), **launch,
         assistant_only_loss=True, max_length=None,  # never truncate: it could cut image tokens
     )
     from trl import SFTTrainer

@@ -1,5 +1,6 @@
 """mllm_sft on tiny models: assistant-only labels, whole pairs, adapters-only training, merge."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,9 @@ def world(tmp_path_factory):
 
 
 def config(world, out, model="tiny-llava", **train):
-    return MllmSftConfig(
+    from unconfuse.train.mllm import LoraSettings
+
+    return MllmSftConfig(lora=LoraSettings(dropout=0.0),
         model=model, output_dir=str(out), report_to="none", val_mode="greedy", test_modes=["greedy", "prefix"],
         data=DataConfig(train=str(world.root / "train"), val=str(world.root / "val"), test=str(world.root / "test")),
         train=TrainConfig(**{"max_steps": 2, "pairs_per_batch": 2, "learning_rate": 1e-3, "warmup_steps": 0,
@@ -91,3 +94,52 @@ def test_merge_command_writes_a_model_that_eval_loads(world, tmp_path, capsys):
     ours = json.loads((tmp_path / "eval" / "results.json").read_text())
     recipe = json.loads((tmp_path / "run" / "test-greedy" / "results.json").read_text())
     assert ours["set_accuracy"] == recipe["set_accuracy"] and ours["confusion"] == recipe["confusion"]
+
+
+def test_killed_and_resumed_sft_ends_like_an_uninterrupted_one(world, tmp_path, monkeypatch):
+    from unconfuse.train.callbacks import PairValidationCallback
+
+    full = mllm_sft.main(config(world, tmp_path / "full", max_steps=6, save_steps=2, eval_steps=2))
+    original = PairValidationCallback.on_step_end
+
+    def killed_at_5(self, args, state, control, **kw):
+        original(self, args, state, control, **kw)
+        if state.global_step == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PairValidationCallback, "on_step_end", killed_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        mllm_sft.main(config(world, tmp_path / "part", max_steps=6, save_steps=2, eval_steps=2))
+    monkeypatch.setattr(PairValidationCallback, "on_step_end", original)
+    cfg = config(world, tmp_path / "part", max_steps=6, save_steps=2, eval_steps=2)
+    cfg.resume_from_checkpoint = "latest"  # LoRA adapters, optimizer and RNG state from checkpoint-4
+    resumed = mllm_sft.main(cfg)
+    assert resumed["best_step"] == full["best_step"]
+    for mode in ("greedy", "prefix"):
+        assert resumed["final_by_mode"][mode]["set_accuracy"] == full["final_by_mode"][mode]["set_accuracy"]
+    logs = [json.loads((tmp_path / run / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+            for run in ("full", "part")]
+    last = [[h["loss"] for h in log if "loss" in h][-1] for log in logs]
+    assert last[0] == pytest.approx(last[1], rel=1e-4)
+
+
+def test_two_process_ddp_on_cpu(world, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "unconfuse.train.cli", "train", "mllm_sft", "--config", str(repo / "configs/mllm_sft/tiny.yaml"),
+           "--launch", str(repo / "configs/accelerate/ddp.yaml"), "model=tiny-llava", f"output_dir={out}", "report_to=none",
+           "train.max_steps=4", "train.eval_steps=2", "train.save_steps=2", "train.logging_steps=1", "train.pairs_per_batch=2",
+           "test_modes=[greedy]", "lora.vision=none", "lora.projector=none", f"data.train={world.root / 'train'}",
+           f"data.val={world.root / 'val'}", f"data.test={world.root / 'test'}"]
+    proc = subprocess.run(cmd, cwd=repo, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    train_pairs = len(resolve_data(str(world.root / "train")).pairs)
+    batches = -(-train_pairs // 2)  # whole-pair batches of 2 pairs
+    per_rank = -(-batches // 2)  # two ranks share them
+    assert state["log_history"][-1]["epoch"] == pytest.approx(4 / per_rank, rel=1e-3)

@@ -24,6 +24,22 @@ def resolve_data(arg: str) -> Benchmark:
     return load_benchmark(arg)
 
 
+def launch_settings() -> dict[str, Any]:
+    """TrainingArguments settings for how this process was launched (plain, DDP, or DeepSpeed via
+    accelerate). On CPU + DeepSpeed, accelerate leaves the process group unset: create it with
+    gloo here and tell the Trainer to use it (``use_configured_state``)."""
+    import torch
+
+    deepspeed = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else None
+    cpu = not torch.cuda.is_available()
+    if deepspeed and cpu:
+        from accelerate import PartialState
+
+        PartialState(backend="gloo")
+    return {"deepspeed": deepspeed, "use_cpu": cpu,
+            "accelerator_config": {"use_configured_state": True} if deepspeed and cpu else None}
+
+
 def default_output_dir(recipe: str) -> Path:
     return Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
 
