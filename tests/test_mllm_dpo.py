@@ -9,7 +9,7 @@ import torch
 from unconfuse.eval.world import WorldConfig, synthesize
 from unconfuse.recipes import mllm_dpo
 from unconfuse.recipes.mllm_dpo import MllmDpoConfig, PreferenceConfig, partner_pixels
-from unconfuse.recipes.mllm_sft import DataConfig, TrainConfig
+from unconfuse.train.mllm import DataConfig, TrainConfig
 
 
 @pytest.fixture(scope="module")

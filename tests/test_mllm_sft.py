@@ -9,7 +9,8 @@ from unconfuse.eval.models import load_model
 from unconfuse.eval.prompts import load_prompts
 from unconfuse.eval.world import WorldConfig, synthesize
 from unconfuse.recipes import mllm_sft
-from unconfuse.recipes.mllm_sft import DataConfig, MllmSftConfig, TrainConfig, sft_examples
+from unconfuse.recipes.mllm_sft import MllmSftConfig, sft_examples
+from unconfuse.train.mllm import DataConfig, TrainConfig
 from unconfuse.train.mllm import merge_adapters
 from unconfuse.train.run import resolve_data
 
