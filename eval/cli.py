@@ -41,6 +41,14 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split")
     p.set_defaults(func=cmd_score)
 
+    p = sub.add_parser("splits", help="grouped folds: pairs that share an image stay in one fold")
+    p.add_argument("--benchmark", required=True, help="mediconfusion, a folder, a file, hf:<id> or world:<split>")
+    p.add_argument("--folds", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0, help="orders components of equal size")
+    p.add_argument("--out", required=True, help="folder for fold-<k>.jsonl and splits.json")
+    p.add_argument("--split", help="split of a Hugging Face dataset benchmark")
+    p.set_defaults(func=cmd_splits)
+
     data = sub.add_parser("data", help="benchmark data").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("download", help="download MediConfusion (questions + images from PMC's open-access S3 bucket)")
     from .download import DEFAULT_IMAGE_DICT_URL, DEFAULT_PMC_BASE, DEFAULT_QUESTIONS_URL
@@ -120,6 +128,22 @@ def cmd_score(args: argparse.Namespace) -> int:
     except (BenchmarkError, PredictionsError, FileNotFoundError) as exc:
         return _fail(str(exc))
     print(render_report(results))
+    return 0
+
+
+def cmd_splits(args: argparse.Namespace) -> int:
+    from .pairs import BenchmarkError, load_benchmark
+    from .splits import write_splits
+
+    try:
+        summary = write_splits(load_benchmark(args.benchmark, split=args.split), args.folds, args.out, args.seed)
+    except (BenchmarkError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"{summary['pairs']} pairs, {summary['components']} image-sharing components "
+          f"(largest {summary['largest_component']} pairs) -> {args.folds} folds in {args.out}")
+    for row in summary["table"]:
+        cats = ", ".join(f"{k} {v}" for k, v in row["categories"].items())
+        print(f"  fold {row['fold']}: {row['pairs']} pairs, {row['images']} images, {row['components']} components; {cats}")
     return 0
 
 

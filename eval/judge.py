@@ -46,6 +46,37 @@ def decide(scores: dict[str, float] | None, tr: float = 3) -> str | None:
     return None
 
 
+def chat_endpoint(url: str) -> str:
+    url = url.rstrip("/")
+    return url if url.endswith("/chat/completions") else f"{url}/chat/completions"
+
+
+def chat_completion(endpoint: str, body: dict[str, Any], timeout: float = 60.0, retries: int = 4) -> str:
+    """POST an OpenAI-style chat completion and return the reply text; retries with backoff on 5xx,
+    429 and broken connections. The API key comes from the environment and is only sent."""
+    import requests
+
+    headers = {"Content-Type": "application/json"}
+    for var in API_KEY_VARIABLES:
+        if os.environ.get(var):
+            headers["Authorization"] = f"Bearer {os.environ[var]}"
+            break
+    delay = 1.0
+    for attempt in range(retries + 1):
+        try:
+            reply = requests.post(endpoint, json=body, headers=headers, timeout=timeout)
+            if reply.status_code < 400:
+                return reply.json()["choices"][0]["message"]["content"]
+            if reply.status_code not in (429, 500, 502, 503, 504) or attempt == retries:
+                raise JudgeError(f"{endpoint} answered HTTP {reply.status_code}: {reply.text[:200]}")
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            if attempt == retries:
+                raise JudgeError(f"{endpoint} unreachable: {exc}") from exc
+        time.sleep(delay)
+        delay *= 2
+    raise JudgeError("unreachable")  # pragma: no cover
+
+
 @dataclass
 class Judge:
     url: str
@@ -57,16 +88,7 @@ class Judge:
 
     @property
     def endpoint(self) -> str:
-        url = self.url.rstrip("/")
-        return url if url.endswith("/chat/completions") else f"{url}/chat/completions"
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        for var in API_KEY_VARIABLES:
-            if os.environ.get(var):
-                headers["Authorization"] = f"Bearer {os.environ[var]}"
-                break
-        return headers
+        return chat_endpoint(self.url)
 
     def message(self, question: str, options: tuple[str, str], response: str) -> str:
         cfg = self.prompts.judge
@@ -75,25 +97,10 @@ class Judge:
 
     def ask(self, question: str, options: tuple[str, str], response: str) -> str:
         """The judge's raw reply (retries with backoff on 5xx, 429 and broken connections)."""
-        import requests
-
         body: dict[str, Any] = {
             "model": self.model,
             "temperature": self.temperature,
             "messages": [{"role": "system", "content": self.prompts.judge["system"]},
                          {"role": "user", "content": self.message(question, options, response)}],
         }
-        delay = 1.0
-        for attempt in range(self.retries + 1):
-            try:
-                reply = requests.post(self.endpoint, json=body, headers=self._headers(), timeout=self.timeout)
-                if reply.status_code < 400:
-                    return reply.json()["choices"][0]["message"]["content"]
-                if reply.status_code not in (429, 500, 502, 503, 504) or attempt == self.retries:
-                    raise JudgeError(f"judge {self.endpoint} answered HTTP {reply.status_code}: {reply.text[:200]}")
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if attempt == self.retries:
-                    raise JudgeError(f"judge {self.endpoint} unreachable: {exc}") from exc
-            time.sleep(delay)
-            delay *= 2
-        raise JudgeError("unreachable")  # pragma: no cover
+        return chat_completion(self.endpoint, body, timeout=self.timeout, retries=self.retries)

@@ -307,8 +307,16 @@ class Benchmark:
 
 
 def load_benchmark(arg: str | Path, split: str | None = None) -> Benchmark:
-    """Resolve a benchmark argument: ``mediconfusion``, a directory, a file, or ``hf:<id>``."""
+    """Resolve a benchmark argument: ``mediconfusion``, a directory, a file, ``hf:<id>``, or
+    ``world:<split>`` (a split of the default embedded world, built on first use)."""
     text = str(arg)
+    if text.startswith("world:"):
+        from .world import default_world
+
+        root = default_world().root / text.split(":", 1)[1]
+        if not (root / "pairs.jsonl").exists():
+            raise BenchmarkError(f"{text}: the embedded world has no such split (train, val or test)")
+        return Benchmark(load_jsonl(root / "pairs.jsonl"), root, text)
     if text == "mediconfusion":
         home = unconfuse_home() / "mediconfusion"
         if not (home / "dataset.json").exists():
@@ -334,4 +342,4 @@ def load_benchmark(arg: str | Path, split: str | None = None) -> Benchmark:
         if loader is None:
             raise BenchmarkError(f"{path}: unknown benchmark file type {suffix!r} (use .jsonl, .json or .csv)")
         return Benchmark(loader(path), path.parent, path.stem)
-    raise BenchmarkError(f"benchmark {text!r} not found: give `mediconfusion`, a folder, a file or hf:<dataset id>")
+    raise BenchmarkError(f"benchmark {text!r} not found: give `mediconfusion`, a folder, a file, hf:<dataset id> or world:<split>")

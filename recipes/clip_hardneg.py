@@ -367,7 +367,8 @@ def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
                "seed": cfg.train.seed, "base": base, "final": final, "best_step": callback.state.best_step,
                "best_val": callback.state.best, "steps": trainer.state.global_step,
                "wall_time_s": time.time() - start, "scorer_version": SCORER_VERSION, "prompt_version": prompts.version,
-               "loss": to_dict(cfg.loss), "trainable": cfg.trainable}
+               "loss": to_dict(cfg.loss), "trainable": cfg.trainable,
+               "test_data": cfg.data.test, "base_dir": "base", "test_dir": "test"}
     if is_main:
         atomic_write_json(run_dir / "results.json", results)
         log_final_to_wandb(wandb_run, results, run_dir / "test" / "predictions.jsonl")

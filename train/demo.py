@@ -14,9 +14,17 @@ from unconfuse.eval.runner import EvalConfig, run_eval
 from unconfuse.eval.scorer import compare, read_predictions, resolve_answers, score_table
 from unconfuse.eval.world import default_world
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "clip_hardneg" / "tiny.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIG = CONFIGS / "clip_hardneg" / "tiny.yaml"
 MLLM_BASE_RUNS = [("tiny-llava-base", "greedy"), ("tiny-llava-base", "prefix")]
 STRATEGIES = [("clip_hardneg", []), ("clip-ft (hardneg_weight 0)", ["loss.hardneg_weight=0"])]
+# the second act: (label, recipe, run folder, training steps); tested in greedy mode, the validation
+# mode. SFT trains its config's 600 steps (~1.5 min; it breaks the letter symmetry only after ~300, and
+# at 400 steps with the cosine schedule it never did); DPO with the image-contrast term costs ~4x more
+# per step, so the demo stops it at 400 steps (its val set accuracy there: 20.8 on seed 0) to stay
+# within 8 minutes.
+MLLM_STRATEGIES = [("mllm_sft", "mllm_sft", "mllm_sft", 600),
+                   ("mllm_dpo (image contrast)", "mllm_dpo", "mllm_dpo", 400)]
 
 
 def _answers(bench, path: Path):
@@ -28,42 +36,8 @@ def _ci(results: dict[str, Any], key: str) -> str:
     return f"{results[key]:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
-def run_demo(out: str | Path, seed: int = 0) -> dict[str, Any]:
-    """Base vs clip_hardneg vs plain fine-tuning on the world's test pairs; prints and writes the report."""
-    from unconfuse.recipes.clip_hardneg import ClipHardNegConfig, main as train_clip
-    from unconfuse.train.config import load_config
-
-    import os
-
-    out = Path(out)
-    start = time.time()
-    os.environ.setdefault("WANDB_SILENT", "true")  # the demo says where the offline runs are, once
-    print("1/4 building or reusing the embedded world and its base models (first time: about a minute) ...", flush=True)
-    world = default_world()
-    test = load_benchmark(world.root / "test")
-    mllm_rows = [(f"{m} / {mode}", run_eval(EvalConfig(model=m, mode=mode, benchmark=str(world.root / "test"),
-                                                       out=str(out / f"{m}-{mode}"), progress=False)))
-                 for m, mode in MLLM_BASE_RUNS]
-
-    runs: dict[str, dict[str, Any]] = {}
-    for i, (name, overrides) in enumerate(STRATEGIES, start=2):
-        print(f"{i}/4 training {name} on {len(load_benchmark(world.root / 'train').pairs)} train pairs "
-              f"(validation: {len(load_benchmark(world.root / 'val').pairs)} val pairs) ...", flush=True)
-        run_dir = out / name.split(" ")[0]
-        cfg = load_config(ClipHardNegConfig, CONFIG, [*overrides, f"output_dir={run_dir}", f"train.seed={seed}"])
-        runs[name] = {"dir": run_dir, "results": train_clip(cfg)}
-
-    print("4/4 comparing on the test pairs", flush=True)
-    first = next(iter(runs.values()))
-    base = first["results"]["base"]
-    base_answers = _answers(test, first["dir"] / "base" / "predictions.jsonl")
-    rows = [("tiny-clip-base (base)", base)] + [(name, r["results"]["final"]) for name, r in runs.items()]
-    comparisons = {name: compare(test.pairs, base_answers, _answers(test, r["dir"] / "test" / "predictions.jsonl"))
-                   for name, r in runs.items()}
-    lines = [f"# unconfuse demo: confusing pairs on the embedded world (seed {seed})", "",
-             f"World `{world.root}`: {world.manifest['counts']['pairs']} pairs on real radiology images. "
-             f"Test: {len(test.pairs)} pairs, never used for selection (95% bootstrap CIs).", "",
-             "| model | set accuracy | confusion | individual accuracy | set acc. vs base [95% CI] | McNemar p |",
+def _table(rows: list[tuple[str, dict[str, Any]]], comparisons: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| model | set accuracy | confusion | individual accuracy | set acc. vs base [95% CI] | McNemar p |",
              "|---|---|---|---|---|---|"]
     for name, res in rows:
         diff = comparisons.get(name)
@@ -71,27 +45,106 @@ def run_demo(out: str | Path, seed: int = 0) -> dict[str, Any]:
         p_value = f"{diff['mcnemar_p']:.2g}" if diff else ""
         lines.append(f"| {name} | {_ci(res, 'set_accuracy')} | {_ci(res, 'confusion')} | {_ci(res, 'individual_accuracy')} "
                      f"| {delta} | {p_value} |")
-    lines += ["", "Base MLLM on the same pairs (no recipe yet):", "",
-              "| model / mode | set accuracy | confusion |", "|---|---|---|"]
-    lines += [f"| {name} | {_ci(res, 'set_accuracy')} | {_ci(res, 'confusion')} |" for name, res in mllm_rows]
-    plot = plot_validation(out / "validation.png", {n: r["dir"] for n, r in runs.items()}, base, {n: r["results"] for n, r in runs.items()})
-    lines += ["", f"![validation curves]({plot.name})", "", f"Run directories: {', '.join(str(r['dir']) for r in runs.values())}."]
+    return lines
+
+
+def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> dict[str, Any]:
+    """Act 1: the encoder, base vs clip_hardneg vs plain fine-tuning. Act 2: the MLLM, base vs
+    mllm_sft vs mllm_dpo with the image-contrast term. Both on the world's test pairs; ends with
+    ``unconfuse compare`` over the runs. ``mllm_steps`` replaces the act-2 step counts; 0 skips act 2."""
+    from unconfuse.recipes.clip_hardneg import ClipHardNegConfig, main as train_clip
+    from unconfuse.train.compare import compare_summary, run_compare
+    from unconfuse.train.config import load_config
+
+    import importlib
+    import os
+
+    out = Path(out)
+    start = time.time()
+    os.environ.setdefault("WANDB_SILENT", "true")  # the demo says where the offline runs are, once
+    steps = 4 if mllm_steps == 0 else 6
+    print(f"1/{steps} building or reusing the embedded world and its base models (first time: about a minute) ...", flush=True)
+    world = default_world()
+    test = load_benchmark(world.root / "test")
+    n_train, n_val = len(load_benchmark(world.root / "train").pairs), len(load_benchmark(world.root / "val").pairs)
+    mllm_base = {mode: out / f"{m}-{mode}" for m, mode in MLLM_BASE_RUNS}
+    mllm_rows = [(f"{m} / {mode}", run_eval(EvalConfig(model=m, mode=mode, benchmark=str(world.root / "test"),
+                                                       out=str(mllm_base[mode]), progress=False)))
+                 for m, mode in MLLM_BASE_RUNS]
+
+    runs: dict[str, dict[str, Any]] = {}
+    for i, (name, overrides) in enumerate(STRATEGIES, start=2):
+        print(f"{i}/{steps} training {name} on {n_train} train pairs (validation: {n_val} val pairs) ...", flush=True)
+        run_dir = out / name.split(" ")[0]
+        cfg = load_config(ClipHardNegConfig, CONFIG, [*overrides, f"output_dir={run_dir}", f"train.seed={seed}"])
+        runs[name] = {"dir": run_dir, "results": train_clip(cfg)}
+
+    mllm_runs: dict[str, dict[str, Any]] = {}
+    if mllm_steps != 0:
+        for i, (name, recipe, folder, default_steps) in enumerate(MLLM_STRATEGIES, start=4):
+            n_steps = mllm_steps or default_steps
+            print(f"{i}/{steps} training {name} (tiny-llava-base, {n_steps} steps) on {n_train} train pairs ...", flush=True)
+            module = importlib.import_module(f"unconfuse.recipes.{recipe}")
+            config_class = next(getattr(module, n) for n in dir(module) if n.startswith("Mllm") and n.endswith("Config"))
+            run_dir = out / folder
+            cfg = load_config(config_class, CONFIGS / recipe / "tiny.yaml",
+                              [f"output_dir={run_dir}", f"train.seed={seed}", f"train.max_steps={n_steps}",
+                               "test_modes=[greedy]"])
+            mllm_runs[name] = {"dir": run_dir, "results": module.main(cfg)}
+
+    print(f"{steps}/{steps} comparing on the test pairs", flush=True)
+    first = next(iter(runs.values()))
+    base = first["results"]["base"]
+    rows = [("tiny-clip-base (base)", base)] + [(name, r["results"]["final"]) for name, r in runs.items()]
+    comparisons = {name: compare(test.pairs, _answers(test, first["dir"] / "base" / "predictions.jsonl"),
+                                 _answers(test, r["dir"] / "test" / "predictions.jsonl"))
+                   for name, r in runs.items()}
+    lines = [f"# unconfuse demo: confusing pairs on the embedded world (seed {seed})", "",
+             f"World `{world.root}`: {world.manifest['counts']['pairs']} pairs on real radiology images. "
+             f"Test: {len(test.pairs)} pairs, never used for selection (95% bootstrap CIs).", "",
+             "## Act 1: the vision encoder", "", *_table(rows, comparisons)]
+    mllm_comparisons: dict[str, dict[str, Any]] = {}
+    if mllm_runs:
+        base_greedy = mllm_rows[0][1]
+        mllm_table = [("tiny-llava-base / greedy (base)", base_greedy)] + [(n, r["results"]["final"]) for n, r in mllm_runs.items()]
+        mllm_comparisons = {n: compare(test.pairs, _answers(test, mllm_base["greedy"] / "predictions.jsonl"),
+                                       _answers(test, r["dir"] / "test-greedy" / "predictions.jsonl"))
+                            for n, r in mllm_runs.items()}
+        step_note = ", ".join(f"{n} {r['results']['steps']} steps" for n, r in mllm_runs.items())
+        lines += ["", f"## Act 2: the MLLM (greedy mode; {step_note})", "", *_table(mllm_table, mllm_comparisons),
+                  "", f"Base MLLM in prefix mode: {_ci(mllm_rows[1][1], 'set_accuracy')} set accuracy, "
+                  f"{_ci(mllm_rows[1][1], 'confusion')} confusion."]
+    else:
+        lines += ["", "Base MLLM on the same pairs (no recipe run):", "", "| model / mode | set accuracy | confusion |", "|---|---|---|"]
+        lines += [f"| {name} | {_ci(res, 'set_accuracy')} | {_ci(res, 'confusion')} |" for name, res in mllm_rows]
+    all_runs = {**runs, **mllm_runs}
+    plot = plot_validation(out / "validation.png", {n: r["dir"] for n, r in all_runs.items()},
+                           {n: r["results"] for n, r in all_runs.items()})
+    compare_dirs = {"compare-encoder": ([r["dir"] for r in runs.values()], first["dir"] / "base")}
+    if mllm_runs:
+        compare_dirs["compare-mllm"] = ([r["dir"] for r in mllm_runs.values()], mllm_base["greedy"])
+    lines += ["", f"![validation curves]({plot.name})", "",
+              "Comparisons (`unconfuse compare`, with per-category tables and plots): "
+              + ", ".join(f"[{name}]({name}/comparison.md)" for name in compare_dirs), "",
+              f"Run directories: {', '.join(str(r['dir']) for r in all_runs.values())}."]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     print()
-    print(score_table(rows + mllm_rows))
+    print(score_table(rows + mllm_rows + [(n, r["results"]["final"]) for n, r in mllm_runs.items()]))
     print()
-    for name, diff in comparisons.items():
+    for name, diff in {**comparisons, **mllm_comparisons}.items():
         print(f"{name}: set accuracy {diff['set_accuracy_diff']:+.1f} points vs base, 95% CI "
               f"[{diff['set_accuracy_diff_ci'][0]:+.1f}, {diff['set_accuracy_diff_ci'][1]:+.1f}], McNemar p = {diff['mcnemar_p']:.2g}")
-    wandb_dirs = sorted(str(p) for r in runs.values() for p in (r["dir"] / "wandb").glob("offline-run-*"))
-    if wandb_dirs:
-        print(f"offline W&B runs (upload with `wandb sync DIR`): {', '.join(wandb_dirs)}")
+    for name, (dirs, baseline) in compare_dirs.items():
+        print(f"\n$ unconfuse compare {' '.join(str(d) for d in dirs)} --baseline {baseline} --out {out / name}")
+        print(compare_summary(run_compare(dirs, baseline, out / name, title=f"unconfuse demo: {name}"), out / name))
     print(f"\nreport: {out / 'report.md'}, plot: {plot} ({time.time() - start:.0f} s)")
-    return {"rows": rows, "comparisons": comparisons, "runs": runs}
+    return {"rows": rows, "comparisons": comparisons, "runs": runs, "mllm_runs": mllm_runs,
+            "mllm_comparisons": mllm_comparisons}
 
 
-def plot_validation(path: Path, run_dirs: dict[str, Path], base: dict[str, Any], results: dict[str, Any]) -> Path:
-    """Validation set accuracy and confusion over steps per strategy, with base and final test points."""
+def plot_validation(path: Path, run_dirs: dict[str, Path], results: dict[str, Any]) -> Path:
+    """Validation set accuracy and confusion over steps per strategy, with the selected checkpoint's
+    test score (star) and each run's base test score (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,8 +158,15 @@ def plot_validation(path: Path, run_dirs: dict[str, Path], base: dict[str, Any],
             line, = ax.plot(steps, [h[key] for h in history], marker="o", ms=3, label=f"{name} (val)")
             ax.scatter([results[name]["best_step"]], [results[name]["final"][key]], marker="*", s=120, color=line.get_color(),
                        label=f"{name} (test, selected)")
+    seen_bases = set()
+    for name in run_dirs:
+        base, model = results[name]["base"], results[name]["model"]
+        if model in seen_bases:
+            continue
+        seen_bases.add(model)
+        for ax, key in zip(axes, ("set_accuracy", "confusion")):
+            ax.axhline(base[key], color="gray", ls="--", lw=1, label=f"{results[name]['model']} base (test)")
     for ax, key in zip(axes, ("set_accuracy", "confusion")):
-        ax.axhline(base[key], color="gray", ls="--", label="base (test)")
         ax.set_xlabel("step")
         ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
         ax.grid(alpha=0.3)

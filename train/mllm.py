@@ -264,7 +264,8 @@ class MllmRun:
                    "final_by_mode": final, "best_step": self.validation.state.best_step,
                    "best_val": self.validation.state.best, "steps": trainer.state.global_step,
                    "wall_time_s": time.time() - self.start, "scorer_version": SCORER_VERSION,
-                   "prompt_version": self.prompts.version, **extra}
+                   "prompt_version": self.prompts.version, "test_data": cfg.data.test,
+                   "base_dir": f"base-{main_mode}", "test_dir": f"test-{main_mode}", **extra}
         if self.is_main:
             atomic_write_json(self.run_dir / "results.json", results)
             log_final_to_wandb(self.wandb, results, self.run_dir / f"test-{main_mode}" / "predictions.jsonl")

@@ -16,11 +16,7 @@ class LeakageError(RuntimeError):
 
 
 def resolve_data(arg: str) -> Benchmark:
-    """A benchmark argument, or ``world:<split>`` for the default embedded world's split."""
-    if arg.startswith("world:"):
-        from unconfuse.eval.world import default_world
-
-        return load_benchmark(default_world().root / arg.split(":", 1)[1])
+    """A benchmark argument (``world:<split>`` is the default embedded world's split)."""
     return load_benchmark(arg)
 
 

@@ -16,8 +16,9 @@ __all__ = ["ModelSpec", "load_model", "resolve_model", "list_presets", "ModelLoa
            "GenerativeAdapter", "EncoderAdapter", "PRESET_DIR"]
 
 PRESET_DIR = Path(__file__).resolve().parents[1].parent / "configs" / "models"
-FAMILIES = ("hf-vlm", "open-clip", "hf-clip")
+FAMILIES = ("hf-vlm", "open-clip", "hf-clip", "hf-vision")
 CLIP_MODEL_TYPES = {"clip", "siglip", "siglip2", "chinese_clip", "altclip", "metaclip_2"}
+VISION_MODEL_TYPES = {"dinov2", "dinov2_with_registers", "dinov3_vit", "vit", "vit_mae"}  # image-only encoders (mining)
 
 
 def _preset_dir() -> Path:
@@ -79,8 +80,14 @@ def _family_of_folder(path: Path) -> str:
     config = path / "config.json"
     if config.exists():
         model_type = json.loads(config.read_text()).get("model_type", "")
-        return "hf-clip" if model_type in CLIP_MODEL_TYPES else "hf-vlm"
+        return _family_of_type(model_type)
     raise ModelLoadError(f"{path}: neither a transformers model (config.json) nor an open_clip one (open_clip_config.json)")
+
+
+def _family_of_type(model_type: str) -> str:
+    if model_type in CLIP_MODEL_TYPES:
+        return "hf-clip"
+    return "hf-vision" if model_type in VISION_MODEL_TYPES else "hf-vlm"
 
 
 def _hub_config(model_id: str) -> dict[str, Any]:
@@ -119,7 +126,7 @@ def resolve_model(arg: str) -> ModelSpec:
         return ModelSpec(name=path.name, family=family, model_id=model_id)
     if "/" in arg and not path.exists():
         model_type = _hub_config(arg).get("model_type", "")
-        return ModelSpec(name=arg, family="hf-clip" if model_type in CLIP_MODEL_TYPES else "hf-vlm", model_id=arg)
+        return ModelSpec(name=arg, family=_family_of_type(model_type), model_id=arg)
     raise ModelLoadError(f"unknown model {arg!r}: not a preset ({', '.join(list_presets())}), not a folder, not a hub id")
 
 
@@ -145,6 +152,10 @@ def load_model(arg: str | ModelSpec, device: str | None = None, trust_remote_cod
         from .clip import OpenClipAdapter
 
         adapter = OpenClipAdapter(model_id, name=spec.name, pretrained=spec.pretrained, device=device)
+    elif spec.family == "hf-vision":
+        from .clip import HFVisionAdapter
+
+        adapter = HFVisionAdapter(model_id, name=spec.name, device=device, trust_remote_code=remote, revision=spec.revision)
     else:
         from .clip import HFClipAdapter
 

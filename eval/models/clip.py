@@ -37,6 +37,11 @@ class _EncoderCache:
             cache[key] = value
 
     @torch.no_grad()
+    def encode_images(self, images: list[Any]) -> torch.Tensor:
+        """Unit-norm image embeddings (float32, on CPU), uncached: for mining large corpora."""
+        return torch.nn.functional.normalize(self._encode_images(images).float(), dim=-1).cpu()
+
+    @torch.no_grad()
     def similarities(self, queries: list[Query], texts: list[tuple[str, ...]]) -> list[list[float]]:
         new_images: dict[str, Any] = {}
         for q in queries:
@@ -120,3 +125,33 @@ class HFClipAdapter(_EncoderCache):
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
         inputs = self.processor(text=texts, return_tensors="pt", padding=self.text_padding, truncation=True).to(self.device)
         return self._tensor(self.model.get_text_features(**inputs))
+
+
+class HFVisionAdapter(_EncoderCache):
+    """An image-only transformers encoder (DINOv2 and other ViTs): the pooled output, else the
+    first token of the last hidden state. Used by mining as encoder B; it has no text side."""
+
+    def __init__(self, model_path: str, *, name: str | None = None, device: str | None = None,
+                 trust_remote_code: bool = False, revision: str | None = None):
+        from transformers import AutoImageProcessor, AutoModel
+
+        self.name = name or model_path
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code,
+                                                                revision=revision)
+            model = AutoModel.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision,
+                                              use_safetensors=True)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load model {self.name!r} from {model_path!r}: {exc}") from exc
+        self.model = model.to(self.device).eval()
+        self._init_cache()
+
+    def _encode_images(self, images: list[Any]) -> torch.Tensor:
+        inputs = self.processor(images=images, return_tensors="pt").to(self.device)
+        out = self.model(**inputs)
+        pooled = getattr(out, "pooler_output", None)
+        return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        raise ModelLoadError(f"{self.name} is an image-only encoder; it cannot score texts (use it for mining)")

@@ -63,8 +63,9 @@ QWEN_CHAT_TEMPLATE = _RENDER_CONTENT + (
 
 
 def build_tokenizer(specials: list[str], extra_specials: dict[str, str], chat_template: str,
-                    bos: str | None, eos: str, pad: str, vocab_size: int = 400):
-    """A byte-level BPE tokenizer trained offline on ``TOKENIZER_CORPUS``."""
+                    bos: str | None, eos: str, pad: str, vocab_size: int = 400, append_eos: bool = False):
+    """A byte-level BPE tokenizer trained offline on ``TOKENIZER_CORPUS``. ``append_eos`` ends every
+    text with ``eos``, as CLIP's tokenizer does (CLIP's text tower pools at the EOS position)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -75,8 +76,10 @@ def build_tokenizer(specials: list[str], extra_specials: dict[str, str], chat_te
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(TOKENIZER_CORPUS * 5, trainer=trainer)
     if bos:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+        end = f" {eos}" if append_eos else ""
+        specials_used = [(bos, tok.token_to_id(bos))] + ([(eos, tok.token_to_id(eos))] if append_eos else [])
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A{end}", pair=f"{bos} $A $B{end}",
+                                                           special_tokens=specials_used)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
                                      extra_special_tokens=extra_specials, chat_template=chat_template,
                                      model_max_length=4096)
@@ -204,18 +207,18 @@ def build_open_clip(out: Path, image_size: int = 32, embed_dim: int = 32, vision
 
 
 def build_hf_clip(out: Path, image_size: int = 32, patch_size: int = 8, hidden: int = 32, layers: int = 2,
-                  projection_dim: int = 16, seed: int = 0) -> None:
+                  projection_dim: int = 16, context_length: int = 77, seed: int = 0) -> None:
     """A tiny transformers CLIPModel with a CLIPProcessor."""
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
 
     tok = build_tokenizer(["<|endoftext|>", "<|startoftext|>", "<pad>"], {}, "", bos="<|startoftext|>",
-                          eos="<|endoftext|>", pad="<pad>")
+                          eos="<|endoftext|>", pad="<pad>", append_eos=True)
     tok.padding_side = "right"
     tok.chat_template = None
     config = CLIPConfig(
         text_config=CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
-                                   num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=77,
+                                   num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=context_length,
                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
         vision_config=CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
                                        intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4),
@@ -229,7 +232,23 @@ def build_hf_clip(out: Path, image_size: int = 32, patch_size: int = 8, hidden: 
     processor.save_pretrained(out)
 
 
-BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "open_clip": build_open_clip, "hf_clip": build_hf_clip}
+def build_dinov2(out: Path, image_size: int = 32, patch_size: int = 8, hidden: int = 32, layers: int = 2,
+                 initializer_range: float = 0.02, seed: int = 0) -> None:
+    """A tiny random transformers Dinov2Model with its image processor (mining's encoder B offline).
+    At the usual init (0.02) every image gets nearly the same pooled embedding; a wide init (0.5)
+    makes it a random-feature image similarity that spreads over [0.2, 0.9] on the world's images."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(image_size=image_size, patch_size=patch_size, hidden_size=hidden, num_hidden_layers=layers,
+                          num_attention_heads=4, mlp_ratio=2, initializer_range=initializer_range)
+    torch.manual_seed(seed)
+    Dinov2Model(config).save_pretrained(out)
+    _image_processor_class("BitImageProcessor")(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(out)
+
+
+BUILDERS = {"dinov2": build_dinov2, "llava": build_llava, "qwen2_vl": build_qwen2_vl, "open_clip": build_open_clip, "hf_clip": build_hf_clip}
 
 
 def materialize(name: str, build: dict[str, Any], cache_root: Path) -> Path:
@@ -285,4 +304,4 @@ def materialize(name: str, build: dict[str, Any], cache_root: Path) -> Path:
     return target
 
 
-BUILD_VERSION = 2  # bump when a builder changes, so cached tiny models are rebuilt
+BUILD_VERSION = 3  # bump when a builder changes, so cached tiny models are rebuilt

@@ -1,0 +1,77 @@
+"""`unconfuse compare` on fake run directories whose numbers are known by construction."""
+import csv
+import json
+
+import pytest
+
+from unconfuse.train.cli import main
+from unconfuse.train.compare import run_compare
+
+N_PAIRS = 8
+
+
+@pytest.fixture()
+def bench(tmp_path):
+    # answers alternate (A, B) / (B, A), as in a real confusing pair
+    rows = [{"id": f"p{k}", "image_1": f"i{k}a.png", "image_2": f"i{k}b.png", "question": "Which side?",
+             "option_a": "left", "option_b": "right", "answer_1": "AB"[k % 2], "answer_2": "BA"[k % 2],
+             "categories_1": ["Cerebral" if k < 4 else "Spinal"], "categories_2": ["Cerebral" if k < 4 else "Spinal"]}
+            for k in range(N_PAIRS)]
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows, path
+
+
+def _run(root, name, rows, bench_path, correct_pairs, strategy="hardneg", seed=0, pairs=None):
+    """A recipe-run directory whose test predictions are right on ``correct_pairs`` and answer
+    "A" to both images (confused) elsewhere."""
+    run = root / name
+    (run / "test").mkdir(parents=True)
+    lines = []
+    for k, row in enumerate(rows[:pairs]):
+        for side in (1, 2):
+            answer = row[f"answer_{side}"] if k in correct_pairs else "A"
+            lines.append(json.dumps({"pair_id": row["id"], "image": side, "answer": answer}))
+    (run / "test" / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    (run / "results.json").write_text(json.dumps({"strategy": strategy, "model": "tiny", "data": "world:train",
+                                                   "seed": seed, "final": {}, "test_data": str(bench_path),
+                                                   "test_dir": "test"}))
+    return run
+
+
+def test_compare_known_numbers(bench, tmp_path, capsys):
+    rows, path = bench
+    base = _run(tmp_path, "base", rows, path, correct_pairs=set(), strategy="base")
+    good = _run(tmp_path, "good-0", rows, path, correct_pairs={0, 1, 2, 3, 4, 5}, seed=0)
+    good1 = _run(tmp_path, "good-1", rows, path, correct_pairs={0, 1, 2, 3}, seed=1)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(good), str(good1), "--baseline", str(base), "--out", str(out)]) == 0
+    table = list(csv.DictReader((out / "comparison.csv").open()))
+    by_label = {r["label"]: r for r in table}
+    baseline = by_label["base (seed 0) [baseline]"]
+    # all-"A" answers: half the questions right, every pair confused, no pair set-correct
+    assert float(baseline["set_accuracy"]) == 0 and float(baseline["confusion"]) == 100
+    assert float(baseline["individual_accuracy"]) == 50
+    run0 = by_label["hardneg (seed 0)"]
+    assert float(run0["set_accuracy"]) == 75.0 and float(run0["confusion"]) == 25.0
+    assert float(run0["set_accuracy_diff"]) == 75.0
+    assert float(run0["mcnemar_p"]) == pytest.approx(2 * 0.5 ** 6)  # 6 discordant pairs, all for the run
+    assert float(run0["set_accuracy[Cerebral]"]) == 100.0 and float(run0["set_accuracy[Spinal]"]) == 50.0
+    group = next(r for r in table if r["row"] == "group")
+    assert float(group["set_accuracy"]) == pytest.approx(62.5)  # mean of 75 and 50
+    assert float(group["set_accuracy_std"]) == pytest.approx(17.6777, abs=1e-3)  # sample std of (75, 50)
+    md = (out / "comparison.md").read_text()
+    assert "| hardneg (seed 0) | tiny | world:train | 75.0 [" in md and "62.5 ± 17.7" in md
+    assert (out / "comparison.png").stat().st_size > 5_000
+    assert "hardneg over 2 seeds: set accuracy 62.5 ± 17.7" in capsys.readouterr().out
+
+
+def test_compare_refuses_runs_on_other_pairs(bench, tmp_path, capsys):
+    rows, path = bench
+    base = _run(tmp_path, "base", rows, path, correct_pairs=set())
+    partial = _run(tmp_path, "partial", rows, path, correct_pairs={0}, pairs=N_PAIRS - 2)
+    assert main(["compare", str(partial), "--baseline", str(base), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert str(partial) in err and "same pairs" in err
+    with pytest.raises(ValueError, match="no results.json"):
+        run_compare([tmp_path], base, tmp_path / "c2")

@@ -1,0 +1,88 @@
+"""Grouped folds on the real MediConfusion text, and `unconfuse cv` on the embedded world."""
+import json
+from collections import Counter
+
+import pytest
+
+from unconfuse.eval.pairs import load_benchmark
+from unconfuse.eval.runner import EvalConfig, run_eval
+from unconfuse.eval.scorer import read_predictions, resolve_answers, score
+from unconfuse.eval.splits import grouped_folds, image_components, image_key
+from unconfuse.train.cli import main
+
+
+def _images(bench, pairs):
+    return {image_key(bench, ref) for p in pairs for ref in (p.image_1, p.image_2)}
+
+
+@pytest.mark.parametrize("folds,seed", [(5, 0), (5, 1), (3, 0), (10, 0)])
+def test_folds_never_share_an_image(mediconfusion_dir, folds, seed):
+    bench = load_benchmark(mediconfusion_dir / "dataset.json")
+    components = image_components(bench)
+    assert (len(bench.pairs), len(components), max(map(len, components))) == (176, 60, 25)
+    assignment = grouped_folds(bench, folds, seed)
+    by_fold = [[p for p, a in zip(bench.pairs, assignment) if a == f] for f in range(folds)]
+    images = [_images(bench, pairs) for pairs in by_fold]
+    for f in range(folds):
+        for g in range(f + 1, folds):
+            assert not images[f] & images[g], (f, g)
+    sizes = [len(pairs) for pairs in by_fold]
+    assert sum(sizes) == 176 and min(sizes) > 0
+    # balanced as far as the components allow: no fold exceeds the mean by more than the largest component
+    assert max(sizes) - 176 / folds <= 25
+
+
+def test_splits_command_writes_folds_and_table(mediconfusion_dir, tmp_path, capsys):
+    assert main(["splits", "--benchmark", str(mediconfusion_dir / "dataset.json"), "--folds", "5", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "splits.json").read_text())
+    bench = load_benchmark(mediconfusion_dir / "dataset.json")
+    folds = [load_benchmark(tmp_path / f"fold-{f}.jsonl") for f in range(5)]
+    assert sorted(p.id for fold in folds for p in fold.pairs) == sorted(p.id for p in bench.pairs)
+    for f, fold in enumerate(folds):
+        assert {summary["assignment"][p.id] for p in fold.pairs} == {f}
+        row = summary["table"][f]
+        assert row["pairs"] == len(fold.pairs) and row["categories"] == dict(sorted(fold.category_counts().items()))
+    total = Counter()
+    for row in summary["table"]:
+        total.update(row["categories"])
+    assert dict(total) == bench.category_counts()
+    assert "60 image-sharing components (largest 25 pairs)" in capsys.readouterr().out
+    # more folds than components is refused, with the reason
+    assert main(["splits", "--benchmark", str(mediconfusion_dir / "dataset.json"), "--folds", "61", "--out", str(tmp_path / "x")]) == 2
+    assert "only 60 connected components" in capsys.readouterr().err
+
+
+def test_cv_on_the_world_pools_folds_into_one_scored_run(tmp_path, capsys):
+    out = tmp_path / "cv"
+    args = ["cv", "clip_hardneg", "--config", "configs/clip_hardneg/tiny.yaml", "--folds", "2", "--benchmark", "world:test",
+            "--out", str(out), "train.max_steps=6", "train.eval_steps=3", "train.save_steps=3", "report_to=none"]
+    assert main(args) == 0
+    bench = load_benchmark("world:test")
+    cv = json.loads((out / "results.json").read_text())
+    fold_tests = [load_benchmark(out / f"fold-{k}" / "data" / "test.jsonl") for k in range(2)]
+    for k in range(2):
+        run = out / f"fold-{k}"
+        assert json.loads((run / "leakage.json").read_text())["leak"] is False
+        train = load_benchmark(run / "data" / "train.jsonl")
+        val = load_benchmark(run / "data" / "val.jsonl")
+        assert not {p.image_1 for p in train.pairs} & {p.image_1 for p in fold_tests[k].pairs}
+        assert len(train.pairs) + len(val.pairs) == len(fold_tests[1 - k].pairs)
+    assert sorted(p.id for f in fold_tests for p in f.pairs) == sorted(p.id for p in bench.pairs)
+    # pooled predictions cover every pair once, and their scores are the scorer's on the whole benchmark
+    pooled = read_predictions(out / "test" / "predictions.jsonl")
+    assert len(pooled) == 2 * len(bench.pairs)
+    rescored = score(bench.pairs, resolve_answers(bench.pairs, pooled))
+    assert cv["final"]["set_accuracy"] == pytest.approx(rescored["set_accuracy"])
+    fold_scores = [json.loads((out / f"fold-{k}" / "results.json").read_text())["final"]["set_accuracy"] for k in range(2)]
+    assert cv["fold_mean"]["set_accuracy"] == pytest.approx(sum(fold_scores) / 2)
+    # the pooled base is the base model evaluated on the whole test split at once
+    direct = run_eval(EvalConfig(model="tiny-clip-base", mode="clip", benchmark="world:test", out=str(tmp_path / "direct"),
+                                 progress=False))
+    assert cv["base"]["set_accuracy"] == pytest.approx(direct["set_accuracy"])
+    assert cv["base"]["confusion"] == pytest.approx(direct["confusion"])
+    printed = capsys.readouterr().out
+    assert "pooled trained (80 pairs)" in printed
+    # rerun resumes: finished folds are not trained again
+    stamp = (out / "fold-0" / "results.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "fold-0" / "results.json").stat().st_mtime_ns == stamp

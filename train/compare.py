@@ -1,0 +1,285 @@
+"""``unconfuse compare``: mitigation strategies side by side, with CIs and significance.
+
+Reads run directories (recipe runs, cv directories, or scored folders such as ``unconfuse eval``
+outputs and a run's ``base/``), rescores every run's test predictions on the same benchmark,
+and writes ``comparison.md``, ``comparison.csv`` and ``comparison.png``: per run the test set
+accuracy, confusion and individual accuracy with bootstrap CIs, the paired difference to the
+baseline (bootstrap CI + exact McNemar), per-category set accuracy; runs of one strategy over
+several seeds are also grouped (mean, std).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unconfuse.eval.io import atomic_write_text
+from unconfuse.eval.pairs import Benchmark, load_benchmark
+from unconfuse.eval.scorer import PredictionsError, compare, read_predictions, resolve_answers, score
+
+METRICS = ("set_accuracy", "confusion", "individual_accuracy")
+
+
+class CompareError(ValueError):
+    """A run directory that cannot be compared; the message names it."""
+
+
+@dataclass
+class RunEntry:
+    path: Path
+    label: str
+    strategy: str
+    model: str
+    data: str
+    seed: int | None
+    predictions: Path
+    test_data: str | None
+    answers: Any = None
+    results: dict[str, Any] | None = None
+
+
+def _config_test_data(run_dir: Path) -> str | None:
+    """data.test from a recipe run's resolved config.yaml (runs written before results.json named it)."""
+    config = run_dir / "config.yaml"
+    if not config.exists():
+        return None
+    import yaml
+
+    return ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("test")
+
+
+def load_run(path: str | Path) -> RunEntry:
+    """A recipe run or cv directory (results.json with ``final``), or a scored folder
+    (predictions.jsonl + results.json, e.g. ``unconfuse eval --out`` or ``RUN/base``)."""
+    path = Path(path)
+    results_path = path / "results.json"
+    if not results_path.exists():
+        raise CompareError(f"{path}: no results.json (not a run, cv or eval directory)")
+    res = json.loads(results_path.read_text())
+    if "final" in res:
+        test_dir = res.get("test_dir") or next((d for d in ("test", "test-greedy", "test-prefix", "test-mc")
+                                                if (path / d / "predictions.jsonl").exists()), "test")
+        predictions = path / test_dir / "predictions.jsonl"
+        strategy = res.get("strategy") or res.get("recipe") or path.name
+        if res.get("kind") == "cv":
+            strategy = f"{strategy} (cv {res.get('folds')} folds)"
+        entry = RunEntry(path, "", strategy, res.get("model", "?"), res.get("data", "?"), res.get("seed"),
+                         predictions, res.get("test_data") or _config_test_data(path))
+    else:
+        parent = path.parent / "results.json"
+        parent_res = json.loads(parent.read_text()) if parent.exists() else {}
+        strategy = "base" if parent_res else str(res.get("model", path.name))
+        mode = f" / {res['mode']}" if res.get("mode") else ""
+        entry = RunEntry(path, "", strategy, f"{res.get('model', parent_res.get('model', '?'))}{mode}",
+                         parent_res.get("data", res.get("benchmark", "?")), parent_res.get("seed"),
+                         path / "predictions.jsonl", parent_res.get("test_data") or _config_test_data(path.parent))
+    if not entry.predictions.exists():
+        raise CompareError(f"{path}: no test predictions at {entry.predictions}")
+    entry.label = entry.strategy + (f" (seed {entry.seed})" if entry.seed is not None else "")
+    return entry
+
+
+def _benchmark(arg: str | None, entries: list[RunEntry]) -> Benchmark:
+    candidates = [arg] if arg else [e.test_data for e in entries if e.test_data]
+    if not candidates:
+        raise CompareError("none of the runs names its test benchmark; pass --benchmark")
+    return load_benchmark(candidates[0])
+
+
+def _fmt_ci(res: dict[str, Any], key: str) -> str:
+    lo, hi = res["ci"][key]
+    return f"{res[key]:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
+def run_compare(runs: list[str | Path], baseline: str | Path, out: str | Path, benchmark: str | None = None,
+                title: str = "Mitigation strategies compared") -> dict[str, Any]:
+    """Score every run against the baseline on the same pairs; write comparison.{md,csv,png}."""
+    out = Path(out)
+    base = load_run(baseline)
+    base.label = f"{base.label} [baseline]"
+    entries = [load_run(r) for r in runs]
+    bench = _benchmark(benchmark, [base, *entries])
+    ids = {p.id for p in bench.pairs}
+    for entry in [base, *entries]:
+        predicted = {pair_id for pair_id, _ in read_predictions(entry.predictions)}
+        if predicted != ids:
+            raise CompareError(f"{entry.path}: its predictions cover {len(predicted)} pairs, {len(predicted & ids)} of "
+                               f"the {len(ids)} pairs of {bench.name}; compare needs the same pairs in every run")
+        try:
+            entry.answers = resolve_answers(bench.pairs, read_predictions(entry.predictions))
+        except PredictionsError as exc:
+            raise CompareError(f"{entry.path}: {exc}") from exc
+        entry.results = score(bench.pairs, entry.answers)
+    rows = []
+    for entry in [base, *entries]:
+        diff = None if entry is base else compare(bench.pairs, base.answers, entry.answers)
+        rows.append({"label": entry.label, "path": str(entry.path), "strategy": entry.strategy, "model": entry.model,
+                     "data": entry.data, "seed": entry.seed, "results": entry.results, "vs_baseline": diff})
+    groups = _groups(rows[1:])
+    categories = sorted({c for row in rows for c in row["results"].get("per_category", {})})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "comparison.md", _markdown(title, bench, rows, groups, categories))
+    atomic_write_text(out / "comparison.csv", _csv(rows, groups, categories))
+    _plot(out / "comparison.png", rows, groups)
+    summary = {"benchmark": bench.name, "n_pairs": len(bench.pairs), "rows": rows, "groups": groups}
+    summary["wandb"] = _log_wandb(rows, groups, [Path(r) for r in runs], out)
+    return summary
+
+
+def _groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs that differ only in seed, grouped: mean and sample std of each metric."""
+    by_key: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_key.setdefault((row["strategy"], row["model"], row["data"]), []).append(row)
+    groups = []
+    for (strategy, model, data), members in by_key.items():
+        if len(members) < 2:
+            continue
+        group = {"strategy": strategy, "model": model, "data": data, "n_runs": len(members),
+                 "seeds": [m["seed"] for m in members]}
+        for key in METRICS:
+            values = [m["results"][key] for m in members]
+            group[f"{key}_mean"] = float(np.mean(values))
+            group[f"{key}_std"] = float(np.std(values, ddof=1))
+        diffs = [m["vs_baseline"]["set_accuracy_diff"] for m in members]
+        group["set_accuracy_diff_mean"] = float(np.mean(diffs))
+        groups.append(group)
+    return groups
+
+
+def _markdown(title: str, bench: Benchmark, rows, groups, categories) -> str:
+    lines = [f"# {title}", "", f"Test benchmark `{bench.name}`: {len(bench.pairs)} pairs. 95% percentile bootstrap "
+             "CIs over pairs; the difference to the baseline is paired (same pairs), with the exact McNemar "
+             "test on per-pair set correctness.", "",
+             "| run | model | data | set accuracy | confusion | individual accuracy | set acc. vs baseline [95% CI] | McNemar p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        res, diff = row["results"], row["vs_baseline"]
+        delta = (f"{diff['set_accuracy_diff']:+.1f} [{diff['set_accuracy_diff_ci'][0]:+.1f}, "
+                 f"{diff['set_accuracy_diff_ci'][1]:+.1f}]") if diff else ""
+        p_value = f"{diff['mcnemar_p']:.2g}" if diff else ""
+        lines.append(f"| {row['label']} | {row['model']} | {row['data']} | {_fmt_ci(res, 'set_accuracy')} | "
+                     f"{_fmt_ci(res, 'confusion')} | {_fmt_ci(res, 'individual_accuracy')} | {delta} | {p_value} |")
+    if groups:
+        lines += ["", "Seeds grouped (mean ± sample std over runs):", "",
+                  "| strategy | model | runs | set accuracy | confusion | individual accuracy | mean diff vs baseline |",
+                  "|---|---|---|---|---|---|---|"]
+        for g in groups:
+            lines.append(f"| {g['strategy']} | {g['model']} | {g['n_runs']} | "
+                         + " | ".join(f"{g[f'{k}_mean']:.1f} ± {g[f'{k}_std']:.1f}" for k in METRICS)
+                         + f" | {g['set_accuracy_diff_mean']:+.1f} |")
+    if categories:
+        lines += ["", "Set accuracy per category:", "", "| run | " + " | ".join(categories) + " |",
+                  "|---|" + "---|" * len(categories)]
+        for row in rows:
+            per = row["results"].get("per_category", {})
+            lines.append(f"| {row['label']} | " + " | ".join(
+                f"{per[c]['set_accuracy']:.1f}" if c in per else "" for c in categories) + " |")
+    lines += ["", "![set accuracy vs confusion](comparison.png)", ""]
+    return "\n".join(lines)
+
+
+def _csv(rows, groups, categories) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    header = ["row", "label", "strategy", "model", "data", "seed", "runs"]
+    for key in METRICS:
+        header += [key, f"{key}_ci_low", f"{key}_ci_high", f"{key}_std"]
+    header += ["set_accuracy_diff", "set_accuracy_diff_ci_low", "set_accuracy_diff_ci_high", "mcnemar_p", "path"]
+    header += [f"set_accuracy[{c}]" for c in categories]
+    writer.writerow(header)
+    for row in rows:
+        res, diff = row["results"], row["vs_baseline"]
+        line = ["baseline" if diff is None else "run", row["label"], row["strategy"], row["model"], row["data"],
+                "" if row["seed"] is None else row["seed"], 1]
+        for key in METRICS:
+            line += [f"{res[key]:.4f}", f"{res['ci'][key][0]:.4f}", f"{res['ci'][key][1]:.4f}", ""]
+        line += ([f"{diff['set_accuracy_diff']:.4f}", f"{diff['set_accuracy_diff_ci'][0]:.4f}",
+                  f"{diff['set_accuracy_diff_ci'][1]:.4f}", f"{diff['mcnemar_p']:.6g}"] if diff else ["", "", "", ""])
+        line.append(row["path"])
+        per = res.get("per_category", {})
+        line += [f"{per[c]['set_accuracy']:.4f}" if c in per else "" for c in categories]
+        writer.writerow(line)
+    for g in groups:
+        line = ["group", f"{g['strategy']} ({g['n_runs']} seeds)", g["strategy"], g["model"], g["data"],
+                " ".join(str(s) for s in g["seeds"]), g["n_runs"]]
+        for key in METRICS:
+            line += [f"{g[f'{key}_mean']:.4f}", "", "", f"{g[f'{key}_std']:.4f}"]
+        line += [f"{g['set_accuracy_diff_mean']:.4f}", "", "", "", ""] + [""] * len(categories)
+        writer.writerow(line)
+    return buffer.getvalue()
+
+
+def _plot(path: Path, rows, groups) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for row in rows:
+        res = row["results"]
+        x, y = res["confusion"], res["set_accuracy"]
+        xerr = [[x - res["ci"]["confusion"][0]], [res["ci"]["confusion"][1] - x]]
+        yerr = [[y - res["ci"]["set_accuracy"][0]], [res["ci"]["set_accuracy"][1] - y]]
+        marker = "s" if row["vs_baseline"] is None else "o"
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, capsize=3, alpha=0.8, label=row["label"])
+        ax.annotate(row["strategy"], (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    for g in groups:
+        ax.errorbar(g["confusion_mean"], g["set_accuracy_mean"], xerr=g["confusion_std"], yerr=g["set_accuracy_std"],
+                    fmt="D", ms=9, capsize=5, mfc="none", label=f"{g['strategy']} (mean ± std, {g['n_runs']} seeds)")
+    ax.axhline(25, color="red", ls=":", lw=1, label="random guessing (25%)")
+    ax.set_xlabel("confusion (%), lower is better")
+    ax.set_ylabel("set accuracy (%), higher is better")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _log_wandb(rows, groups, run_dirs: list[Path], out: Path) -> dict[str, Any]:
+    """Online: log the table to the W&B project. Otherwise: where the offline runs are, to sync."""
+    offline = sorted(str(p) for d in run_dirs for p in d.glob("**/wandb/offline-run-*"))
+    online = os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled")
+    if not online:
+        return {"logged": False, "offline_runs": offline}
+    import wandb
+
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "unconfuse"), job_type="compare", name=out.name,
+                     dir=str(out))
+    columns = ["run", "strategy", "model", "data", "seed", *METRICS, "set_accuracy_diff", "mcnemar_p"]
+    table = wandb.Table(columns=columns, data=[
+        [r["label"], r["strategy"], r["model"], r["data"], r["seed"], *(r["results"][k] for k in METRICS),
+         r["vs_baseline"]["set_accuracy_diff"] if r["vs_baseline"] else None,
+         r["vs_baseline"]["mcnemar_p"] if r["vs_baseline"] else None] for r in rows])
+    run.log({"comparison": table, "comparison_plot": wandb.Image(str(out / "comparison.png"))})
+    url = run.url
+    run.finish()
+    return {"logged": True, "url": url, "offline_runs": offline}
+
+
+def compare_summary(summary: dict[str, Any], out: Path) -> str:
+    lines = [f"{'run':<44} {'set acc [95% CI]':>22} {'confusion':>10} {'vs baseline':>12} {'McNemar p':>10}"]
+    for row in summary["rows"]:
+        res, diff = row["results"], row["vs_baseline"]
+        lo, hi = res["ci"]["set_accuracy"]
+        lines.append(f"{row['label'][:44]:<44} {res['set_accuracy']:>6.1f} [{lo:5.1f}, {hi:5.1f}] {res['confusion']:>10.1f} "
+                     + (f"{diff['set_accuracy_diff']:>+12.1f} {diff['mcnemar_p']:>10.2g}" if diff else f"{'':>12} {'':>10}"))
+    for g in summary["groups"]:
+        lines.append(f"{g['strategy']} over {g['n_runs']} seeds: set accuracy {g['set_accuracy_mean']:.1f} ± "
+                     f"{g['set_accuracy_std']:.1f}, confusion {g['confusion_mean']:.1f} ± {g['confusion_std']:.1f}")
+    wb = summary["wandb"]
+    if wb["logged"]:
+        lines.append(f"logged to W&B: {wb['url']}")
+    elif wb["offline_runs"]:
+        lines.append("W&B is offline; the runs' offline logs are in: " + ", ".join(wb["offline_runs"])
+                     + " (upload each with `wandb sync DIR`)")
+    lines.append(f"wrote {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'comparison.png'}")
+    return "\n".join(lines)

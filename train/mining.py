@@ -1,0 +1,443 @@
+"""``unconfuse mine``: confusing pairs from an image-caption corpus, by MediConfusion's own rule.
+
+MediConfusion's pairs are images that a CLIP-style encoder finds nearly identical (BiomedCLIP
+cosine >= 0.9) while a vision-only self-supervised model sees them as different (DINOv2 cosine
+0.33-0.74). Mining applies that rule to a corpus:
+
+1. embed every corpus image with encoder A (the kind of model being fixed) and encoder B (vision
+   only); embeddings are cached per model and image content hash, so reruns and larger corpora
+   only embed new images;
+2. drop every image of the excluded benchmarks and its near-duplicates (same bytes, perceptual
+   hash within a distance, or encoder-B cosine above a threshold), counted in ``mining.json``;
+3. search all pairs with cos(A) >= min_sim_a in blocks (never an N x N matrix; faiss range search
+   when installed), keep those with cos(B) <= max_sim_b and different captions;
+4. keep the most confusing first (largest cos(A) - cos(B)), each image in at most
+   ``max_pairs_per_image`` pairs;
+5. write ``pairs.jsonl``: caption-only records ("Which caption describes this image?" with the two
+   captions as the options, valid pairs for the encoder recipe and the scorer), or, with
+   ``make_questions``, one question with two options per pair written by an OpenAI-compatible LLM.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from unconfuse.eval.io import atomic_write_json, sha256_file
+from unconfuse.eval.pairs import Pair, unconfuse_home, write_jsonl
+
+CAPTION_QUESTION = "Which caption describes this image?"
+QUESTION_PROMPTS = Path(__file__).resolve().parents[1] / "eval" / "prompts" / "make-questions-v1.yaml"
+
+
+class MiningError(ValueError):
+    """Bad corpus or settings; the message names the file, row or key."""
+
+
+@dataclass
+class MiningConfig:
+    corpus: str
+    out: str
+    encoder_a: str = "biomedclip"
+    encoder_b: str = "dinov2-base"
+    min_sim_a: float = 0.9
+    max_sim_b: float = 0.75
+    max_pairs_per_image: int = 3
+    exclude: list[str] | None = None  # None: MediConfusion when downloaded
+    dedup_phash_distance: int = 4  # perceptual-hash Hamming distance that counts as a near-duplicate
+    dedup_sim_b: float = 0.95  # encoder-B cosine that counts as a near-duplicate
+    block_size: int = 4096
+    batch_size: int = 64
+    search: str = "auto"  # auto (faiss when installed) | faiss | numpy
+    make_questions: bool = False
+    llm_url: str | None = None
+    llm_model: str | None = None
+    seed: int = 0
+    device: str | None = None
+
+
+@dataclass
+class CorpusItem:
+    path: Path
+    caption: str
+    categories: list[str] = field(default_factory=list)
+
+
+# -- corpora ------------------------------------------------------------------------------------
+
+def _jsonl_corpus(path: Path) -> Iterator[CorpusItem]:
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MiningError(f"{path}: line {lineno}: not JSON ({exc.msg})") from exc
+            for key in ("image", "caption"):
+                if not isinstance(rec.get(key), str) or not rec[key].strip():
+                    raise MiningError(f"{path}: line {lineno}: missing or empty {key!r}")
+            image = Path(rec["image"])
+            yield CorpusItem(image if image.is_absolute() else path.parent / image, rec["caption"].strip(),
+                             list(rec.get("categories") or []))
+
+
+ID_COLUMNS = ("image", "name", "file_name", "filename", "ID", "id")
+CAPTION_COLUMNS = ("caption", "Caption", "text")
+
+
+def _csv_corpus(folder: Path) -> Iterator[CorpusItem]:
+    """ROCO-style: captions in CSV files (ROCO: id,name,caption; ROCOv2: ID,Caption), images in the
+    folder, an images/ subfolder or a folder named like the CSV's split."""
+    found = False
+    for table in sorted(folder.glob("*.csv")):
+        with open(table, encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            columns = reader.fieldnames or []
+            id_col = next((c for c in ID_COLUMNS if c in columns), None)
+            cap_col = next((c for c in CAPTION_COLUMNS if c in columns), None)
+            if id_col is None or cap_col is None:
+                continue
+            found = True
+            split = table.stem.split("_")[0]
+            for row_no, row in enumerate(reader, start=2):
+                name, caption = (row.get(id_col) or "").strip(), (row.get(cap_col) or "").strip()
+                if not name or not caption:
+                    raise MiningError(f"{table}: row {row_no}: empty {id_col if not name else cap_col!r}")
+                candidates = [folder / name, folder / "images" / name, folder / split / name]
+                if not Path(name).suffix:
+                    candidates = [c.with_name(c.name + ext) for c in candidates for ext in (".jpg", ".png", ".jpeg")]
+                path = next((c for c in candidates if c.exists()), candidates[0])
+                yield CorpusItem(path, caption)
+    if not found:
+        raise MiningError(f"{folder}: no corpus.jsonl and no CSV with an image column ({', '.join(ID_COLUMNS)}) "
+                          f"and a caption column ({', '.join(CAPTION_COLUMNS)})")
+
+
+def _hf_corpus(name: str) -> Iterator[CorpusItem]:
+    """A Hugging Face dataset (``hf:<id>`` or a save_to_disk folder) with image and caption columns;
+    images are exported once by content hash, like benchmark images."""
+    from datasets import load_dataset, load_from_disk
+
+    from unconfuse.eval.pairs import _export_image
+
+    path = Path(name)
+    data = load_from_disk(str(path)) if path.is_dir() else load_dataset(name)
+    if hasattr(data, "keys"):  # a DatasetDict: the train split, else the first
+        data = data["train"] if "train" in data else data[next(iter(data.keys()))]
+    cap_col = next((c for c in CAPTION_COLUMNS if c in data.column_names), None)
+    if "image" not in data.column_names or cap_col is None:
+        raise MiningError(f"{name}: a corpus dataset needs an 'image' and a caption column "
+                          f"({', '.join(CAPTION_COLUMNS)}); it has {', '.join(data.column_names)}")
+    cache = unconfuse_home() / "images"
+    for row in data:
+        yield CorpusItem(_export_image(row["image"], cache), str(row[cap_col]).strip())
+
+
+def load_corpus(arg: str) -> list[CorpusItem]:
+    """A JSONL of {image, caption}, a folder (corpus.jsonl, or ROCO-style CSV + images), or a
+    Hugging Face dataset (``hf:<id>`` or a ``save_to_disk`` folder)."""
+    if arg.startswith("hf:"):
+        return list(_hf_corpus(arg[3:]))
+    path = Path(arg).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".jsonl":
+            raise MiningError(f"{path}: a corpus file must be JSONL of {{image, caption}} records")
+        return list(_jsonl_corpus(path))
+    if path.is_dir():
+        if (path / "corpus.jsonl").exists():
+            return list(_jsonl_corpus(path / "corpus.jsonl"))
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return list(_hf_corpus(str(path)))
+        return list(_csv_corpus(path))
+    raise MiningError(f"corpus {arg!r} not found: give a JSONL file, a folder or hf:<dataset id>")
+
+
+# -- embeddings -----------------------------------------------------------------------------------
+
+class EmbeddingCache:
+    """Unit-norm image embeddings of one model, by image content hash, in ``.npz`` chunks under
+    ``root/<model key>/`` (one chunk per call that embedded something new; written atomically)."""
+
+    def __init__(self, root: Path, model_key: str):
+        self.folder = root / model_key
+        self.vectors: dict[str, np.ndarray] = {}
+        for chunk in sorted(self.folder.glob("chunk-*.npz")):
+            with np.load(chunk) as data:
+                self.vectors.update(zip(data["hashes"].tolist(), data["vectors"]))
+
+    def embed(self, adapter, hashes: list[str], paths: list[Path], batch_size: int) -> np.ndarray:
+        from unconfuse.eval.images import load_image
+
+        todo = [i for i, h in enumerate(hashes) if h not in self.vectors]
+        new_hashes, new_vectors = [], []
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            vectors = adapter.encode_images([load_image(paths[i]) for i in batch]).numpy().astype(np.float32)
+            for i, vector in zip(batch, vectors):
+                if hashes[i] not in self.vectors:
+                    self.vectors[hashes[i]] = vector
+                    new_hashes.append(hashes[i])
+                    new_vectors.append(vector)
+        if new_hashes:
+            import os
+            import tempfile
+
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".npz.tmp")
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, hashes=np.array(new_hashes), vectors=np.stack(new_vectors))
+            os.replace(tmp, self.folder / f"chunk-{time.time_ns()}.npz")
+        return np.stack([self.vectors[h] for h in hashes]) if hashes else np.zeros((0, 0), np.float32)
+
+
+def model_key(adapter, spec) -> str:
+    """Cache key of a model's weights: its name plus the folder or hub id it was loaded from."""
+    source = getattr(getattr(adapter, "model", None), "name_or_path", None) or spec.model_id or spec.name
+    digest = hashlib.sha256(f"{spec.name}|{source}|{spec.pretrained}|{spec.revision}".encode()).hexdigest()[:12]
+    return f"{spec.name.replace('/', '_').replace(':', '_')}-{digest}"
+
+
+def embed_images(model: str, hashes: list[str], paths: list[Path], batch_size: int = 64,
+                 device: str | None = None) -> np.ndarray:
+    from unconfuse.eval.models import load_model
+
+    adapter, spec = load_model(model, device=device)
+    if not hasattr(adapter, "encode_images"):
+        raise MiningError(f"{model}: mining needs an image encoder (open-clip, hf-clip or hf-vision), not {spec.family}")
+    return EmbeddingCache(unconfuse_home() / "embeddings", model_key(adapter, spec)).embed(adapter, hashes, paths, batch_size)
+
+
+# -- search ---------------------------------------------------------------------------------------
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def candidate_pairs(emb_a: np.ndarray, min_sim: float, block_size: int = 4096, search: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
+    """All index pairs (i < j) with emb_a[i] . emb_a[j] >= min_sim, and their similarities.
+    Tiles of block_size x block_size only; with faiss, a range search per block of queries."""
+    n = len(emb_a)
+    faiss = _faiss() if search in ("auto", "faiss") else None
+    if search == "faiss" and faiss is None:
+        raise MiningError("search: faiss asked for but not installed (pip install faiss-cpu)")
+    emb_a = np.ascontiguousarray(emb_a, dtype=np.float32)
+    pairs, sims = [], []
+    if faiss is not None:
+        index = faiss.IndexFlatIP(emb_a.shape[1])
+        index.add(emb_a)
+        for start in range(0, n, block_size):
+            # range_search keeps sims > radius; nudge so ">= min_sim" holds as documented
+            lims, dist, ids = index.range_search(emb_a[start:start + block_size], float(np.nextafter(min_sim, -np.inf)))
+            rows = np.repeat(np.arange(start, min(start + block_size, n)), np.diff(lims).astype(np.int64))
+            keep = (ids > rows) & (dist >= min_sim)
+            pairs.append(np.stack([rows[keep], ids[keep]], axis=1))
+            sims.append(dist[keep])
+        backend = "faiss"
+    else:
+        for i0 in range(0, n, block_size):
+            rows = emb_a[i0:i0 + block_size]
+            for j0 in range(i0, n, block_size):
+                tile = rows @ emb_a[j0:j0 + block_size].T
+                ii, jj = np.nonzero(tile >= min_sim)
+                gi, gj = ii + i0, jj + j0
+                keep = gj > gi
+                pairs.append(np.stack([gi[keep], gj[keep]], axis=1))
+                sims.append(tile[ii[keep], jj[keep]])
+        backend = "numpy"
+    if not pairs:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32), backend
+    pairs_arr, sims_arr = np.concatenate(pairs).astype(np.int64), np.concatenate(sims).astype(np.float32)
+    order = np.lexsort((pairs_arr[:, 1], pairs_arr[:, 0]))
+    return pairs_arr[order], sims_arr[order], backend
+
+
+def select_pairs(pairs: np.ndarray, sim_a: np.ndarray, sim_b: np.ndarray, max_per_image: int) -> list[int]:
+    """Indices of the kept pairs: most confusing first (largest sim_a - sim_b), each image in at
+    most ``max_per_image`` kept pairs."""
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], -(sim_a - sim_b)))
+    used: dict[int, int] = {}
+    kept = []
+    for k in order:
+        i, j = int(pairs[k, 0]), int(pairs[k, 1])
+        if used.get(i, 0) < max_per_image and used.get(j, 0) < max_per_image:
+            used[i] = used.get(i, 0) + 1
+            used[j] = used.get(j, 0) + 1
+            kept.append(int(k))
+    return kept
+
+
+# -- leakage ----------------------------------------------------------------------------------------
+
+def _phash(path: Path):
+    import imagehash
+
+    from unconfuse.eval.images import load_image
+
+    return imagehash.phash(load_image(path))
+
+
+def exclusions(cfg: MiningConfig, items: list[CorpusItem], hashes: list[str], emb_b: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """Mask of corpus images to drop: images of the excluded benchmarks and their near-duplicates."""
+    from unconfuse.eval.pairs import load_benchmark
+
+    names = cfg.exclude
+    if names is None:
+        names = ["mediconfusion"] if (unconfuse_home() / "mediconfusion" / "dataset.json").exists() else []
+    drop = np.zeros(len(items), dtype=bool)
+    report: dict[str, Any] = {"benchmarks": {}, "phash_distance": cfg.dedup_phash_distance, "sim_b": cfg.dedup_sim_b}
+    corpus_phash = None
+    for name in names:
+        bench = load_benchmark(name)
+        paths = [bench.resolve_image(ref) for ref in bench.unique_images()]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise MiningError(f"--exclude {name}: {len(missing)} image(s) missing, e.g. {missing[0]}; "
+                              "exclusion needs the images (download them first)")
+        bench_hashes = [sha256_file(p) for p in paths]
+        exact = np.array([h in set(bench_hashes) for h in hashes], dtype=bool)
+        if corpus_phash is None:
+            corpus_phash = [_phash(item.path) for item in items]
+        bench_phash = [_phash(p) for p in paths]
+        near_phash = np.array([min(h - b for b in bench_phash) <= cfg.dedup_phash_distance for h in corpus_phash], dtype=bool)
+        bench_b = embed_images(cfg.encoder_b, bench_hashes, paths, cfg.batch_size, cfg.device)
+        near_b = np.zeros(len(items), dtype=bool)
+        for start in range(0, len(items), cfg.block_size):
+            near_b[start:start + cfg.block_size] = (emb_b[start:start + cfg.block_size] @ bench_b.T).max(axis=1) >= cfg.dedup_sim_b
+        new = exact | near_phash | near_b
+        report["benchmarks"][name] = {"images": len(paths), "exact": int(exact.sum()),
+                                      "near_duplicate_phash": int((near_phash & ~exact).sum()),
+                                      "near_duplicate_encoder_b": int((near_b & ~exact & ~near_phash).sum()),
+                                      "excluded": int((new & ~drop).sum())}
+        drop |= new
+    report["excluded_images"] = int(drop.sum())
+    return drop, report
+
+
+# -- questions ------------------------------------------------------------------------------------
+
+def parse_question(text: str | None) -> dict[str, str] | None:
+    """The LLM's JSON reply as pair fields, or None when it is not a valid two-option question
+    whose answers differ between the two images."""
+    try:
+        data = json.loads(text or "")
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    fields = {}
+    for key in ("question", "option_a", "option_b"):
+        value = data.get(key)
+        if not isinstance(value, str) or not value.strip():
+            return None
+        fields[key] = value.strip()
+    answers = [str(data.get(k, "")).strip().upper() for k in ("answer_1", "answer_2")]
+    if sorted(answers) != ["A", "B"] or fields["option_a"].lower() == fields["option_b"].lower():
+        return None
+    fields["answer_1"], fields["answer_2"] = answers
+    return fields
+
+
+def ask_question(cfg: MiningConfig, prompts: dict[str, Any], caption_1: str, caption_2: str) -> str:
+    from unconfuse.eval.judge import chat_completion, chat_endpoint
+
+    body = {"model": cfg.llm_model, "temperature": 0.0, "response_format": {"type": "json_object"},
+            "messages": [{"role": "system", "content": prompts["system"]},
+                         {"role": "user", "content": prompts["template"].format(caption_1=caption_1, caption_2=caption_2)}]}
+    return chat_completion(chat_endpoint(cfg.llm_url), body)
+
+
+# -- the job ----------------------------------------------------------------------------------------
+
+def mine(cfg: MiningConfig) -> dict[str, Any]:
+    """Mine confusing pairs from ``cfg.corpus`` into ``cfg.out`` (pairs.jsonl, mining.json)."""
+    import yaml
+
+    start = time.time()
+    if cfg.make_questions and not (cfg.llm_url and cfg.llm_model):
+        raise MiningError("--make-questions needs --llm-url and --llm-model")
+    if cfg.max_pairs_per_image < 1:
+        raise MiningError(f"--max-pairs-per-image must be at least 1, got {cfg.max_pairs_per_image}")
+    out = Path(cfg.out)
+    items = load_corpus(cfg.corpus)
+    if len(items) < 2:
+        raise MiningError(f"{cfg.corpus}: {len(items)} image(s); mining needs at least two")
+    missing = [str(item.path) for item in items if not item.path.exists()]
+    if missing:
+        raise MiningError(f"{cfg.corpus}: {len(missing)} image(s) not found, e.g. {missing[0]}")
+    hashes = [sha256_file(item.path) for item in items]
+    paths = [item.path for item in items]
+    timings = {}
+    t = time.time()
+    emb_a = embed_images(cfg.encoder_a, hashes, paths, cfg.batch_size, cfg.device)
+    emb_b = embed_images(cfg.encoder_b, hashes, paths, cfg.batch_size, cfg.device)
+    timings["embed_s"] = time.time() - t
+    t = time.time()
+    dropped, leakage = exclusions(cfg, items, hashes, emb_b)
+    # one image per content hash: byte-identical corpus copies would pair with themselves
+    first_of_hash: dict[str, int] = {}
+    duplicate = np.zeros(len(items), dtype=bool)
+    for i, h in enumerate(hashes):
+        if h in first_of_hash:
+            duplicate[i] = True
+        else:
+            first_of_hash[h] = i
+    keep_idx = np.nonzero(~dropped & ~duplicate)[0]
+    timings["exclude_s"] = time.time() - t
+    t = time.time()
+    local, _, backend = candidate_pairs(emb_a[keep_idx], cfg.min_sim_a, cfg.block_size, cfg.search)
+    cand = keep_idx[local] if len(local) else np.zeros((0, 2), np.int64)
+    # both similarities recomputed one way, so the result does not depend on the search backend's rounding
+    sim_a = np.einsum("ij,ij->i", emb_a[cand[:, 0]], emb_a[cand[:, 1]]) if len(cand) else np.zeros(0, np.float32)
+    cand, sim_a = cand[sim_a >= cfg.min_sim_a], sim_a[sim_a >= cfg.min_sim_a]
+    sim_b = np.einsum("ij,ij->i", emb_b[cand[:, 0]], emb_b[cand[:, 1]]) if len(cand) else np.zeros(0, np.float32)
+    rule = sim_b <= cfg.max_sim_b
+    same_caption = np.array([items[i].caption == items[j].caption for i, j in cand], dtype=bool)
+    usable = np.nonzero(rule & ~same_caption)[0]
+    kept = [int(usable[k]) for k in select_pairs(cand[usable], sim_a[usable], sim_b[usable], cfg.max_pairs_per_image)]
+    timings["search_s"] = time.time() - t
+
+    rng = np.random.default_rng(cfg.seed)
+    prompts = yaml.safe_load(QUESTION_PROMPTS.read_text()) if cfg.make_questions else None
+    pairs: list[Pair] = []
+    questions = {"asked": 0, "dropped": 0}
+    for n, k in enumerate(kept):
+        i, j = int(cand[k, 0]), int(cand[k, 1])
+        a, b = items[i], items[j]
+        record: dict[str, Any] = dict(question=CAPTION_QUESTION, option_a=a.caption, option_b=b.caption,
+                                      answer_1="A", answer_2="B")
+        if rng.random() < 0.5:  # no letter prior: swap option order for half of the pairs
+            record.update(option_a=b.caption, option_b=a.caption, answer_1="B", answer_2="A")
+        source = f"mined:{Path(cfg.corpus).name}"
+        if prompts is not None:
+            questions["asked"] += 1
+            fields = parse_question(ask_question(cfg, prompts, a.caption, b.caption))
+            if fields is None:
+                questions["dropped"] += 1
+                continue
+            record.update(fields)
+            source += f":{prompts['version']}"
+        pairs.append(Pair(id=f"mined-{n:06d}", image_1=str(a.path.resolve()), image_2=str(b.path.resolve()),
+                          categories_1=a.categories, categories_2=b.categories, caption_1=a.caption,
+                          caption_2=b.caption, source=source,
+                          sims={"a": round(float(sim_a[k]), 6), "b": round(float(sim_b[k]), 6)}, **record))
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(pairs, out / "pairs.jsonl")
+    report = {"config": asdict(cfg), "corpus_images": len(items), "duplicate_images": int(duplicate.sum()),
+              "leakage": leakage, "searched_images": int(len(keep_idx)), "search_backend": backend,
+              "candidates_sim_a": int(len(cand)), "candidates_rule": int(rule.sum()),
+              "dropped_same_caption": int((rule & same_caption).sum()),
+              "dropped_max_pairs_per_image": int(len(usable) - len(kept)), "questions": questions if prompts else None,
+              "pairs": len(pairs), "timings": timings, "wall_time_s": time.time() - start}
+    atomic_write_json(out / "mining.json", report)
+    return report
