@@ -49,11 +49,12 @@ def _pair_categories(pair: Pair) -> Counter:
     return Counter(pair.categories_1 + pair.categories_2)
 
 
-def grouped_folds(bench: Benchmark, folds: int, seed: int = 0) -> list[int]:
+def grouped_folds(bench: Benchmark, folds: int, seed: int = 0, components: list[list[int]] | None = None) -> list[int]:
     """The fold of every pair. Components go, largest first (ties in a seeded random order), to the
     fold where they raise the load least: pair count relative to the target, plus half the mean
-    relative load of the categories they carry."""
-    components = image_components(bench)
+    relative load of the categories they carry. ``components``: ``image_components(bench)`` if
+    already computed."""
+    components = components if components is not None else image_components(bench)
     if folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}")
     if folds > len(components):
@@ -88,9 +89,8 @@ def grouped_folds(bench: Benchmark, folds: int, seed: int = 0) -> list[int]:
     return assignment
 
 
-def fold_table(bench: Benchmark, assignment: list[int], folds: int) -> list[dict[str, Any]]:
+def fold_table(bench: Benchmark, assignment: list[int], folds: int, components: list[list[int]]) -> list[dict[str, Any]]:
     """Per fold: pairs, distinct images, components, and image-side category counts."""
-    components = image_components(bench)
     rows = []
     for f in range(folds):
         pairs = [p for p, a in zip(bench.pairs, assignment) if a == f]
@@ -122,15 +122,15 @@ def write_splits(bench: Benchmark, folds: int, out: str | Path, seed: int = 0) -
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    assignment = grouped_folds(bench, folds, seed)
+    components = image_components(bench)
+    assignment = grouped_folds(bench, folds, seed, components)
     for f in range(folds):
         write_jsonl(fold_benchmark(bench, assignment, [f], f"fold-{f}").pairs, out / f"fold-{f}.jsonl")
-    components = image_components(bench)
     summary = {"benchmark": bench.name, "image_root": str(bench.image_root), "folds": folds, "seed": seed,
                "pairs": len(bench.pairs), "components": len(components),
                "largest_component": max(len(c) for c in components),
                "assignment": {p.id: a for p, a in zip(bench.pairs, assignment)},
-               "table": fold_table(bench, assignment, folds),
+               "table": fold_table(bench, assignment, folds, components),
                "files": [f"fold-{f}.jsonl" for f in range(folds)]}
     atomic_write_json(out / "splits.json", summary)
     return summary

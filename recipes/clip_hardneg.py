@@ -13,7 +13,6 @@ Skeleton: setup (run directory, data, leakage audit, model, W&B) -> base test sc
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -32,11 +31,12 @@ from unconfuse.eval.models import load_model, resolve_model
 from unconfuse.eval.prompts import load_prompts
 from unconfuse.eval.scorer import SCORER_VERSION
 from unconfuse.train.callbacks import PairValidationCallback, predict, score_records
-from unconfuse.train.config import ConfigError, dump_config, load_config, to_dict
+from unconfuse.train.config import ConfigError, dump_config, to_dict
 from unconfuse.train.data import ClipCollator, PairBatchSampler, PairItems
 from unconfuse.train.losses import clip_hardneg_loss
-from unconfuse.train.run import (check_leakage, default_output_dir, launch_settings, log_final_to_wandb, resolve_data,
-                                 setup_wandb, write_scored)
+from unconfuse.train.run import TrainConfig as BaseTrainConfig
+from unconfuse.train.run import (check_leakage, default_output_dir, launch_settings, log_final_to_wandb, recipe_cli,
+                                 resolve_data, setup_wandb, trainer_arguments, write_scored)
 
 RECIPE = "clip_hardneg"
 TRAINABLE = ("full", "locked_text", "locked_vision", "lora")
@@ -67,21 +67,12 @@ class LoraSettings:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(BaseTrainConfig):
     max_steps: int = 150
-    pairs_per_batch: int = 16  # per device; a batch holds 2x this many images
+    pairs_per_batch: int = 16
     learning_rate: float = 1e-4
     weight_decay: float = 0.1
     warmup_steps: int = 10
-    lr_scheduler: str = "cosine"
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    eval_steps: int = 25  # validation cadence (also at step 0)
-    save_steps: int = 50  # resumable Trainer checkpoints
-    logging_steps: int = 10
-    patience: int = 0  # evaluations without improvement before stopping; 0 = never
-    seed: int = 0
-    bf16: bool = False
 
 
 @dataclass
@@ -341,16 +332,7 @@ def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
     callback = PairValidationCallback(run_dir, lambda: evaluate(val_bench)[1], save_best, cfg.train.eval_steps,
                                       cfg.train.patience, is_main=is_main,
                                       log=(lambda row: wandb_run.log(row)) if wandb_run else None)
-    args = TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"), max_steps=cfg.train.max_steps,
-        per_device_train_batch_size=2 * cfg.train.pairs_per_batch, learning_rate=cfg.train.learning_rate,
-        weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_steps,
-        lr_scheduler_type=cfg.train.lr_scheduler, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        max_grad_norm=cfg.train.max_grad_norm, logging_steps=cfg.train.logging_steps, save_strategy="steps",
-        save_steps=cfg.train.save_steps, seed=cfg.train.seed, data_seed=cfg.train.seed, bf16=cfg.train.bf16,
-        report_to=["wandb"] if wandb_run else [], remove_unused_columns=False, dataloader_num_workers=0,
-        disable_tqdm=not sys.stderr.isatty(), **launch,
-    )
+    args = TrainingArguments(**trainer_arguments(cfg.train, run_dir, wandb_run is not None, launch), remove_unused_columns=False)
     trainer = ClipHardNegTrainer(model=model, args=args, train_dataset=train_items,
                                  data_collator=ClipCollator(encoder.tokenize), callbacks=[callback],
                                  pairs_per_batch=cfg.train.pairs_per_batch, loss_config=cfg.loss)
@@ -385,16 +367,17 @@ def _materialized_id(spec) -> str:
     return spec.model_id
 
 
+CONFIG_CLASS = ClipHardNegConfig
+
+
+def summary(results: dict[str, Any]) -> str:
+    """One JSON line: strategy, best step, base and final test set accuracy and confusion."""
+    return json.dumps({k: results[k] for k in ("strategy", "best_step", "steps")}
+                      | {f"{n}_{m}": results[n][m] for n in ("base", "final") for m in ("set_accuracy", "confusion")})
+
+
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m unconfuse.recipes.{RECIPE}")
-    parser.add_argument("--config", help="recipe YAML (configs/clip_hardneg/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
-    args = parser.parse_args(argv)
-    cfg = load_config(ClipHardNegConfig, args.config, args.overrides)
-    results = main(cfg)
-    print(json.dumps({k: results[k] for k in ("strategy", "best_step", "steps")}
-                     | {f"{n}_{m}": results[n][m] for n in ("base", "final") for m in ("set_accuracy", "confusion")}))
-    return 0
+    return recipe_cli(RECIPE, summary, argv)
 
 
 if __name__ == "__main__":

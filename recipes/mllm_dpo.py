@@ -15,7 +15,6 @@ settings with mllm_sft.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +22,9 @@ from typing import Any
 import torch
 
 from unconfuse.eval.pairs import Benchmark
-from unconfuse.train.config import load_config, to_dict
+from unconfuse.train.config import to_dict
 from unconfuse.train.losses import image_contrast_loss
+from unconfuse.train.run import recipe_cli
 from unconfuse.train.mllm import DataConfig, LoraSettings, MllmRun, PairBatches, TrainConfig, letter_examples, summary
 
 RECIPE = "mllm_dpo"
@@ -150,13 +150,11 @@ def main(cfg: MllmDpoConfig) -> dict[str, Any]:
     return run.finish(base, trainer, preference=to_dict(cfg.preference))
 
 
+CONFIG_CLASS = MllmDpoConfig
+
+
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m unconfuse.recipes.{RECIPE}")
-    parser.add_argument("--config", help="recipe YAML (configs/mllm_dpo/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. preference.image_contrast_weight=0")
-    args = parser.parse_args(argv)
-    print(summary(main(load_config(MllmDpoConfig, args.config, args.overrides))))
-    return 0
+    return recipe_cli(RECIPE, summary, argv)
 
 
 if __name__ == "__main__":

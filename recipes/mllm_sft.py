@@ -13,13 +13,12 @@ train (SFTTrainer, validation callback) -> final test score with the selected ad
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from unconfuse.eval.pairs import Benchmark
-from unconfuse.train.config import load_config
+from unconfuse.train.run import recipe_cli
 from unconfuse.train.mllm import DataConfig, LoraSettings, MllmRun, PairBatches, TrainConfig, letter_examples, summary
 
 RECIPE = "mllm_sft"
@@ -69,13 +68,11 @@ def main(cfg: MllmSftConfig) -> dict[str, Any]:
     return run.finish(base, trainer)
 
 
+CONFIG_CLASS = MllmSftConfig
+
+
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m unconfuse.recipes.{RECIPE}")
-    parser.add_argument("--config", help="recipe YAML (configs/mllm_sft/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
-    args = parser.parse_args(argv)
-    print(summary(main(load_config(MllmSftConfig, args.config, args.overrides))))
-    return 0
+    return recipe_cli(RECIPE, summary, argv)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ from unconfuse.eval.models import load_model
 from unconfuse.eval.world import WorldConfig, synthesize
 from unconfuse.recipes import clip_hardneg
 from unconfuse.recipes.clip_hardneg import ClipHardNegConfig, DataConfig, LossConfig, TrainConfig
-from unconfuse.train.callbacks import PairValidationCallback
 from unconfuse.train.data import ClipCollator, PairBatchSampler, PairItems
 from unconfuse.train.losses import clip_hardneg_loss
 from unconfuse.train.run import LeakageError, resolve_data
+
+from .interrupt import killed_at_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,17 +66,8 @@ def test_two_steps_log_the_loss_of_the_first_batch(world, tmp_path):
 
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(world, tmp_path, monkeypatch):
     full = clip_hardneg.main(config(world, tmp_path / "full", max_steps=8, save_steps=4, eval_steps=4))
-    original = PairValidationCallback.on_step_end
-
-    def killed_at_6(self, args, state, control, **kw):
-        original(self, args, state, control, **kw)
-        if state.global_step == 6:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(PairValidationCallback, "on_step_end", killed_at_6)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(monkeypatch, 6):
         clip_hardneg.main(config(world, tmp_path / "part", max_steps=8, save_steps=4, eval_steps=4))
-    monkeypatch.setattr(PairValidationCallback, "on_step_end", original)
     resumed_cfg = config(world, tmp_path / "part", max_steps=8, save_steps=4, eval_steps=4)
     resumed_cfg.resume_from_checkpoint = "latest"
     resumed = clip_hardneg.main(resumed_cfg)

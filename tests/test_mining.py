@@ -89,12 +89,12 @@ def test_mine_follows_the_rule_on_the_world_corpus(corpus, tmp_path, capsys):
     assert max(per_image.values()) <= 2 and letters == {"A", "B"}
     assert report["candidates_rule"] <= report["candidates_sim_a"]
     # faiss and numpy find the same pairs
-    if pytest.importorskip("faiss"):
-        again = mine(MiningConfig(corpus=str(corpus), out=str(tmp_path / "faiss"), encoder_a="tiny-clip-base",
-                                  encoder_b="tiny-dinov2", min_sim_a=0.9, max_sim_b=0.6, max_pairs_per_image=2,
-                                  exclude=[], search="faiss"))
-        assert again["candidates_sim_a"] == report["candidates_sim_a"] and again["pairs"] == report["pairs"]
-        assert (tmp_path / "faiss" / "pairs.jsonl").read_text() == (out / "pairs.jsonl").read_text()
+    pytest.importorskip("faiss")
+    again = mine(MiningConfig(corpus=str(corpus), out=str(tmp_path / "faiss"), encoder_a="tiny-clip-base",
+                              encoder_b="tiny-dinov2", min_sim_a=0.9, max_sim_b=0.6, max_pairs_per_image=2,
+                              exclude=[], search="faiss"))
+    assert again["candidates_sim_a"] == report["candidates_sim_a"] and again["pairs"] == report["pairs"]
+    assert (tmp_path / "faiss" / "pairs.jsonl").read_text() == (out / "pairs.jsonl").read_text()
 
 
 def test_benchmark_images_and_near_duplicates_are_excluded(corpus, tmp_path):
@@ -169,3 +169,16 @@ def test_make_questions_through_an_openai_compatible_stub(corpus, tmp_path, monk
     assert all(p.question.startswith("Question ") and (p.answer_1, p.answer_2) == ("B", "A") for p in pairs)
     for name in ("pairs.jsonl", "mining.json"):
         assert "sk-test-secret" not in (tmp_path / "q" / name).read_text()
+
+
+def test_vectorised_hamming_equals_imagehash():
+    import imagehash
+
+    from unconfuse.train.mining import min_hamming
+
+    rng = np.random.default_rng(0)
+    hashes = [imagehash.phash(Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8))) for _ in range(9)]
+    packed = np.stack([np.packbits(h.hash.flatten()) for h in hashes])
+    expected = [min(a - b for b in hashes[5:]) for a in hashes[:5]]
+    assert min_hamming(packed[:5], packed[5:], block=2).tolist() == expected
+    assert min_hamming(packed[:1], packed[:1]).tolist() == [0]

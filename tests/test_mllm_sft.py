@@ -14,6 +14,8 @@ from unconfuse.train.mllm import DataConfig, TrainConfig
 from unconfuse.train.mllm import merge_adapters
 from unconfuse.train.run import resolve_data
 
+from .interrupt import killed_at_step
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -98,20 +100,9 @@ def test_merge_command_writes_a_model_that_eval_loads(world, tmp_path, capsys):
 
 
 def test_killed_and_resumed_sft_ends_like_an_uninterrupted_one(world, tmp_path, monkeypatch):
-    from unconfuse.train.callbacks import PairValidationCallback
-
     full = mllm_sft.main(config(world, tmp_path / "full", max_steps=6, save_steps=2, eval_steps=2))
-    original = PairValidationCallback.on_step_end
-
-    def killed_at_5(self, args, state, control, **kw):
-        original(self, args, state, control, **kw)
-        if state.global_step == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(PairValidationCallback, "on_step_end", killed_at_5)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(monkeypatch, 5):
         mllm_sft.main(config(world, tmp_path / "part", max_steps=6, save_steps=2, eval_steps=2))
-    monkeypatch.setattr(PairValidationCallback, "on_step_end", original)
     cfg = config(world, tmp_path / "part", max_steps=6, save_steps=2, eval_steps=2)
     cfg.resume_from_checkpoint = "latest"  # LoRA adapters, optimizer and RNG state from checkpoint-4
     resumed = mllm_sft.main(cfg)

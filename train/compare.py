@@ -107,12 +107,13 @@ def run_compare(runs: list[str | Path], baseline: str | Path, out: str | Path, b
     bench = _benchmark(benchmark, [base, *entries])
     ids = {p.id for p in bench.pairs}
     for entry in [base, *entries]:
-        predicted = {pair_id for pair_id, _ in read_predictions(entry.predictions)}
-        if predicted != ids:
-            raise CompareError(f"{entry.path}: its predictions cover {len(predicted)} pairs, {len(predicted & ids)} of "
-                               f"the {len(ids)} pairs of {bench.name}; compare needs the same pairs in every run")
         try:
-            entry.answers = resolve_answers(bench.pairs, read_predictions(entry.predictions))
+            predictions = read_predictions(entry.predictions)
+            predicted = {pair_id for pair_id, _ in predictions}
+            if predicted != ids:
+                raise CompareError(f"{entry.path}: its predictions cover {len(predicted)} pairs, {len(predicted & ids)} of "
+                                   f"the {len(ids)} pairs of {bench.name}; compare needs the same pairs in every run")
+            entry.answers = resolve_answers(bench.pairs, predictions)
         except PredictionsError as exc:
             raise CompareError(f"{entry.path}: {exc}") from exc
         entry.results = score(bench.pairs, entry.answers)

@@ -9,7 +9,6 @@ so ``unconfuse compare`` reads it like any run.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from pathlib import Path
@@ -19,9 +18,10 @@ import numpy as np
 
 from unconfuse.eval.io import atomic_write_json
 from unconfuse.eval.pairs import Benchmark, load_benchmark, write_jsonl
+from unconfuse.eval.scorer import read_predictions
 from unconfuse.eval.splits import fold_benchmark, grouped_folds, write_splits
 from unconfuse.train.callbacks import score_records
-from unconfuse.train.run import write_scored
+from unconfuse.train.run import run_recipe, write_scored
 
 METRICS = ("set_accuracy", "confusion", "individual_accuracy")
 
@@ -41,10 +41,6 @@ def fold_data(bench: Benchmark, assignment: list[int], folds: int, k: int, seed:
             "val": fold_benchmark(train_all, inner, [0], f"fold-{k}-val"), "test": test}
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_cv(recipe: str, config: str, folds: int, benchmark: str, out: str | Path, seed: int = 0,
            overrides: list[str] | None = None) -> dict[str, Any]:
     """Train and test ``recipe`` once per fold; write the aggregate and the pooled predictions.
@@ -61,7 +57,6 @@ def run_cv(recipe: str, config: str, folds: int, benchmark: str, out: str | Path
                              f"{settings['pairs']} pairs); use another --out")
     splits = write_splits(bench, folds, splits_dir, seed)
     assignment = [splits["assignment"][p.id] for p in bench.pairs]
-    module = importlib.import_module(f"unconfuse.recipes.{recipe}")
     fold_results = []
     for k in range(folds):
         run_dir = out / f"fold-{k}"
@@ -73,17 +68,15 @@ def run_cv(recipe: str, config: str, folds: int, benchmark: str, out: str | Path
                 write_jsonl(part.pairs, paths[name])
             print(f"cv fold {k + 1}/{folds}: {recipe} on {sum(1 for a in assignment if a != k)} pairs "
                   f"(test: {sum(1 for a in assignment if a == k)} pairs)", flush=True)
-            code = module.cli(["--config", config, *(overrides or []), f"output_dir={run_dir}",
-                               f"data.train={paths['train']}", f"data.val={paths['val']}", f"data.test={paths['test']}"])
-            if code:
-                raise RuntimeError(f"{recipe} failed on fold {k} (exit {code}); see {run_dir}")
+            run_recipe(recipe, config, [*(overrides or []), f"output_dir={run_dir}", f"data.train={paths['train']}",
+                                        f"data.val={paths['val']}", f"data.test={paths['test']}"])
         fold_results.append(json.loads((run_dir / "results.json").read_text()))
 
     pooled = {}
     for name in ("base", "test"):
         records = []
         for k, res in enumerate(fold_results):
-            records += _records(out / f"fold-{k}" / res[f"{name}_dir"] / "predictions.jsonl")
+            records += read_predictions(out / f"fold-{k}" / res[f"{name}_dir"] / "predictions.jsonl").values()
         pooled[name] = score_records(bench, records, prompt_version=fold_results[0].get("prompt_version"))
         write_scored(out, name, records, pooled[name], title=f"cv {recipe} ({folds} folds, pooled {name})")
     per_fold = [{"fold": k, "best_step": r["best_step"], **{m: r["final"][m] for m in METRICS},

@@ -1,6 +1,8 @@
-"""``unconfuse demo``, the main job: the embedded world's base encoder is confused; clip_hardneg
-trains it on held-out confusing pairs, with the MediConfusion scorer as the validation loop; the
-test split shows whether it helped, against plain fine-tuning on the same pairs."""
+"""``unconfuse demo``, the main job, in two acts on the embedded world. Act 1: the confused base
+encoder, clip_hardneg trained on held-out confusing pairs (the MediConfusion scorer as the
+validation loop) and plain fine-tuning on the same pairs. Act 2: the confused tiny LLaVA, mllm_sft
+and mllm_dpo with the pair image-contrast term. The test split, scored by ``unconfuse compare``,
+shows whether each helped."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,7 @@ from typing import Any
 from unconfuse.eval.io import atomic_write_text
 from unconfuse.eval.pairs import load_benchmark
 from unconfuse.eval.runner import EvalConfig, run_eval
-from unconfuse.eval.scorer import compare, read_predictions, resolve_answers, score_table
+from unconfuse.eval.scorer import score_table
 from unconfuse.eval.world import default_world
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -20,15 +22,11 @@ MLLM_BASE_RUNS = [("tiny-llava-base", "greedy"), ("tiny-llava-base", "prefix")]
 STRATEGIES = [("clip_hardneg", []), ("clip-ft (hardneg_weight 0)", ["loss.hardneg_weight=0"])]
 # the second act: (label, recipe, run folder, training steps); tested in greedy mode, the validation
 # mode. SFT trains its config's 600 steps (~1.5 min; it breaks the letter symmetry only after ~300, and
-# at 400 steps with the cosine schedule it never did); DPO with the image-contrast term costs ~4x more
-# per step, so the demo stops it at 400 steps (its val set accuracy there: 20.8 on seed 0) to stay
+# at 400 steps with the cosine schedule it never did); DPO with the image-contrast term takes ~5x SFT's
+# time per step (2.6x plain DPO's), so the demo stops it at 400 steps (its val set accuracy there: 20.8 on seed 0) to stay
 # within 8 minutes.
 MLLM_STRATEGIES = [("mllm_sft", "mllm_sft", "mllm_sft", 600),
                    ("mllm_dpo (image contrast)", "mllm_dpo", "mllm_dpo", 400)]
-
-
-def _answers(bench, path: Path):
-    return resolve_answers(bench.pairs, read_predictions(path))
 
 
 def _ci(results: dict[str, Any], key: str) -> str:
@@ -36,11 +34,12 @@ def _ci(results: dict[str, Any], key: str) -> str:
     return f"{results[key]:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
-def _table(rows: list[tuple[str, dict[str, Any]]], comparisons: dict[str, dict[str, Any]]) -> list[str]:
+def _table(base_name: str, names: list[str], summary: dict[str, Any]) -> list[str]:
+    """The report table of one act, from ``unconfuse compare``'s rows (baseline first, then the runs)."""
     lines = ["| model | set accuracy | confusion | individual accuracy | set acc. vs base [95% CI] | McNemar p |",
              "|---|---|---|---|---|---|"]
-    for name, res in rows:
-        diff = comparisons.get(name)
+    for name, row in zip([base_name, *names], summary["rows"]):
+        res, diff = row["results"], row["vs_baseline"]
         delta = f"{diff['set_accuracy_diff']:+.1f} [{diff['set_accuracy_diff_ci'][0]:+.1f}, {diff['set_accuracy_diff_ci'][1]:+.1f}]" if diff else ""
         p_value = f"{diff['mcnemar_p']:.2g}" if diff else ""
         lines.append(f"| {name} | {_ci(res, 'set_accuracy')} | {_ci(res, 'confusion')} | {_ci(res, 'individual_accuracy')} "
@@ -50,13 +49,12 @@ def _table(rows: list[tuple[str, dict[str, Any]]], comparisons: dict[str, dict[s
 
 def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> dict[str, Any]:
     """Act 1: the encoder, base vs clip_hardneg vs plain fine-tuning. Act 2: the MLLM, base vs
-    mllm_sft vs mllm_dpo with the image-contrast term. Both on the world's test pairs; ends with
-    ``unconfuse compare`` over the runs. ``mllm_steps`` replaces the act-2 step counts; 0 skips act 2."""
-    from unconfuse.recipes.clip_hardneg import ClipHardNegConfig, main as train_clip
+    mllm_sft vs mllm_dpo with the image-contrast term. Both on the world's test pairs, compared with
+    ``unconfuse compare`` (whose tables the report shows). ``mllm_steps`` replaces the act-2 step
+    counts; 0 skips act 2."""
     from unconfuse.train.compare import compare_summary, run_compare
-    from unconfuse.train.config import load_config
+    from unconfuse.train.run import run_recipe
 
-    import importlib
     import os
 
     out = Path(out)
@@ -76,42 +74,36 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> d
     for i, (name, overrides) in enumerate(STRATEGIES, start=2):
         print(f"{i}/{steps} training {name} on {n_train} train pairs (validation: {n_val} val pairs) ...", flush=True)
         run_dir = out / name.split(" ")[0]
-        cfg = load_config(ClipHardNegConfig, CONFIG, [*overrides, f"output_dir={run_dir}", f"train.seed={seed}"])
-        runs[name] = {"dir": run_dir, "results": train_clip(cfg)}
+        runs[name] = {"dir": run_dir, "results": run_recipe("clip_hardneg", CONFIG,
+                                                            [*overrides, f"output_dir={run_dir}", f"train.seed={seed}"])}
 
     mllm_runs: dict[str, dict[str, Any]] = {}
     if mllm_steps != 0:
         for i, (name, recipe, folder, default_steps) in enumerate(MLLM_STRATEGIES, start=4):
             n_steps = mllm_steps or default_steps
             print(f"{i}/{steps} training {name} (tiny-llava-base, {n_steps} steps) on {n_train} train pairs ...", flush=True)
-            module = importlib.import_module(f"unconfuse.recipes.{recipe}")
-            config_class = next(getattr(module, n) for n in dir(module) if n.startswith("Mllm") and n.endswith("Config"))
             run_dir = out / folder
-            cfg = load_config(config_class, CONFIGS / recipe / "tiny.yaml",
-                              [f"output_dir={run_dir}", f"train.seed={seed}", f"train.max_steps={n_steps}",
-                               "test_modes=[greedy]"])
-            mllm_runs[name] = {"dir": run_dir, "results": module.main(cfg)}
+            mllm_runs[name] = {"dir": run_dir, "results": run_recipe(recipe, CONFIGS / recipe / "tiny.yaml", [
+                f"output_dir={run_dir}", f"train.seed={seed}", f"train.max_steps={n_steps}", "test_modes=[greedy]"])}
 
     print(f"{steps}/{steps} comparing on the test pairs", flush=True)
     first = next(iter(runs.values()))
-    base = first["results"]["base"]
-    rows = [("tiny-clip-base (base)", base)] + [(name, r["results"]["final"]) for name, r in runs.items()]
-    comparisons = {name: compare(test.pairs, _answers(test, first["dir"] / "base" / "predictions.jsonl"),
-                                 _answers(test, r["dir"] / "test" / "predictions.jsonl"))
-                   for name, r in runs.items()}
+    acts = {"compare-encoder": ("tiny-clip-base (base)", runs, first["dir"] / "base")}
+    if mllm_runs:
+        acts["compare-mllm"] = ("tiny-llava-base / greedy (base)", mllm_runs, mllm_base["greedy"])
+    summaries = {}
+    for folder, (_, act_runs, baseline) in acts.items():
+        dirs = [r["dir"] for r in act_runs.values()]
+        summaries[folder] = run_compare(dirs, baseline, out / folder, title=f"unconfuse demo: {folder}")
+
     lines = [f"# unconfuse demo: confusing pairs on the embedded world (seed {seed})", "",
              f"World `{world.root}`: {world.manifest['counts']['pairs']} pairs on real radiology images. "
              f"Test: {len(test.pairs)} pairs, never used for selection (95% bootstrap CIs).", "",
-             "## Act 1: the vision encoder", "", *_table(rows, comparisons)]
-    mllm_comparisons: dict[str, dict[str, Any]] = {}
+             "## Act 1: the vision encoder", "", *_table(acts["compare-encoder"][0], list(runs), summaries["compare-encoder"])]
     if mllm_runs:
-        base_greedy = mllm_rows[0][1]
-        mllm_table = [("tiny-llava-base / greedy (base)", base_greedy)] + [(n, r["results"]["final"]) for n, r in mllm_runs.items()]
-        mllm_comparisons = {n: compare(test.pairs, _answers(test, mllm_base["greedy"] / "predictions.jsonl"),
-                                       _answers(test, r["dir"] / "test-greedy" / "predictions.jsonl"))
-                            for n, r in mllm_runs.items()}
         step_note = ", ".join(f"{n} {r['results']['steps']} steps" for n, r in mllm_runs.items())
-        lines += ["", f"## Act 2: the MLLM (greedy mode; {step_note})", "", *_table(mllm_table, mllm_comparisons),
+        lines += ["", f"## Act 2: the MLLM (greedy mode; {step_note})", "",
+                  *_table(acts["compare-mllm"][0], list(mllm_runs), summaries["compare-mllm"]),
                   "", f"Base MLLM in prefix mode: {_ci(mllm_rows[1][1], 'set_accuracy')} set accuracy, "
                   f"{_ci(mllm_rows[1][1], 'confusion')} confusion."]
     else:
@@ -120,26 +112,26 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> d
     all_runs = {**runs, **mllm_runs}
     plot = plot_validation(out / "validation.png", {n: r["dir"] for n, r in all_runs.items()},
                            {n: r["results"] for n, r in all_runs.items()})
-    compare_dirs = {"compare-encoder": ([r["dir"] for r in runs.values()], first["dir"] / "base")}
-    if mllm_runs:
-        compare_dirs["compare-mllm"] = ([r["dir"] for r in mllm_runs.values()], mllm_base["greedy"])
     lines += ["", f"![validation curves]({plot.name})", "",
               "Comparisons (`unconfuse compare`, with per-category tables and plots): "
-              + ", ".join(f"[{name}]({name}/comparison.md)" for name in compare_dirs), "",
+              + ", ".join(f"[{name}]({name}/comparison.md)" for name in acts), "",
               f"Run directories: {', '.join(str(r['dir']) for r in all_runs.values())}."]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     print()
+    rows = [("tiny-clip-base (base)", first["results"]["base"])] + [(n, r["results"]["final"]) for n, r in runs.items()]
     print(score_table(rows + mllm_rows + [(n, r["results"]["final"]) for n, r in mllm_runs.items()]))
     print()
-    for name, diff in {**comparisons, **mllm_comparisons}.items():
-        print(f"{name}: set accuracy {diff['set_accuracy_diff']:+.1f} points vs base, 95% CI "
-              f"[{diff['set_accuracy_diff_ci'][0]:+.1f}, {diff['set_accuracy_diff_ci'][1]:+.1f}], McNemar p = {diff['mcnemar_p']:.2g}")
-    for name, (dirs, baseline) in compare_dirs.items():
-        print(f"\n$ unconfuse compare {' '.join(str(d) for d in dirs)} --baseline {baseline} --out {out / name}")
-        print(compare_summary(run_compare(dirs, baseline, out / name, title=f"unconfuse demo: {name}"), out / name))
+    comparisons = {}
+    for folder, (_, act_runs, _) in acts.items():
+        for name, row in zip(act_runs, summaries[folder]["rows"][1:]):
+            diff = comparisons[name] = row["vs_baseline"]
+            print(f"{name}: set accuracy {diff['set_accuracy_diff']:+.1f} points vs base, 95% CI "
+                  f"[{diff['set_accuracy_diff_ci'][0]:+.1f}, {diff['set_accuracy_diff_ci'][1]:+.1f}], McNemar p = {diff['mcnemar_p']:.2g}")
+    for folder, (_, act_runs, baseline) in acts.items():
+        print(f"\n$ unconfuse compare {' '.join(str(r['dir']) for r in act_runs.values())} --baseline {baseline} --out {out / folder}")
+        print(compare_summary(summaries[folder], out / folder))
     print(f"\nreport: {out / 'report.md'}, plot: {plot} ({time.time() - start:.0f} s)")
-    return {"rows": rows, "comparisons": comparisons, "runs": runs, "mllm_runs": mllm_runs,
-            "mllm_comparisons": mllm_comparisons}
+    return {"rows": rows, "comparisons": comparisons, "runs": runs, "mllm_runs": mllm_runs, "summaries": summaries}
 
 
 def plot_validation(path: Path, run_dirs: dict[str, Path], results: dict[str, Any]) -> Path:

@@ -204,14 +204,20 @@ def model_key(adapter, spec) -> str:
     return f"{spec.name.replace('/', '_').replace(':', '_')}-{digest}"
 
 
-def embed_images(model: str, hashes: list[str], paths: list[Path], batch_size: int = 64,
-                 device: str | None = None) -> np.ndarray:
-    from unconfuse.eval.models import load_model
+class Encoder:
+    """A model loaded once for mining, with its embedding cache."""
 
-    adapter, spec = load_model(model, device=device)
-    if not hasattr(adapter, "encode_images"):
-        raise MiningError(f"{model}: mining needs an image encoder (open-clip, hf-clip or hf-vision), not {spec.family}")
-    return EmbeddingCache(unconfuse_home() / "embeddings", model_key(adapter, spec)).embed(adapter, hashes, paths, batch_size)
+    def __init__(self, model: str, batch_size: int = 64, device: str | None = None):
+        from unconfuse.eval.models import load_model
+
+        self.adapter, spec = load_model(model, device=device)
+        if not hasattr(self.adapter, "encode_images"):
+            raise MiningError(f"{model}: mining needs an image encoder (open-clip, hf-clip or hf-vision), not {spec.family}")
+        self.cache = EmbeddingCache(unconfuse_home() / "embeddings", model_key(self.adapter, spec))
+        self.batch_size = batch_size
+
+    def embed(self, hashes: list[str], paths: list[Path]) -> np.ndarray:
+        return self.cache.embed(self.adapter, hashes, paths, self.batch_size)
 
 
 # -- search ---------------------------------------------------------------------------------------
@@ -287,7 +293,25 @@ def _phash(path: Path):
     return imagehash.phash(load_image(path))
 
 
-def exclusions(cfg: MiningConfig, items: list[CorpusItem], hashes: list[str], emb_b: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+def _phash_bytes(paths: list[Path]) -> np.ndarray:
+    """64-bit perceptual hashes (imagehash.phash) as rows of 8 bytes."""
+    return np.stack([np.packbits(_phash(p).hash.flatten()) for p in paths]) if paths else np.zeros((0, 8), np.uint8)
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def min_hamming(a: np.ndarray, b: np.ndarray, block: int = 4096) -> np.ndarray:
+    """For each row of ``a`` (packed 64-bit hashes), the smallest Hamming distance to a row of ``b``."""
+    out = np.empty(len(a), dtype=np.int64)
+    for start in range(0, len(a), block):
+        xor = np.bitwise_xor(a[start:start + block, None, :], b[None, :, :])
+        out[start:start + block] = _POPCOUNT[xor].sum(axis=-1, dtype=np.int64).min(axis=1)
+    return out
+
+
+def exclusions(cfg: MiningConfig, items: list[CorpusItem], hashes: list[str], emb_b: np.ndarray,
+               encoder_b: Encoder) -> tuple[np.ndarray, dict[str, Any]]:
     """Mask of corpus images to drop: images of the excluded benchmarks and their near-duplicates."""
     from unconfuse.eval.pairs import load_benchmark
 
@@ -305,12 +329,12 @@ def exclusions(cfg: MiningConfig, items: list[CorpusItem], hashes: list[str], em
             raise MiningError(f"--exclude {name}: {len(missing)} image(s) missing, e.g. {missing[0]}; "
                               "exclusion needs the images (download them first)")
         bench_hashes = [sha256_file(p) for p in paths]
-        exact = np.array([h in set(bench_hashes) for h in hashes], dtype=bool)
+        bench_hash_set = set(bench_hashes)
+        exact = np.array([h in bench_hash_set for h in hashes], dtype=bool)
         if corpus_phash is None:
-            corpus_phash = [_phash(item.path) for item in items]
-        bench_phash = [_phash(p) for p in paths]
-        near_phash = np.array([min(h - b for b in bench_phash) <= cfg.dedup_phash_distance for h in corpus_phash], dtype=bool)
-        bench_b = embed_images(cfg.encoder_b, bench_hashes, paths, cfg.batch_size, cfg.device)
+            corpus_phash = _phash_bytes([item.path for item in items])
+        near_phash = min_hamming(corpus_phash, _phash_bytes(paths)) <= cfg.dedup_phash_distance
+        bench_b = encoder_b.embed(bench_hashes, paths)
         near_b = np.zeros(len(items), dtype=bool)
         for start in range(0, len(items), cfg.block_size):
             near_b[start:start + cfg.block_size] = (emb_b[start:start + cfg.block_size] @ bench_b.T).max(axis=1) >= cfg.dedup_sim_b
@@ -379,11 +403,12 @@ def mine(cfg: MiningConfig) -> dict[str, Any]:
     paths = [item.path for item in items]
     timings = {}
     t = time.time()
-    emb_a = embed_images(cfg.encoder_a, hashes, paths, cfg.batch_size, cfg.device)
-    emb_b = embed_images(cfg.encoder_b, hashes, paths, cfg.batch_size, cfg.device)
+    emb_a = Encoder(cfg.encoder_a, cfg.batch_size, cfg.device).embed(hashes, paths)
+    encoder_b = Encoder(cfg.encoder_b, cfg.batch_size, cfg.device)
+    emb_b = encoder_b.embed(hashes, paths)
     timings["embed_s"] = time.time() - t
     t = time.time()
-    dropped, leakage = exclusions(cfg, items, hashes, emb_b)
+    dropped, leakage = exclusions(cfg, items, hashes, emb_b, encoder_b)
     # one image per content hash: byte-identical corpus copies would pair with themselves
     first_of_hash: dict[str, int] = {}
     duplicate = np.zeros(len(items), dtype=bool)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,9 @@ from torch.utils.data import DataLoader
 from unconfuse.train.callbacks import PairValidationCallback, predict, score_records
 from unconfuse.train.config import ConfigError, dump_config, to_dict
 from unconfuse.train.data import PairBatchSampler
+from unconfuse.train.run import TrainConfig as BaseTrainConfig
 from unconfuse.train.run import (check_leakage, default_output_dir, launch_settings, log_final_to_wandb, resolve_data,
-                                 setup_wandb, write_scored)
+                                 setup_wandb, trainer_arguments, write_scored)
 
 # LoRA targets by part, as regexes over module names (LLaVA / Qwen2-VL / Gemma3 naming)
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -95,21 +95,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    max_steps: int = 100
-    pairs_per_batch: int = 4  # per device; a batch holds 2x this many examples
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 5
-    lr_scheduler: str = "cosine"
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    eval_steps: int = 25
-    save_steps: int = 50
-    logging_steps: int = 10
-    patience: int = 0
-    seed: int = 0
-    bf16: bool = False
+class TrainConfig(BaseTrainConfig):
     gradient_checkpointing: bool = False
 
 
@@ -228,16 +214,9 @@ class MllmRun:
 
     def training_args(self) -> dict[str, Any]:
         """The TrainingArguments both TRL configs take from the recipe config."""
-        t = self.cfg.train
-        return dict(output_dir=str(self.run_dir / "checkpoints"), max_steps=t.max_steps,
-                    per_device_train_batch_size=2 * t.pairs_per_batch, learning_rate=t.learning_rate,
-                    weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
-                    gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
-                    logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, seed=t.seed,
-                    data_seed=t.seed, bf16=t.bf16, gradient_checkpointing=t.gradient_checkpointing,
-                    report_to=["wandb"] if self.wandb else [], dataloader_num_workers=0,
-                    disable_tqdm=not sys.stderr.isatty(), max_length=None,  # never truncate: it could cut image tokens
-                    **self.launch)
+        return dict(**trainer_arguments(self.cfg.train, self.run_dir, self.wandb is not None, self.launch),
+                    gradient_checkpointing=self.cfg.train.gradient_checkpointing,
+                    max_length=None)  # never truncate: it could cut image tokens
 
     def train(self, trainer) -> None:
         resume = self.cfg.resume_from_checkpoint

@@ -4,11 +4,45 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from unconfuse.eval.io import atomic_write_json, sha256_file
 from unconfuse.eval.pairs import Benchmark, load_benchmark
+
+
+@dataclass
+class TrainConfig:
+    """The training settings every recipe has (a recipe subclasses it to change defaults or add some)."""
+
+    max_steps: int = 100
+    pairs_per_batch: int = 4  # per device; a batch holds 2x this many examples (both images of each pair)
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    lr_scheduler: str = "cosine"
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    eval_steps: int = 25  # validation cadence (also at step 0)
+    save_steps: int = 50  # resumable Trainer checkpoints
+    logging_steps: int = 10
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never
+    seed: int = 0
+    bf16: bool = False
+
+
+def trainer_arguments(t: TrainConfig, run_dir: Path, report_to_wandb: bool, launch: dict[str, Any]) -> dict[str, Any]:
+    """TrainingArguments keywords from the shared settings, the run directory and ``launch_settings()``."""
+    import sys
+
+    return dict(output_dir=str(run_dir / "checkpoints"), max_steps=t.max_steps,
+                per_device_train_batch_size=2 * t.pairs_per_batch, learning_rate=t.learning_rate,
+                weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
+                gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
+                logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, seed=t.seed,
+                data_seed=t.seed, bf16=t.bf16, report_to=["wandb"] if report_to_wandb else [],
+                dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(), **launch)
 
 
 class LeakageError(RuntimeError):
@@ -18,6 +52,29 @@ class LeakageError(RuntimeError):
 def resolve_data(arg: str) -> Benchmark:
     """A benchmark argument (``world:<split>`` is the default embedded world's split)."""
     return load_benchmark(arg)
+
+
+def run_recipe(recipe: str, config: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run ``recipes/<recipe>.py`` in this process with a YAML config and dotted overrides; its results."""
+    import importlib
+
+    from unconfuse.train.config import load_config
+
+    module = importlib.import_module(f"unconfuse.recipes.{recipe}")
+    return module.main(load_config(module.CONFIG_CLASS, config, list(overrides or [])))
+
+
+def recipe_cli(recipe: str, summarize, argv: list[str] | None = None) -> int:
+    """The command line every recipe module has: ``--config YAML`` and ``key=value`` overrides;
+    prints ``summarize(results)``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m unconfuse.recipes.{recipe}")
+    parser.add_argument("--config", help=f"recipe YAML (configs/{recipe}/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
+    args = parser.parse_args(argv)
+    print(summarize(run_recipe(recipe, args.config, args.overrides)))
+    return 0
 
 
 def launch_settings() -> dict[str, Any]:
