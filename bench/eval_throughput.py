@@ -23,10 +23,11 @@ import torch  # noqa: E402
 
 from unconfuse.eval.images import load_image  # noqa: E402
 from unconfuse.eval.models import Query, load_model  # noqa: E402
-from unconfuse.eval.pairs import load_benchmark  # noqa: E402
+from unconfuse.eval.benchmarks import load_benchmark  # noqa: E402
 from unconfuse.eval.prompts import load_prompts  # noqa: E402
 from unconfuse.eval.runner import MC_MAX_NEW_TOKENS  # noqa: E402
-from unconfuse.eval.sample import write_sample_benchmark  # noqa: E402
+from unconfuse.eval.world import prepare  # noqa: E402
+from unconfuse.eval.world.sample import write_sample_benchmark  # noqa: E402
 
 
 SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "mediconfusion" / "dataset.json"
@@ -135,6 +136,7 @@ def main() -> None:
         bench = load_benchmark(write_sample_benchmark(tmp / "sample"))
         what = f"the 6-pair pydicom sample ({len(bench.unique_images())} images)"
     prompts = load_prompts()
+    prepare(models=[args.model])
     adapter, _ = load_model(args.model, device="cpu")
     config = adapter.model.config
     print(f"model {args.model}: {config.image_seq_length if hasattr(config, 'image_seq_length') else '?'} image tokens, "

@@ -20,7 +20,7 @@ import sys
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np
-from unconfuse.train.mining import candidate_pairs
+from unconfuse.eval.tools.mining import candidate_pairs
 n, dim, min_sim, search, block = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 rng = np.random.default_rng(0)
 def unit(n):

@@ -21,13 +21,13 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch  # noqa: E402
 
 from unconfuse.eval.models import load_model  # noqa: E402
-from unconfuse.eval.world import default_world  # noqa: E402
+from unconfuse.eval.benchmarks import load_benchmark  # noqa: E402
+from unconfuse.eval.world import prepare  # noqa: E402
 from unconfuse.recipes import clip_hardneg  # noqa: E402
-from unconfuse.recipes.clip_hardneg import ClipHardNegConfig, ClipHardNegTrainer, LossConfig  # noqa: E402
+from unconfuse.recipes.clip_hardneg import ClipHardNegConfig, ClipHardNegTrainer, PairLoss  # noqa: E402
 from unconfuse.train.callbacks import PairValidationCallback  # noqa: E402
 from unconfuse.train.config import load_config  # noqa: E402
 from unconfuse.train.data import ClipCollator, PairBatchSampler, PairItems  # noqa: E402
-from unconfuse.train.run import resolve_data  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "clip_hardneg" / "tiny.yaml"
 
@@ -61,7 +61,7 @@ def recipe_trainer(model, items, collator, steps, cfg, out) -> float:
                              logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True, seed=cfg.train.seed,
                              remove_unused_columns=False, disable_tqdm=True, max_grad_norm=1.0)
     trainer = ClipHardNegTrainer(model=model, args=args, train_dataset=items, data_collator=collator,
-                                 pairs_per_batch=cfg.train.pairs_per_batch, loss_config=LossConfig())
+                                 pairs_per_batch=cfg.train.pairs_per_batch, loss_config=PairLoss())
     start = time.perf_counter()
     trainer.train()
     return time.perf_counter() - start
@@ -72,9 +72,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     cfg = load_config(ClipHardNegConfig, CONFIG)
-    default_world()
+    prepare(models=[cfg.model], benchmarks=[cfg.data.train, cfg.data.val])
     adapter, _ = load_model(cfg.model, device="cpu")
-    items = PairItems(resolve_data(cfg.data.train), adapter.preprocess)
+    items = PairItems(load_benchmark(cfg.data.train), adapter.preprocess)
     collator = ClipCollator(tokenize=adapter.tokenizer)
     sampler = PairBatchSampler(len(items) // 2, cfg.train.pairs_per_batch, seed=0)
     batches = []
@@ -116,7 +116,7 @@ def main() -> None:
     finally:
         PairValidationCallback._run, ClipHardNegTrainer.train = original_run, original_train
     print(f"validation callback at the demo cadence (every {demo_cfg.train.eval_steps} of {demo_cfg.train.max_steps} "
-          f"steps, {len(resolve_data(demo_cfg.data.val).pairs)} val pairs): {spent['callback']:.1f} s of "
+          f"steps, {len(load_benchmark(demo_cfg.data.val).pairs)} val pairs): {spent['callback']:.1f} s of "
           f"{spent['train']:.1f} s training = {100 * spent['callback'] / spent['train']:.1f}%")
 
 

@@ -16,20 +16,19 @@ import io
 import json
 import re
 import threading
-import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from .http import RETRY_STATUS, http_session
 from .io import atomic_write_bytes, atomic_write_json, sha256_file
 
 DEFAULT_QUESTIONS_URL = "https://raw.githubusercontent.com/MShahabSepehri/MediConfusion/main/data/dataset.json"
 DEFAULT_IMAGE_DICT_URL = "https://raw.githubusercontent.com/MShahabSepehri/MediConfusion/main/data/image_dict.json"
 DEFAULT_PMC_BASE = "https://pmc-oa-opendata.s3.amazonaws.com"
-RETRY_STATUS = {429, 500, 502, 503, 504}
 S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
@@ -39,16 +38,21 @@ class DownloadError(RuntimeError):
 
 @dataclass
 class DownloadConfig:
-    out: Path
-    questions_url: str = DEFAULT_QUESTIONS_URL
-    image_dict_url: str = DEFAULT_IMAGE_DICT_URL
-    pmc_base: str = DEFAULT_PMC_BASE
-    roco: Path | None = None
-    jobs: int = 8
-    retries: int = 4
-    backoff: float = 0.5
-    timeout: float = 60.0
-    progress: bool = True
+    """Settings of ``unconfuse data download``; the command line's options are made from these fields."""
+
+    out: Path = field(metadata={"help": "folder for dataset.json, image_dict.json, images/ and manifest.json; "
+                                        "rerun to resume"})
+    questions_url: str = field(default=DEFAULT_QUESTIONS_URL, metadata={"help": "MediConfusion's dataset.json"})
+    image_dict_url: str = field(default=DEFAULT_IMAGE_DICT_URL, metadata={
+        "help": "MediConfusion's image_dict.json (where each image comes from)"})
+    pmc_base: str = field(default=DEFAULT_PMC_BASE, metadata={"help": "bucket URL (mirrors, tests)"})
+    roco: Path | None = field(default=None, metadata={
+        "help": "a local ROCO dataset folder to take images from instead of PMC"})
+    jobs: int = field(default=8, metadata={"help": "parallel downloads"})
+    retries: int = field(default=4, metadata={"help": "retries per request on 5xx, 429 and broken connections"})
+    backoff: float = field(default=0.5, metadata={"help": "seconds of the exponential backoff between retries"})
+    timeout: float = field(default=60.0, metadata={"help": "seconds per request"})
+    progress: bool = field(default=True, metadata={"help": "progress bars on stderr; --quiet turns them off"})
 
 
 @dataclass
@@ -62,32 +66,28 @@ class Failure:
 
 
 class Fetcher:
-    """HTTP GET with retries and exponential backoff on 5xx/429 and broken connections."""
+    """HTTP GET through ``http_session``: retries with exponential backoff on 5xx/429, broken
+    connections and timeouts."""
 
-    def __init__(self, retries: int, backoff: float, timeout: float):
-        import requests
-
-        self.session = requests.Session()
+    def __init__(self, retries: int, backoff: float, timeout: float, pool_maxsize: int = 10):
+        self.session = http_session(retries, backoff, pool_maxsize=pool_maxsize)
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
 
     def get(self, url: str) -> bytes:
         import requests
 
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            try:
-                reply = self.session.get(url, timeout=self.timeout)
-                if reply.status_code == 200:
-                    return reply.content
-                if reply.status_code not in RETRY_STATUS:
-                    raise DownloadError(f"HTTP {reply.status_code}")
-                reason = f"HTTP {reply.status_code}"
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-            if attempt < self.retries:
-                time.sleep(delay)
-                delay *= 2
-        raise DownloadError(f"{reason} after {self.retries + 1} attempts")
+        attempts = f"after {self.retries + 1} attempts"
+        try:
+            reply = self.session.get(url, timeout=self.timeout)
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError) as exc:
+            raise DownloadError(f"{type(exc).__name__}: {exc} {attempts}") from exc
+        except requests.exceptions.ChunkedEncodingError as exc:  # broken mid-body: not retried
+            raise DownloadError(f"{type(exc).__name__}: {exc}") from exc
+        if reply.status_code == 200:
+            return reply.content
+        if reply.status_code in RETRY_STATUS:
+            raise DownloadError(f"HTTP {reply.status_code} {attempts}")
+        raise DownloadError(f"HTTP {reply.status_code}")
 
 
 def pmc_id(dlink: str) -> str:
@@ -156,10 +156,13 @@ def download(cfg: DownloadConfig) -> list[Failure]:
     out = Path(cfg.out)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    fetcher = Fetcher(cfg.retries, cfg.backoff, cfg.timeout)
+    fetcher = Fetcher(cfg.retries, cfg.backoff, cfg.timeout, pool_maxsize=max(10, cfg.jobs))
     for url, name in ((cfg.questions_url, "dataset.json"), (cfg.image_dict_url, "image_dict.json")):
         if not (out / name).exists():
-            data = fetcher.get(url)
+            try:
+                data = fetcher.get(url)
+            except DownloadError as exc:
+                raise DownloadError(f"{url}: {exc}") from exc
             json.loads(data)  # refuse to save something that is not JSON
             atomic_write_bytes(out / name, data)
     image_dict = json.loads((out / "image_dict.json").read_text())

@@ -1,12 +1,14 @@
-"""Small file helpers: atomic writes (temp file + rename) and content hashes."""
+"""Small file helpers: atomic writes (temp file + rename), atomic folders and content hashes."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -40,3 +42,30 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Write a folder's files into a temporary sibling, then swap it in whole: readers see the old
+    folder or the complete new one, never half. On error the temporary folder is removed and the
+    old one stays. ``keep_existing``: if ``folder`` appeared meanwhile (another process built it),
+    keep that one and discard ours."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.building-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        if keep_existing:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        stale = folder.parent / f".{folder.name}.stale-{os.getpid()}"
+        os.replace(folder, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process swapped its copy in between: keep that one
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
+from .http import http_session
 from .prompts import PromptSet
 
 API_KEY_VARIABLES = ("UNCONFUSE_JUDGE_API_KEY", "OPENAI_API_KEY")
@@ -53,7 +53,8 @@ def chat_endpoint(url: str) -> str:
 
 def chat_completion(endpoint: str, body: dict[str, Any], timeout: float = 60.0, retries: int = 4) -> str:
     """POST an OpenAI-style chat completion and return the reply text; retries with backoff on 5xx,
-    429 and broken connections. The API key comes from the environment and is only sent."""
+    429 and broken connections (``http_session``). The API key comes from the environment and is
+    only sent."""
     import requests
 
     headers = {"Content-Type": "application/json"}
@@ -61,20 +62,14 @@ def chat_completion(endpoint: str, body: dict[str, Any], timeout: float = 60.0, 
         if os.environ.get(var):
             headers["Authorization"] = f"Bearer {os.environ[var]}"
             break
-    delay = 1.0
-    for attempt in range(retries + 1):
+    with http_session(retries, backoff=1.0) as session:
         try:
-            reply = requests.post(endpoint, json=body, headers=headers, timeout=timeout)
-            if reply.status_code < 400:
-                return reply.json()["choices"][0]["message"]["content"]
-            if reply.status_code not in (429, 500, 502, 503, 504) or attempt == retries:
-                raise JudgeError(f"{endpoint} answered HTTP {reply.status_code}: {reply.text[:200]}")
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            if attempt == retries:
-                raise JudgeError(f"{endpoint} unreachable: {exc}") from exc
-        time.sleep(delay)
-        delay *= 2
-    raise JudgeError("unreachable")  # pragma: no cover
+            reply = session.post(endpoint, json=body, headers=headers, timeout=timeout)
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError) as exc:
+            raise JudgeError(f"{endpoint} unreachable: {exc}") from exc
+    if reply.status_code >= 400:
+        raise JudgeError(f"{endpoint} answered HTTP {reply.status_code}: {reply.text[:200]}")
+    return reply.json()["choices"][0]["message"]["content"]
 
 
 @dataclass

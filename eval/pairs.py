@@ -14,7 +14,6 @@ import csv
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -222,6 +221,8 @@ def load_hf_dataset(name_or_dir: str, split: str | None = None, image_cache: str
     if isinstance(ds, datasets.DatasetDict):
         split = split or ("test" if "test" in ds else next(iter(ds)))
         ds = ds[split]
+    from .home import unconfuse_home
+
     cache = Path(image_cache or unconfuse_home() / "hf_images" / hashlib.sha1(name_or_dir.encode()).hexdigest()[:12])
     root = local if local.is_dir() else cache
     pairs = []
@@ -254,15 +255,6 @@ def _export_image(image: Any, cache: Path) -> Path:
 
         atomic_write_bytes(out, buf.getvalue())
     return out.resolve()
-
-
-def unconfuse_home() -> Path:
-    """Where downloads and caches live: ``$UNCONFUSE_HOME`` or ``~/.cache/unconfuse``."""
-    env = os.environ.get("UNCONFUSE_HOME")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "unconfuse"
 
 
 @dataclass
@@ -304,42 +296,3 @@ class Benchmark:
 
     def limit(self, n: int | None) -> "Benchmark":
         return self if not n else Benchmark(self.pairs[:n], self.image_root, self.name)
-
-
-def load_benchmark(arg: str | Path, split: str | None = None) -> Benchmark:
-    """Resolve a benchmark argument: ``mediconfusion``, a directory, a file, ``hf:<id>``, or
-    ``world:<split>`` (a split of the default embedded world, built on first use)."""
-    text = str(arg)
-    if text.startswith("world:"):
-        from .world import default_world
-
-        root = default_world().root / text.split(":", 1)[1]
-        if not (root / "pairs.jsonl").exists():
-            raise BenchmarkError(f"{text}: the embedded world has no such split (train, val or test)")
-        return Benchmark(load_jsonl(root / "pairs.jsonl"), root, text)
-    if text == "mediconfusion":
-        home = unconfuse_home() / "mediconfusion"
-        if not (home / "dataset.json").exists():
-            raise BenchmarkError(
-                f"MediConfusion is not downloaded (looked in {home}); run "
-                f"`unconfuse data download --out {home}` or set UNCONFUSE_HOME")
-        return Benchmark(load_upstream_json(home / "dataset.json"), home, "mediconfusion")
-    if text.startswith("hf:"):
-        pairs, root = load_hf_dataset(text[3:], split=split)
-        return Benchmark(pairs, root, text)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        for name, loader in (("pairs.jsonl", load_jsonl), ("dataset.json", load_upstream_json), ("dataset.csv", load_upstream_csv)):
-            if (path / name).exists():
-                return Benchmark(loader(path / name), path, path.name)
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            pairs, root = load_hf_dataset(str(path), split=split)
-            return Benchmark(pairs, root, path.name)
-        raise BenchmarkError(f"{path}: no pairs.jsonl, dataset.json, dataset.csv or saved HF dataset in this folder")
-    if path.is_file():
-        suffix = path.suffix.lower()
-        loader = {".jsonl": load_jsonl, ".json": load_upstream_json, ".csv": load_upstream_csv}.get(suffix)
-        if loader is None:
-            raise BenchmarkError(f"{path}: unknown benchmark file type {suffix!r} (use .jsonl, .json or .csv)")
-        return Benchmark(loader(path), path.parent, path.stem)
-    raise BenchmarkError(f"benchmark {text!r} not found: give `mediconfusion`, a folder, a file, hf:<dataset id> or world:<split>")

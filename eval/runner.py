@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from .images import ImageProblem, check_images, load_image
-from .io import atomic_write_json, atomic_write_text
-from .pairs import Benchmark, Pair, load_benchmark
+from .io import atomic_write_json
+from .benchmarks import load_benchmark
+from .pairs import Benchmark, Pair
 from .prompts import DEFAULT_PROMPTS, MODES, load_prompts
-from .scorer import read_predictions, render_report, resolve_answers, score
+from .scorer import PARSERS, read_predictions, resolve_answers, score
 
 MC_MAX_NEW_TOKENS = 32  # the reference's setting for mc mode
 DEFAULT_BATCH_PAIRS = 8
@@ -32,22 +33,30 @@ class EvalInputError(ValueError):
 
 @dataclass
 class EvalConfig:
-    model: str
-    mode: str
-    benchmark: str
-    out: str
-    batch_size: int | None = None  # pairs per batch
-    limit: int | None = None
-    prompts: str = DEFAULT_PROMPTS
-    parser: str = "strict"
-    judge_url: str | None = None
-    judge_model: str | None = None
-    judge_temperature: float = 0.0
-    tr: float = 3
-    device: str | None = None
-    trust_remote_code: bool | None = None
-    split: str | None = None
-    progress: bool = True
+    """Settings of ``unconfuse eval``; the command line's options are made from these fields."""
+
+    model: str = field(metadata={"help": "preset name (configs/models), local folder or hub id"})
+    mode: str = field(metadata={"help": "how the model answers: mc, greedy, prefix, freeform (MLLMs) or clip (encoders)",
+                                "choices": MODES})
+    benchmark: str = field(metadata={"help": "mediconfusion, a folder, a file, or hf:<dataset id>"})
+    out: str = field(metadata={"help": "output folder; rerun with the same folder to resume"})
+    batch_size: int | None = field(default=None, metadata={"help": "pairs per batch (default: preset's, else 8)"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N pairs"})
+    prompts: str = field(default=DEFAULT_PROMPTS, metadata={"help": "prompt set version or YAML path"})
+    parser: str = field(default="strict", metadata={
+        "help": "how mc answers are read: strict (default) or reference (to reproduce the paper)",
+        "choices": tuple(sorted(PARSERS))})
+    judge_url: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible endpoint for freeform mode (key from UNCONFUSE_JUDGE_API_KEY or OPENAI_API_KEY)"})
+    judge_model: str | None = field(default=None, metadata={"help": "judge model name for freeform mode"})
+    judge_temperature: float = field(default=0.0, metadata={
+        "help": "judge sampling temperature (reference used 0.7)"})
+    tr: float = field(default=3, metadata={"help": "freeform: judge score margin an option needs to win"})
+    device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu (default: cuda when available)"})
+    trust_remote_code: bool | None = field(default=None, metadata={
+        "help": "allow model code from the hub (off by default)"})
+    split: str | None = field(default=None, metadata={"help": "split of a Hugging Face dataset benchmark"})
+    progress: bool = field(default=True, metadata={"help": "progress bars on stderr; --quiet turns them off"})
 
 
 def _chunks(pairs: list[Pair], size: int) -> Iterator[list[Pair]]:
@@ -90,7 +99,7 @@ def _check_resume_meta(out: Path, meta: dict[str, Any]) -> None:
     atomic_write_json(path, meta)
 
 
-def prepare(cfg: EvalConfig):
+def check_inputs(cfg: EvalConfig):
     """Everything that can fail on bad input, before any model loads: benchmark, images, mode."""
     from .models import resolve_model
 
@@ -115,7 +124,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
     from .models import load_model
 
-    bench, spec = prepare(cfg)
+    bench, spec = check_inputs(cfg)
     prompts = load_prompts(cfg.prompts)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,18 +161,21 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 def score_run(out: Path, bench: Benchmark, parser: str, meta: dict[str, Any] | None = None,
               predictions_path: Path | None = None) -> dict[str, Any]:
-    """Score ``predictions_path`` (default ``out/predictions.jsonl``) on ``bench``; write
-    ``out/results.json`` and ``out/report.md``."""
-    out.mkdir(parents=True, exist_ok=True)
-    predictions = read_predictions(predictions_path or out / "predictions.jsonl")
+    """Score ``predictions_path`` (default ``out/predictions.jsonl``) on ``bench`` and make ``out`` a
+    scored folder (predictions copied in when they came from elsewhere)."""
+    from .runs import write_scored
+
+    meta = meta or {}
+    own = out / "predictions.jsonl"
+    source = Path(predictions_path or own)
+    predictions = read_predictions(source)
     answers = resolve_answers(bench.pairs, predictions, parser=parser)
-    results = score(bench.pairs, answers, parser=parser, prompt_version=(meta or {}).get("prompt_version"))
-    for key in ("model", "mode", "benchmark"):
-        if meta and meta.get(key):
-            results[key] = meta[key]
-    atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "report.md", render_report(results))
-    return results
+    results = score(bench.pairs, answers, parser=parser, prompt_version=meta.get("prompt_version"))
+    copy = source.resolve() != own.resolve()
+    return write_scored(out, results, records=list(predictions.values()) if copy else None,
+                        model=meta.get("model") or "predictions", mode=meta.get("mode") or "unknown",
+                        benchmark=meta.get("benchmark_path") or meta.get("benchmark") or bench.name,
+                        title=f"MediConfusion scores: {meta.get('model') or source}")
 
 
 def _queries(bench: Benchmark, pairs: list[Pair], render) -> list:
@@ -182,8 +194,6 @@ def _queries(bench: Benchmark, pairs: list[Pair], render) -> list:
 
 def answer_pairs(adapter, spec, cfg: EvalConfig, prompts, bench: Benchmark, pairs: list[Pair], judge=None) -> list[dict[str, Any]]:
     """One prediction record per question of ``pairs`` (both images of each pair)."""
-    from .scorer import PARSERS
-
     mode = cfg.mode
     key = spec.prompt_key
     if mode == "clip":
@@ -200,7 +210,7 @@ def answer_pairs(adapter, spec, cfg: EvalConfig, prompts, bench: Benchmark, pair
     elif mode in ("mc", "freeform"):
         queries = _queries(bench, pairs, lambda p: prompts.render(mode, p.question, p.options, key))
         texts = adapter.generate(queries, MC_MAX_NEW_TOKENS if mode == "mc" else spec.max_new_tokens)
-    else:  # pragma: no cover - prepare() rejects unknown modes
+    else:  # pragma: no cover - check_inputs() rejects unknown modes
         raise ValueError(mode)
 
     records = []

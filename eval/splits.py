@@ -21,27 +21,27 @@ def image_key(bench: Benchmark, ref: str) -> str:
 
 
 def image_components(bench: Benchmark) -> list[list[int]]:
-    """Connected components of the image-sharing graph, as lists of pair indices (union-find).
+    """Connected components of the image-sharing graph, as lists of pair indices (each ascending).
     Components are ordered by their first pair."""
-    parent = list(range(len(bench.pairs)))
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    owner: dict[str, int] = {}
+    n = len(bench.pairs)
+    if n == 0:
+        return []
+    images: dict[str, int] = {}
+    rows, cols = [], []
     for i, pair in enumerate(bench.pairs):
         for ref in (pair.image_1, pair.image_2):
-            key = image_key(bench, ref)
-            if key in owner:
-                parent[find(i)] = find(owner[key])
-            else:
-                owner[key] = i
+            rows.append(i)
+            cols.append(n + images.setdefault(image_key(bench, ref), len(images)))
+    # bipartite graph: pairs are nodes 0..n-1, images n..n+m-1, an edge per pair-image reference
+    size = n + len(images)
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(size, size))
+    _, labels = connected_components(graph, directed=False)
     groups: dict[int, list[int]] = {}
-    for i in range(len(bench.pairs)):
-        groups.setdefault(find(i), []).append(i)
+    for i, label in enumerate(labels[:n].tolist()):
+        groups.setdefault(label, []).append(i)
     return sorted(groups.values(), key=lambda g: g[0])
 
 

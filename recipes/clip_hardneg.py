@@ -8,89 +8,87 @@ plus a NegCLIP-style term: each image must prefer its own text over its pair par
     unconfuse train clip_hardneg --config configs/clip_hardneg/tiny.yaml [key=value ...]
     accelerate launch --config_file configs/accelerate/ddp.yaml -m unconfuse.recipes.clip_hardneg --config ...
 
-Skeleton: setup (run directory, data, leakage audit, model, W&B) -> base test score -> train
-(transformers.Trainer, validation callback) -> final test score with the selected checkpoint -> save.
+Story: data (run directory, train/val/test pairs, leakage audit) -> model (open_clip or
+transformers CLIP/SigLIP, frozen parts, LoRA) -> base test score -> trainer (transformers.Trainer,
+whole-pair batches, validation callback) -> train -> test score of the selected checkpoint, loaded
+the way ``unconfuse eval`` loads it.
 """
 from __future__ import annotations
 
+import copy
 import json
-import os
-import shutil
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
-from unconfuse.eval.io import atomic_write_json
 from unconfuse.eval.models import load_model, resolve_model
-from unconfuse.eval.prompts import load_prompts
-from unconfuse.eval.scorer import SCORER_VERSION
-from unconfuse.train.callbacks import PairValidationCallback, predict, score_records
-from unconfuse.train.config import ConfigError, dump_config, to_dict
-from unconfuse.train.data import ClipCollator, PairBatchSampler, PairItems
+from unconfuse.eval.runs import RunResults
+from unconfuse.train import run as lifecycle
+from unconfuse.train.callbacks import predict, score_records
+from unconfuse.train.config import ConfigError, TrainSettings, setting, to_dict
+from unconfuse.train.data import ClipCollator, PairBatches, PairItems
 from unconfuse.train.losses import clip_hardneg_loss
-from unconfuse.train.run import TrainConfig as BaseTrainConfig
-from unconfuse.train.run import (check_leakage, default_output_dir, launch_settings, log_final_to_wandb, recipe_cli,
-                                 resolve_data, setup_wandb, trainer_arguments, write_scored)
 
 RECIPE = "clip_hardneg"
-TRAINABLE = ("full", "locked_text", "locked_vision", "lora")
 
 
 @dataclass
-class DataConfig:
-    train: str = "world:train"  # any benchmark argument, or world:<split> for the embedded world
-    val: str = "world:val"
-    test: str = "world:test"
-    text: str = "option"  # option | question_option | caption: what each image is trained to match
+class ClipData:
+    """Where the pairs come from, and what each image is trained to match."""
+
+    train: str = setting("world:train", "training pairs: any benchmark argument (folder, file, hf:<id>, world:<split>)")
+    val: str = setting("world:val", "validation pairs: select the checkpoint (never the test pairs)")
+    test: str = setting("world:test", "test pairs: scored before and after training, never for selection")
+    text: Literal["option", "question_option", "caption"] = setting(
+        "option", "what each image must match: its correct option, the question and the option, or its caption")
 
 
 @dataclass
-class LossConfig:
-    hardneg_weight: float = 1.0  # image vs (own text, partner's text); 0 = plain CLIP fine-tuning
-    image_side_weight: float = 0.0  # text vs (own image, partner image)
+class PairLoss:
+    """The pair terms added to CLIP's InfoNCE."""
+
+    hardneg_weight: float = setting(1.0, "image vs (own text, partner's text); 0 = plain CLIP fine-tuning", min=0)
+    image_side_weight: float = setting(0.0, "text vs (own image, partner image)", min=0)
 
 
 @dataclass
-class LoraSettings:
-    """LoRA on the vision tower's attention and MLP linears (``trainable: lora``)."""
+class EncoderLora:
+    """LoRA on the vision tower's linears (``trainable: lora``)."""
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: str = r"visual\..*\.(q_proj|k_proj|v_proj|c_proj|c_fc|out_proj)"
-
-
-@dataclass
-class TrainConfig(BaseTrainConfig):
-    max_steps: int = 150
-    pairs_per_batch: int = 16
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 10
+    r: int = setting(8, "LoRA rank", min=1)
+    alpha: int = setting(16, "LoRA alpha (scale = alpha / r)", min=1)
+    dropout: float = setting(0.0, "LoRA dropout", min=0)
+    target_modules: str = setting(r"visual\..*\.(q_proj|k_proj|v_proj|c_proj|c_fc|out_proj)",
+                                  "regex of the open_clip module names to adapt (transformers CLIP: the vision "
+                                  "model's q/k/v/out projections and MLP)")
 
 
 @dataclass
 class ClipHardNegConfig:
-    """Every field can be set in YAML or as ``key=value`` on the command line."""
+    """clip_hardneg's settings: YAML keys, or ``key=value`` on the command line."""
 
-    model: str = "tiny-clip-base"  # preset, local-dir:/path, hf-hub:org/name, open_clip arch
-    strategy: str | None = None  # name for grouping runs (default: hardneg, or clip-ft when both weights are 0)
-    output_dir: str | None = None  # default runs/clip_hardneg-<time>
-    trainable: str = "full"  # full | locked_text | locked_vision | lora (vision tower)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    report_to: str = "wandb"  # wandb | none
-    allow_leakage: bool = False
-    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest"
-    val_batch_pairs: int = 32
+    model: str = setting("tiny-clip-base", "preset, local folder, local-dir:/path, hf-hub:org/name, or hub id")
+    strategy: str | None = setting(None, "name that groups runs in compare and W&B (default: hardneg, or "
+                                         "clip-ft when both pair weights are 0)")
+    output_dir: str | None = setting(None, "the run directory (default runs/clip_hardneg-<time>)")
+    trainable: Literal["full", "locked_text", "locked_vision", "lora"] = setting(
+        "full", "what trains: everything, the vision tower (text locked), the text tower, or LoRA on the vision tower")
+    lora: EncoderLora = setting(help="LoRA settings (trainable: lora)", factory=EncoderLora)
+    data: ClipData = setting(help="the pairs", factory=ClipData)
+    loss: PairLoss = setting(help="the pair terms", factory=PairLoss)
+    train: TrainSettings = setting(help="training settings", factory=lambda: TrainSettings(
+        max_steps=150, pairs_per_batch=16, learning_rate=1e-4, weight_decay=0.1, warmup_steps=10))
+    report_to: Literal["wandb", "none"] = setting("wandb", "W&B logging (offline without an API key)")
+    allow_leakage: bool = setting(False, "train even when training images appear in the val/test pairs")
+    resume_from_checkpoint: str | None = setting(None, "a checkpoint folder, or latest")
+    val_batch_pairs: int = setting(32, "pairs per batch when scoring val and test", min=1)
+
+
+CONFIG_CLASS = ClipHardNegConfig
 
 
 def strategy_name(cfg: ClipHardNegConfig) -> str:
@@ -99,26 +97,33 @@ def strategy_name(cfg: ClipHardNegConfig) -> str:
     return "clip-ft" if not (cfg.loss.hardneg_weight or cfg.loss.image_side_weight) else "hardneg"
 
 
-class ClipHardNegTrainer(Trainer):
-    """transformers.Trainer with whole-pair batches and the pair loss."""
+# ---------------------------------------------------------------------------------------------
+# The model: what the recipe needs from an encoder family
 
-    def __init__(self, *args, pairs_per_batch: int, loss_config: LossConfig, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.pairs_per_batch = pairs_per_batch
-        self.loss_config = loss_config
 
-    def get_train_dataloader(self) -> DataLoader:
-        sampler = PairBatchSampler(len(self.train_dataset) // 2, self.pairs_per_batch, seed=self.args.seed)
-        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator, num_workers=0)
-        return self.accelerator.prepare(loader)
+@dataclass
+class TrainableEncoder:
+    """An open_clip or transformers CLIP seen one way: the module to train, how to feed it, which
+    parameters are the vision tower, and how to save a checkpoint that ``unconfuse eval`` loads."""
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = model(inputs["pixel_values"], inputs["input_ids"])
-        image_features, text_features, logit_scale = (out["image_features"], out["text_features"], out["logit_scale"]) \
-            if isinstance(out, dict) else out[:3]
-        parts = clip_hardneg_loss(image_features, text_features, logit_scale, inputs["text_ids"], inputs["partner"],
-                                  self.loss_config.hardneg_weight, self.loss_config.image_side_weight)
-        return (parts["loss"], parts) if return_outputs else parts["loss"]
+    trained: torch.nn.Module  # forward(pixel_values, text) -> (image features, text features, scale)
+    weights: torch.nn.Module  # the model whose weights are saved (open_clip CLIP / transformers CLIPModel)
+    preprocess: Any  # PIL image -> pixel tensor
+    tokenize: Any  # list[str] -> tensor, or dict of tensors
+    vision_prefixes: tuple[str, ...]
+    save_folder: Any  # (folder, state dict) -> None: the files eval loads
+    model_id: Any  # (folder) -> model argument for load_model
+    shapes: dict[str, torch.Size] = field(default_factory=dict)  # parameter shapes as loaded (DeepSpeed reshapes scalars)
+    peft_model: Any = None  # set when LoRA is attached
+
+    def is_vision(self, name: str) -> bool:
+        return name.startswith(self.vision_prefixes)
+
+    def save(self, folder: Path) -> None:
+        """The weights under their original names, LoRA merged in (peft's merge_and_unload on a copy)."""
+        model = copy.deepcopy(self.peft_model).merge_and_unload() if self.peft_model is not None else self.weights
+        state = {k: v.detach().to("cpu").reshape(self.shapes[k]).contiguous() for k, v in model.state_dict().items()}
+        self.save_folder(folder, state)
 
 
 class HFClipForTraining(torch.nn.Module):
@@ -137,27 +142,10 @@ class HFClipForTraining(torch.nn.Module):
         return normalize(image, dim=-1), normalize(texts, dim=-1), self.clip.logit_scale.exp()
 
 
-@dataclass
-class Encoder:
-    """What the recipe needs from a model family: the module to train, how to feed it, which
-    parameters are the vision tower, and how to save a checkpoint that ``unconfuse eval`` loads."""
-
-    trained: torch.nn.Module  # forward(pixel_values, text) -> (image features, text features, scale)
-    weights: torch.nn.Module  # the model whose weights are saved (open_clip CLIP / transformers CLIPModel)
-    preprocess: Any  # PIL image -> pixel tensor
-    tokenize: Any  # list[str] -> tensor, or dict of tensors
-    vision_prefixes: tuple[str, ...]
-    save: Any  # (folder) -> None
-    model_id: Any  # (folder) -> model argument for load_model
-
-    def is_vision(self, name: str) -> bool:
-        return name.startswith(self.vision_prefixes)
-
-
-def open_clip_encoder(adapter, spec) -> Encoder:
+def open_clip_encoder(adapter, spec) -> TrainableEncoder:
     import open_clip
 
-    model_id = _materialized_id(spec)
+    model_id = spec.model_id
     if model_id.startswith("local-dir:"):
         config = json.loads((Path(model_id[len("local-dir:"):]) / "open_clip_config.json").read_text())
     elif model_id.startswith("hf-hub:"):
@@ -167,23 +155,19 @@ def open_clip_encoder(adapter, spec) -> Encoder:
     else:  # an open_clip architecture name with a pretrained tag
         config = {"model_cfg": open_clip.get_model_config(model_id),
                   "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}}
-    shapes = {k: v.shape for k, v in adapter.model.state_dict().items()}
 
-    def save(folder: Path) -> None:
+    def save_folder(folder: Path, state: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        state = {k: v.to("cpu").reshape(shapes[k]).contiguous() for k, v in export_state(adapter.model).items()}
-        with _atomic_folder(folder) as tmp:
-            (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-            save_file(state, str(tmp / "open_clip_model.safetensors"))
+        (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+        save_file(state, str(folder / "open_clip_model.safetensors"))
 
-    return Encoder(adapter.model, adapter.model, adapter.preprocess, adapter.tokenizer, ("visual.",), save,
-                   lambda folder: f"local-dir:{folder}")
+    return TrainableEncoder(adapter.model, adapter.model, adapter.preprocess, adapter.tokenizer, ("visual.",),
+                            save_folder, lambda folder: f"local-dir:{folder}", _shapes(adapter.model))
 
 
-def hf_clip_encoder(adapter, spec) -> Encoder:
+def hf_clip_encoder(adapter, spec) -> TrainableEncoder:
     processor = adapter.processor
-    shapes = {k: v.shape for k, v in adapter.model.state_dict().items()}
 
     def preprocess(image):
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -191,33 +175,42 @@ def hf_clip_encoder(adapter, spec) -> Encoder:
     def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(processor(text=texts, return_tensors="pt", padding=adapter.text_padding, truncation=True))
 
-    def save(folder: Path) -> None:
-        state = {k: v.to("cpu").reshape(shapes[k]).contiguous() for k, v in export_state(adapter.model).items()}
-        with _atomic_folder(folder) as tmp:
-            adapter.model.save_pretrained(tmp, state_dict=state)
-            processor.save_pretrained(tmp)
+    def save_folder(folder: Path, state: dict[str, torch.Tensor]) -> None:
+        adapter.model.save_pretrained(folder, state_dict=state)
+        processor.save_pretrained(folder)
 
-    return Encoder(HFClipForTraining(adapter.model), adapter.model, preprocess, tokenize,
-                   ("clip.vision_model.", "clip.visual_projection", "vision_model.", "visual_projection"), save, str)
+    return TrainableEncoder(HFClipForTraining(adapter.model), adapter.model, preprocess, tokenize,
+                            ("clip.vision_model.", "clip.visual_projection", "vision_model.", "visual_projection"),
+                            save_folder, str, _shapes(adapter.model))
 
 
-class _atomic_folder:
-    """Write a folder's files into a sibling temp folder, then swap it in."""
+def _shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in model.state_dict().items()}
 
-    def __init__(self, folder: Path):
-        self.folder, self.tmp = folder, folder.with_name(folder.name + ".tmp")
 
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        return self.tmp
+HF_LORA_TARGETS = r".*vision_model\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
 
-    def __exit__(self, kind, *exc) -> None:
-        if kind is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        shutil.rmtree(self.folder, ignore_errors=True)
-        os.replace(self.tmp, self.folder)
+
+def freeze(encoder: TrainableEncoder, trainable: str, lora: EncoderLora) -> None:
+    """Make only the chosen parts trainable: open_clip's own tower locks where they apply, peft's
+    LoRA (which freezes everything else) for ``lora``."""
+    open_clip_model = encoder.vision_prefixes[0] == "visual."
+    if trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora.target_modules if open_clip_model else HF_LORA_TARGETS
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+        # the layers are injected in place: encoder.trained keeps its names and now trains the adapters only
+        encoder.peft_model = get_peft_model(encoder.weights, config)
+    elif trainable == "locked_text" and open_clip_model:
+        encoder.weights.lock_text_tower()
+    elif trainable == "locked_vision" and open_clip_model:
+        encoder.weights.lock_image_tower()
+    elif trainable != "full":  # transformers CLIP: by parameter name
+        for name, param in encoder.trained.named_parameters():
+            vision = encoder.is_vision(name)
+            if (trainable == "locked_text" and not vision and "logit" not in name) or (trainable == "locked_vision" and vision):
+                param.requires_grad_(False)
 
 
 def unscalar_parameters(model: torch.nn.Module) -> None:
@@ -230,155 +223,83 @@ def unscalar_parameters(model: torch.nn.Module) -> None:
                 setattr(module, name, torch.nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
 
 
-def freeze(encoder: Encoder, trainable: str, lora: LoraSettings) -> None:
-    """Make only the chosen parts of ``encoder.trained`` trainable (LoRA layers are added in place)."""
-    if trainable not in TRAINABLE:
-        raise ConfigError(f"trainable: must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
-    if trainable == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
-
-        targets = lora.target_modules if encoder.vision_prefixes[0] == "visual." else HF_LORA_TARGETS
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
-        inject_adapter_in_model(config, encoder.weights)  # freezes everything but the LoRA weights
-        return
-    for name, param in encoder.trained.named_parameters():
-        vision = encoder.is_vision(name)
-        if (trainable == "locked_text" and not vision and "logit" not in name) or (trainable == "locked_vision" and vision):
-            param.requires_grad_(False)
+# ---------------------------------------------------------------------------------------------
+# The trainer
 
 
-HF_LORA_TARGETS = r".*vision_model\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+class ClipHardNegTrainer(PairBatches, Trainer):
+    """transformers.Trainer with whole-pair batches and the pair loss."""
+
+    def __init__(self, *args, loss_config: PairLoss, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_config = loss_config
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(inputs["pixel_values"], inputs["input_ids"])
+        image_features, text_features, logit_scale = (out["image_features"], out["text_features"], out["logit_scale"]) \
+            if isinstance(out, dict) else out[:3]
+        parts = clip_hardneg_loss(image_features, text_features, logit_scale, inputs["text_ids"], inputs["partner"],
+                                  self.loss_config.hardneg_weight, self.loss_config.image_side_weight)
+        return (parts["loss"], parts) if return_outputs else parts["loss"]
 
 
-def export_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under their open_clip names, LoRA merged into the base layers."""
-    from peft.tuners.lora import LoraLayer
-
-    lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    for layer in lora_layers:
-        layer.merge()
-    try:
-        state = {k.replace(".base_layer", ""): v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k}
-    finally:
-        for layer in lora_layers:
-            layer.unmerge()
-    return state
+# ---------------------------------------------------------------------------------------------
+# The recipe
 
 
-def main(cfg: ClipHardNegConfig) -> dict[str, Any]:
-    """Run the recipe; returns the run's results.json content."""
-    start = time.time()
-    launch = launch_settings()
+def main(cfg: ClipHardNegConfig) -> RunResults:
+    """Run the recipe; returns its run record (also in ``<run>/results.json``)."""
+    # data: run directory, pairs, leakage audit
+    if cfg.train.activation_checkpointing:
+        raise ConfigError("train.activation_checkpointing: not supported by clip_hardneg (CLIP-style encoders train "
+                          "without it)")
+    run = lifecycle.open_run(RECIPE, cfg, strategy_name(cfg), modes=["clip"])
 
-    # -- setup ----------------------------------------------------------------------------------
-    run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(RECIPE)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    is_main = int(os.environ.get("RANK", "0")) == 0  # set by torchrun/accelerate for every process
-    if is_main:
-        dump_config(cfg, run_dir / "config.yaml")
-    train_bench, val_bench, test_bench = (resolve_data(a) for a in (cfg.data.train, cfg.data.val, cfg.data.test))
-    check_leakage(run_dir, train_bench, {"val": val_bench, "test": test_bench}, cfg.allow_leakage)
+    # model
     spec = resolve_model(cfg.model)
     if not spec.is_encoder:
         raise ConfigError(f"model: clip_hardneg trains CLIP-style encoders; {cfg.model!r} is {spec.family}")
     spec = replace(spec, clip_prompt="question" if cfg.data.text == "question_option" else "default")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.train.seed)
-    adapter, spec = load_model(spec, device="cuda" if torch.cuda.is_available() else "cpu")
+    adapter, spec = load_model(spec, device=device)
     encoder = (open_clip_encoder if spec.family == "open-clip" else hf_clip_encoder)(adapter, spec)
     torch.manual_seed(cfg.train.seed)  # LoRA init must not depend on whether the base model was just built
     freeze(encoder, cfg.trainable, cfg.lora)
-    if launch["deepspeed"]:
+    if run.launch["deepspeed"]:
         unscalar_parameters(encoder.weights)
     model = encoder.trained
-    prompts = load_prompts()
-    tags = [RECIPE, spec.name, cfg.data.train]
-    wandb_run = setup_wandb(cfg.report_to, run_dir, to_dict(cfg), strategy_name(cfg), tags) if is_main else None
-    train_items = PairItems(train_bench, encoder.preprocess, cfg.data.text)
-
+    lifecycle.start_wandb(run, spec.name)
     vision_trains = any(p.requires_grad for n, p in model.named_parameters() if encoder.is_vision(n))
     text_trains = any(p.requires_grad for n, p in model.named_parameters() if not encoder.is_vision(n) and "logit" not in n)
 
-    def evaluate(bench, scorer_adapter=adapter) -> tuple[list[dict], dict[str, Any]]:
+    def evaluate(bench, mode, scorer=adapter):
         model.eval()
         # embeddings of a frozen tower stay valid between evaluations: only recompute what trains
-        if vision_trains or scorer_adapter is not adapter:
-            scorer_adapter._image_emb.clear()
-        if text_trains or scorer_adapter is not adapter:
-            scorer_adapter._text_emb.clear()
-        records = predict(scorer_adapter, spec, "clip", bench, prompts, cfg.val_batch_pairs)
+        if vision_trains or scorer is not adapter:
+            scorer._image_emb.clear()
+        if text_trains or scorer is not adapter:
+            scorer._text_emb.clear()
+        records = predict(scorer, spec, mode, bench, run.prompts, cfg.val_batch_pairs)
         model.train()
-        return records, score_records(bench, records, prompt_version=prompts.version)
+        return records, score_records(bench, records, prompt_version=run.prompts.version)
 
-    def write_test(name: str, records, results) -> None:
-        if is_main:
-            write_scored(run_dir, name, records, results, title=f"{RECIPE} {name}: {spec.name}")
+    base = lifecycle.score_stage(run, "base", evaluate, spec.name)
 
-    # -- base score (the test split is scored, never used for selection) -----------------------
-    base_path = run_dir / "base" / "results.json"
-    if base_path.exists():
-        base = json.loads(base_path.read_text())
-    else:
-        records, base = evaluate(test_bench)
-        write_test("base", records, base)
-
-    # -- train ----------------------------------------------------------------------------------
-    best_dir = run_dir / "checkpoints" / "best"
-
-    def save_best(step: int) -> None:
-        if is_main:
-            encoder.save(best_dir)
-            (best_dir / "step.txt").write_text(str(step))
-
-    callback = PairValidationCallback(run_dir, lambda: evaluate(val_bench)[1], save_best, cfg.train.eval_steps,
-                                      cfg.train.patience, is_main=is_main,
-                                      log=(lambda row: wandb_run.log(row)) if wandb_run else None)
-    args = TrainingArguments(**trainer_arguments(cfg.train, run_dir, wandb_run is not None, launch), remove_unused_columns=False)
-    trainer = ClipHardNegTrainer(model=model, args=args, train_dataset=train_items,
+    # trainer
+    callback = lifecycle.validation(run, evaluate, encoder.save, val_mode="clip")
+    args = TrainingArguments(**lifecycle.trainer_arguments(run, cfg.train), remove_unused_columns=False)
+    trainer = ClipHardNegTrainer(model=model, args=args, train_dataset=PairItems(run.train, encoder.preprocess, cfg.data.text),
                                  data_collator=ClipCollator(encoder.tokenize), callbacks=[callback],
                                  pairs_per_batch=cfg.train.pairs_per_batch, loss_config=cfg.loss)
-    resume = cfg.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
-    trainer.accelerator.wait_for_everyone()  # rank 0 may still be writing the best weights
 
-    # -- final test score with the selected checkpoint, loaded the way `unconfuse eval` loads it --
-    best_adapter, _ = load_model(replace(spec, build=None, model_id=encoder.model_id(best_dir)),
-                                 device="cuda" if torch.cuda.is_available() else "cpu")
-    records, final = evaluate(test_bench, best_adapter)
-    write_test("test", records, final)
-    results = {"recipe": RECIPE, "strategy": strategy_name(cfg), "model": spec.name, "data": cfg.data.train,
-               "seed": cfg.train.seed, "base": base, "final": final, "best_step": callback.state.best_step,
-               "best_val": callback.state.best, "steps": trainer.state.global_step,
-               "wall_time_s": time.time() - start, "scorer_version": SCORER_VERSION, "prompt_version": prompts.version,
-               "loss": to_dict(cfg.loss), "trainable": cfg.trainable,
-               "test_data": cfg.data.test, "base_dir": "base", "test_dir": "test"}
-    if is_main:
-        atomic_write_json(run_dir / "results.json", results)
-        log_final_to_wandb(wandb_run, results, run_dir / "test" / "predictions.jsonl")
-    return results
-
-
-def _materialized_id(spec) -> str:
-    """The model id after tiny presets are built (their folder), for reading the open_clip config."""
-    if spec.build:
-        from unconfuse.eval.models.tiny import materialize
-        from unconfuse.eval.pairs import unconfuse_home
-
-        return f"local-dir:{materialize(spec.name, spec.build, unconfuse_home() / 'models')}"
-    return spec.model_id
-
-
-CONFIG_CLASS = ClipHardNegConfig
-
-
-def summary(results: dict[str, Any]) -> str:
-    """One JSON line: strategy, best step, base and final test set accuracy and confusion."""
-    return json.dumps({k: results[k] for k in ("strategy", "best_step", "steps")}
-                      | {f"{n}_{m}": results[n][m] for n in ("base", "final") for m in ("set_accuracy", "confusion")})
-
-
-def cli(argv: list[str] | None = None) -> int:
-    return recipe_cli(RECIPE, summary, argv)
+    # train, then test the selected checkpoint loaded the way `unconfuse eval` loads it
+    lifecycle.train(run, trainer)
+    best, _ = load_model(replace(spec, build=None, model_id=encoder.model_id(run.best_dir)), device=device)
+    final = lifecycle.score_stage(run, "test", lambda bench, mode: evaluate(bench, mode, best), spec.name)
+    return lifecycle.finish(run, spec.name, base, final, trainer, callback,
+                            details={"loss": to_dict(cfg.loss), "trainable": cfg.trainable})
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(lifecycle.recipe_cli(RECIPE))

@@ -9,54 +9,65 @@ needs the opposite answer. ``image_contrast_weight: 0`` is plain DPO, the baseli
 
     unconfuse train mllm_dpo --config configs/mllm_dpo/tiny.yaml [key=value ...]
 
-Skeleton: setup -> base test scores -> train (DPOTrainer + image-contrast term, validation
-callback) -> final test scores with the selected adapters -> save. Shares its data and LoRA
-settings with mllm_sft.
+Story: data (run directory, pairs, leakage audit) -> model (+ LoRA) -> base test scores -> trainer
+(DPOTrainer + image-contrast term, whole-pair batches, validation callback) -> train -> test scores
+of the selected adapters. Shares its data and LoRA settings with mllm_sft.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from unconfuse.eval.pairs import Benchmark
-from unconfuse.train.config import to_dict
+from unconfuse.eval.runs import RunResults
+from unconfuse.train import run as lifecycle
+from unconfuse.train.config import TrainSettings, setting, to_dict
+from unconfuse.train.data import PairBatches
 from unconfuse.train.losses import image_contrast_loss
-from unconfuse.train.run import recipe_cli
-from unconfuse.train.mllm import DataConfig, LoraSettings, MllmRun, PairBatches, TrainConfig, letter_examples, summary
+from unconfuse.train.mllm import (EvalMode, MllmData, MllmLora, attach_lora, letter_examples, load_mllm, merged_best,
+                                  scorer)
 
 RECIPE = "mllm_dpo"
 
 
 @dataclass
-class PreferenceConfig:
-    beta: float = 0.1
-    image_contrast_weight: float = 1.0  # 0 = plain DPO
-    sft_weight: float = 0.0  # RPO-style NLL on the chosen answer (TRL's "sft" loss term)
+class PreferenceSettings:
+    """The preference loss: DPO, the pair image-contrast term, and an optional SFT term."""
+
+    beta: float = setting(0.1, "DPO temperature (also of the image-contrast term)", gt=0)
+    image_contrast_weight: float = setting(1.0, "weight of the pair image-contrast term; 0 = plain DPO", min=0)
+    sft_weight: float = setting(0.0, "RPO-style NLL on the chosen answer (TRL's sft loss term)", min=0)
 
 
 @dataclass
 class MllmDpoConfig:
-    """Every field can be set in YAML or as ``key=value`` on the command line."""
+    """mllm_dpo's settings: YAML keys, or ``key=value`` on the command line."""
 
-    model: str = "tiny-llava-base"
-    strategy: str | None = None  # default: dpo+image-contrast, or dpo when the weight is 0
-    output_dir: str | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    val_mode: str = "greedy"
-    test_modes: list[str] = field(default_factory=lambda: ["greedy", "prefix", "mc"])
-    report_to: str = "wandb"
-    allow_leakage: bool = False
-    resume_from_checkpoint: str | None = None
-    val_batch_pairs: int = 8
+    model: str = setting("tiny-llava-base", "preset, local folder or hub id of an image-text-to-text model")
+    strategy: str | None = setting(None, "name that groups runs in compare and W&B (default: dpo+image-contrast, "
+                                         "or dpo when the weight is 0)")
+    output_dir: str | None = setting(None, "the run directory (default runs/mllm_dpo-<time>)")
+    data: MllmData = setting(help="the pairs and the examples", factory=MllmData)
+    lora: MllmLora = setting(help="LoRA placement", factory=MllmLora)
+    preference: PreferenceSettings = setting(help="the preference loss", factory=PreferenceSettings)
+    train: TrainSettings = setting(help="training settings", factory=TrainSettings)
+    val_mode: EvalMode = setting("greedy", "scoring mode of the validation loop (mc generates: slow)")
+    test_modes: list[EvalMode] = setting(help="scoring modes of the test split; the val mode is the main one "
+                                              "(base/, test/), others go to base-<mode>/, test-<mode>/",
+                                         factory=lambda: ["greedy", "prefix", "mc"])
+    report_to: Literal["wandb", "none"] = setting("wandb", "W&B logging (offline without an API key)")
+    allow_leakage: bool = setting(False, "train even when training images appear in the val/test pairs")
+    resume_from_checkpoint: str | None = setting(None, "a checkpoint folder, or latest")
+    val_batch_pairs: int = setting(8, "pairs per batch when scoring val and test", min=1)
 
 
-def preference_examples(bench: Benchmark, prompts, cfg: DataConfig, seed: int) -> list[dict[str, Any]]:
+CONFIG_CLASS = MllmDpoConfig
+
+
+def preference_examples(bench: Benchmark, prompts, cfg: MllmData, seed: int) -> list[dict[str, Any]]:
     """Two preference examples per pair (rows 2k, 2k+1): chosen = the correct letter, rejected = the other."""
     return [{"images": [ex["image"]], "prompt": [{"role": "user", "content": ex["prompt"]}],
              "chosen": [{"role": "assistant", "content": ex["correct"]}],
@@ -130,32 +141,47 @@ def make_trainer_class():
     return PairDPOTrainer
 
 
-def main(cfg: MllmDpoConfig) -> dict[str, Any]:
+def main(cfg: MllmDpoConfig) -> RunResults:
+    """Run the recipe; returns its run record (also in ``<run>/results.json``)."""
     from datasets import Dataset
     from trl import DPOConfig
 
-    # setup -> base test scores -> train -> final test scores with the selected adapters
+    # data: run directory, pairs, leakage audit
     strategy = cfg.strategy or ("dpo+image-contrast" if cfg.preference.image_contrast_weight else "dpo")
-    run = MllmRun(RECIPE, cfg, strategy=strategy)
-    base = run.base_scores()
-    model = run.attach_lora()
-    train_data = Dataset.from_list(preference_examples(run.train_bench, run.prompts, cfg.data, cfg.train.seed))
+    run = lifecycle.open_run(RECIPE, cfg, strategy, modes=[cfg.val_mode, *cfg.test_modes])
+
+    # model: base scores first, then LoRA (disabling it gives the reference model)
+    adapter, spec = load_mllm(run, RECIPE)
+    base_path = adapter.model.name_or_path
+    lifecycle.start_wandb(run, spec.name)
+    evaluate = scorer(run, spec, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
+    base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, adapter), spec.name)
+    model = attach_lora(adapter, cfg.lora, cfg.train.seed)
+
+    # trainer
+    def save_adapters(folder):
+        model.save_pretrained(str(folder))
+        adapter.processor.save_pretrained(str(folder))
+
+    callback = lifecycle.validation(run, lambda bench, mode: evaluate(bench, mode, adapter), save_adapters,
+                                    val_mode=cfg.val_mode)
     sft = cfg.preference.sft_weight
-    args = DPOConfig(**run.training_args(), beta=cfg.preference.beta, loss_type=["sigmoid", "sft"] if sft else ["sigmoid"],
+    args = DPOConfig(**lifecycle.trainer_arguments(run, cfg.train), max_length=None,  # never cut image tokens
+                     beta=cfg.preference.beta, loss_type=["sigmoid", "sft"] if sft else ["sigmoid"],
                      loss_weights=[1.0, sft] if sft else None)
-    trainer = make_trainer_class()(model=model, args=args, train_dataset=train_data, processing_class=run.adapter.processor,
-                                   callbacks=[run.callback()], pairs_per_batch=cfg.train.pairs_per_batch,
+    trainer = make_trainer_class()(model=model, args=args, processing_class=adapter.processor, callbacks=[callback],
+                                   train_dataset=Dataset.from_list(preference_examples(run.train, run.prompts, cfg.data,
+                                                                                       cfg.train.seed)),
+                                   pairs_per_batch=cfg.train.pairs_per_batch,
                                    image_contrast_weight=cfg.preference.image_contrast_weight)
-    run.train(trainer)
-    return run.finish(base, trainer, preference=to_dict(cfg.preference))
 
-
-CONFIG_CLASS = MllmDpoConfig
-
-
-def cli(argv: list[str] | None = None) -> int:
-    return recipe_cli(RECIPE, summary, argv)
+    # train, then test the selected adapters
+    lifecycle.train(run, trainer)
+    best = merged_best(run, spec, base_path)
+    final = lifecycle.score_stage(run, "test", lambda bench, mode: evaluate(bench, mode, best), spec.name)
+    return lifecycle.finish(run, spec.name, base, final, trainer, callback,
+                            details={"preference": to_dict(cfg.preference)})
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(lifecycle.recipe_cli(RECIPE))

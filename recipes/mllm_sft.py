@@ -8,72 +8,95 @@ answer) for half of the pairs, so no letter prior can be learned.
 
     unconfuse train mllm_sft --config configs/mllm_sft/tiny.yaml [key=value ...]
 
-Skeleton: setup (run directory, data, leakage audit, model + LoRA, W&B) -> base test score ->
-train (SFTTrainer, validation callback) -> final test score with the selected adapters -> save.
+Story: data (run directory, pairs, leakage audit) -> model (+ LoRA) -> base test scores -> trainer
+(SFTTrainer, whole-pair batches, validation callback) -> train -> test scores of the selected
+adapters, merged as ``unconfuse merge`` writes them.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from unconfuse.eval.pairs import Benchmark
-from unconfuse.train.run import recipe_cli
-from unconfuse.train.mllm import DataConfig, LoraSettings, MllmRun, PairBatches, TrainConfig, letter_examples, summary
+from unconfuse.eval.runs import RunResults
+from unconfuse.train import run as lifecycle
+from unconfuse.train.config import TrainSettings, setting
+from unconfuse.train.data import PairBatches
+from unconfuse.train.mllm import (EvalMode, MllmData, MllmLora, attach_lora, letter_examples, load_mllm, merged_best,
+                                  scorer)
 
 RECIPE = "mllm_sft"
 
 
 @dataclass
 class MllmSftConfig:
-    """Every field can be set in YAML or as ``key=value`` on the command line."""
+    """mllm_sft's settings: YAML keys, or ``key=value`` on the command line."""
 
-    model: str = "tiny-llava-base"
-    strategy: str | None = None  # default: sft
-    output_dir: str | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    val_mode: str = "greedy"  # greedy | prefix | mc (generation: slow)
-    test_modes: list[str] = field(default_factory=lambda: ["greedy", "prefix", "mc"])
-    report_to: str = "wandb"
-    allow_leakage: bool = False
-    resume_from_checkpoint: str | None = None
-    val_batch_pairs: int = 8
+    model: str = setting("tiny-llava-base", "preset, local folder or hub id of an image-text-to-text model")
+    strategy: str | None = setting(None, "name that groups runs in compare and W&B (default: sft)")
+    output_dir: str | None = setting(None, "the run directory (default runs/mllm_sft-<time>)")
+    data: MllmData = setting(help="the pairs and the examples", factory=MllmData)
+    lora: MllmLora = setting(help="LoRA placement", factory=MllmLora)
+    train: TrainSettings = setting(help="training settings", factory=TrainSettings)
+    val_mode: EvalMode = setting("greedy", "scoring mode of the validation loop (mc generates: slow)")
+    test_modes: list[EvalMode] = setting(help="scoring modes of the test split; the val mode is the main one "
+                                              "(base/, test/), others go to base-<mode>/, test-<mode>/",
+                                         factory=lambda: ["greedy", "prefix", "mc"])
+    report_to: Literal["wandb", "none"] = setting("wandb", "W&B logging (offline without an API key)")
+    allow_leakage: bool = setting(False, "train even when training images appear in the val/test pairs")
+    resume_from_checkpoint: str | None = setting(None, "a checkpoint folder, or latest")
+    val_batch_pairs: int = setting(8, "pairs per batch when scoring val and test", min=1)
 
 
-def sft_examples(bench: Benchmark, prompts, cfg: DataConfig, seed: int) -> list[dict[str, Any]]:
+CONFIG_CLASS = MllmSftConfig
+
+
+def sft_examples(bench: Benchmark, prompts, cfg: MllmData, seed: int) -> list[dict[str, Any]]:
     """Two conversational examples per pair (one per image), in pair order: items 2k, 2k+1."""
     return [{"images": [ex["image"]], "messages": [{"role": "user", "content": ex["prompt"]},
                                                    {"role": "assistant", "content": ex["correct"]}]}
             for ex in letter_examples(bench, prompts, cfg, seed)]
 
 
-def main(cfg: MllmSftConfig) -> dict[str, Any]:
+def main(cfg: MllmSftConfig) -> RunResults:
+    """Run the recipe; returns its run record (also in ``<run>/results.json``)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     class PairSFTTrainer(PairBatches, SFTTrainer):
         """SFTTrainer whose batches hold whole pairs (both images of a pair)."""
 
-    # setup -> base test scores -> train -> final test scores with the selected adapters
-    run = MllmRun(RECIPE, cfg, strategy=cfg.strategy or "sft")
-    base = run.base_scores()
-    model = run.attach_lora()
-    train_data = Dataset.from_list(sft_examples(run.train_bench, run.prompts, cfg.data, cfg.train.seed))
-    args = SFTConfig(**run.training_args(), assistant_only_loss=True)
-    trainer = PairSFTTrainer(model=model, args=args, train_dataset=train_data, processing_class=run.adapter.processor,
-                             callbacks=[run.callback()], pairs_per_batch=cfg.train.pairs_per_batch)
-    run.train(trainer)
-    return run.finish(base, trainer)
+    # data: run directory, pairs, leakage audit
+    run = lifecycle.open_run(RECIPE, cfg, cfg.strategy or "sft", modes=[cfg.val_mode, *cfg.test_modes])
 
+    # model: base scores first, then LoRA
+    adapter, spec = load_mllm(run, RECIPE)
+    base_path = adapter.model.name_or_path
+    lifecycle.start_wandb(run, spec.name)
+    evaluate = scorer(run, spec, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
+    base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, adapter), spec.name)
+    model = attach_lora(adapter, cfg.lora, cfg.train.seed)
 
-CONFIG_CLASS = MllmSftConfig
+    # trainer
+    def save_adapters(folder):
+        model.save_pretrained(str(folder))
+        adapter.processor.save_pretrained(str(folder))
 
+    callback = lifecycle.validation(run, lambda bench, mode: evaluate(bench, mode, adapter), save_adapters,
+                                    val_mode=cfg.val_mode)
+    args = SFTConfig(**lifecycle.trainer_arguments(run, cfg.train), assistant_only_loss=True,
+                     max_length=None)  # never truncate: it could cut image tokens
+    trainer = PairSFTTrainer(model=model, args=args, processing_class=adapter.processor, callbacks=[callback],
+                             train_dataset=Dataset.from_list(sft_examples(run.train, run.prompts, cfg.data, cfg.train.seed)),
+                             pairs_per_batch=cfg.train.pairs_per_batch)
 
-def cli(argv: list[str] | None = None) -> int:
-    return recipe_cli(RECIPE, summary, argv)
+    # train, then test the selected adapters
+    lifecycle.train(run, trainer)
+    best = merged_best(run, spec, base_path)
+    final = lifecycle.score_stage(run, "test", lambda bench, mode: evaluate(bench, mode, best), spec.name)
+    return lifecycle.finish(run, spec.name, base, final, trainer, callback)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(lifecycle.recipe_cli(RECIPE))

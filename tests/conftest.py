@@ -9,6 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU-only machines: DeepSpeed's own fallback, without its warning
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MEDICONFUSION = REPO.parent / "shared" / "mediconfusion"
@@ -22,9 +23,27 @@ def unconfuse_home(tmp_path_factory) -> Path:
     return home
 
 
+TINY_PRESETS = ("tiny-llava", "tiny-qwen2-vl", "tiny-clip", "tiny-hf-clip", "tiny-dinov2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_models(unconfuse_home) -> None:
+    """The random tiny presets, built once (~5 s): tests load them directly, as users load presets."""
+    from unconfuse.eval.world import prepare
+
+    prepare(models=TINY_PRESETS)
+
+
+@pytest.fixture()
+def latest_checkpoint_wins(monkeypatch) -> None:
+    """Validation selects the newest evaluation, so tests can assert on trained weights (with random
+    tiny models, step 0 may well score best)."""
+    monkeypatch.setattr("unconfuse.train.callbacks.better", lambda new, old: True)
+
+
 @pytest.fixture(scope="session")
 def sample_bench(tmp_path_factory) -> Path:
-    from unconfuse.eval.sample import write_sample_benchmark
+    from unconfuse.eval.world.sample import write_sample_benchmark
 
     return write_sample_benchmark(tmp_path_factory.mktemp("sample"))
 

@@ -1,17 +1,20 @@
 """The world's base models are honestly confused; the same encoder trained on captions that name
-the findings is not. Slow-ish (about 2 minutes the first time: pretraining on 2 cores)."""
+the findings is not. Slow: about 3 minutes the first time (pretraining on 2 cores)."""
 import pytest
 import yaml
 
 from unconfuse.eval.models import ModelSpec, _preset_dir, load_model
-from unconfuse.eval.pairs import load_benchmark
+from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.runner import EvalConfig, run_eval
 from unconfuse.eval.scorer import compare, read_predictions, resolve_answers
-from unconfuse.eval.world import default_world
+from unconfuse.eval.world import default_world, prepare
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def world():
+    prepare(models=["tiny-clip-base", "tiny-llava-base"])
     return default_world()
 
 
@@ -30,6 +33,9 @@ def test_base_encoder_is_confused_and_a_finding_trained_one_is_not(world, tmp_pa
     build = yaml.safe_load((_preset_dir() / "tiny-clip-base.yaml").read_text())["build"]
     build["pretrain"] = {**build["pretrain"], "captions": "full", "steps": 400}
     oracle_spec = ModelSpec(name="tiny-clip-oracle", family="open-clip", build=build)
+    from unconfuse.eval.world.tiny import materialize
+
+    materialize(oracle_spec.name, build)
     monkeypatch.setattr("unconfuse.eval.models.resolve_model", lambda arg: oracle_spec)
     oracle = run_eval(EvalConfig(model="tiny-clip-oracle", mode="clip", benchmark=str(test), out=str(tmp_path / "oracle"),
                                  progress=False))

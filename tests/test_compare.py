@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from unconfuse.train.cli import main
-from unconfuse.train.compare import run_compare
+from unconfuse.eval.runs import RunResults, write_run_results
+from unconfuse.eval.tools.compare import CompareError, run_compare
+from unconfuse.train.commands.cli import main
 
 N_PAIRS = 8
 
@@ -33,9 +34,10 @@ def _run(root, name, rows, bench_path, correct_pairs, strategy="hardneg", seed=0
             answer = row[f"answer_{side}"] if k in correct_pairs else "A"
             lines.append(json.dumps({"pair_id": row["id"], "image": side, "answer": answer}))
     (run / "test" / "predictions.jsonl").write_text("\n".join(lines) + "\n")
-    (run / "results.json").write_text(json.dumps({"strategy": strategy, "model": "tiny", "data": "world:train",
-                                                   "seed": seed, "final": {}, "test_data": str(bench_path),
-                                                   "test_dir": "test"}))
+    write_run_results(run, RunResults(kind="run", recipe="clip_hardneg", strategy=strategy, model="tiny",
+                                      train_data="world:train", test_data=str(bench_path), seed=seed, mode="clip",
+                                      base={}, final={}, steps=2, best_step=2, best_val=None, wall_time_s=1.0,
+                                      scorer_version="x", prompt_version=None))
     return run
 
 
@@ -75,3 +77,16 @@ def test_compare_refuses_runs_on_other_pairs(bench, tmp_path, capsys):
     assert str(partial) in err and "same pairs" in err
     with pytest.raises(ValueError, match="no results.json"):
         run_compare([tmp_path], base, tmp_path / "c2")
+
+
+def test_compare_refuses_results_of_another_format(bench, tmp_path, capsys):
+    rows, path = bench
+    base = _run(tmp_path, "base", rows, path, correct_pairs=set())
+    old = _run(tmp_path, "old", rows, path, correct_pairs={0})
+    record = json.loads((old / "results.json").read_text())
+    (old / "results.json").write_text(json.dumps({k: v for k, v in record.items() if k != "schema_version"}))
+    with pytest.raises(CompareError, match="run format None, this unconfuse reads 2"):
+        run_compare([old], base, tmp_path / "c")
+    (old / "results.json").write_text(json.dumps({"final": {}, "test_dir": "test"}))  # before the run format
+    assert main(["compare", str(old), "--baseline", str(base), "--out", str(tmp_path / "c")]) == 2
+    assert "no run format kind" in capsys.readouterr().err

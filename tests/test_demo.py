@@ -2,12 +2,14 @@
 import csv
 import json
 
+import pytest
 
-from unconfuse.eval.pairs import load_benchmark
+from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.world import default_world
-from unconfuse.train.cli import main
+from unconfuse.train.commands.cli import main
 
 
+@pytest.mark.slow
 def test_demo_trains_and_shows_a_real_gain(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert main(["demo", "--out", str(tmp_path), "--mllm-steps", "20"]) == 0
@@ -30,7 +32,7 @@ def test_demo_trains_and_shows_a_real_gain(tmp_path, capsys, monkeypatch):
     sft = json.loads((tmp_path / "mllm_sft" / "results.json").read_text())
     dpo = json.loads((tmp_path / "mllm_dpo" / "results.json").read_text())
     base_greedy = json.loads((tmp_path / "tiny-llava-base-greedy" / "results.json").read_text())
-    assert sft["steps"] == dpo["steps"] == 20 and dpo["preference"]["image_contrast_weight"] > 0
+    assert sft["steps"] == dpo["steps"] == 20 and dpo["details"]["preference"]["image_contrast_weight"] > 0
     assert sft["base"]["set_accuracy"] == dpo["base"]["set_accuracy"] == base_greedy["set_accuracy"]
     assert "## Act 2" in report and "| mllm_dpo (image contrast) |" in report
     # the demo ends with `unconfuse compare`, whose rescoring agrees with each recipe's own test score

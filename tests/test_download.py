@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from unconfuse.eval.download import DownloadConfig, download
-from unconfuse.train.cli import main
+from unconfuse.train.commands.cli import main
 
 from .http_stub import StubServer
 
@@ -126,7 +126,7 @@ def test_download_command_exits_non_zero_and_keeps_what_succeeded(tmp_path, caps
     assert "gone.jpg is in no version of PMC500" in err
     assert sorted(p.name for p in (tmp_path / "mc" / "images").glob("*.jpg")) == ["1.jpg", "2.jpg", "3.jpg"]
     from unconfuse.eval.images import check_images
-    from unconfuse.eval.pairs import load_benchmark
+    from unconfuse.eval.benchmarks import load_benchmark
 
     bench = load_benchmark(tmp_path / "mc")
     assert bench.pairs[0].image_1 == "1.jpg" and not check_images(bench)
@@ -144,3 +144,12 @@ def test_download_from_a_local_roco_copy(tmp_path):
         assert not any("bucket" in p for m, p, h in server.requests)
     assert [f.local for f in failures] == ["6"] and "not in the ROCO folder" in failures[0].reason
     assert (tmp_path / "mc" / "images" / "2.jpg").read_bytes() == jpeg(102)
+
+
+def test_download_names_the_questions_url_that_failed(tmp_path, capsys):
+    with StubServer(FakeBucket()) as server:
+        code = main(["data", "download", "--out", str(tmp_path / "mc"), "--questions-url", f"{server.url}/repo/missing.json",
+                     "--image-dict-url", f"{server.url}/repo/image_dict.json", "--pmc-base", f"{server.url}/bucket",
+                     "--quiet", "--retries", "0"])
+        assert [p for m, p, h in server.requests] == ["/repo/missing.json"]  # a 404 is not retried
+    assert code == 1 and f"{server.url}/repo/missing.json: HTTP 404" in capsys.readouterr().err

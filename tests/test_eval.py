@@ -5,10 +5,10 @@ import shutil
 import pytest
 
 from unconfuse.eval import runner
-from unconfuse.eval.pairs import load_benchmark
+from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.runner import EvalConfig, run_eval
 from unconfuse.eval.scorer import read_predictions, resolve_answers, score
-from unconfuse.train.cli import main
+from unconfuse.train.commands.cli import main
 
 from .http_stub import StubServer
 
@@ -176,3 +176,53 @@ def test_rescoring_mc_output_with_the_reference_parser(tmp_path, sample_bench, c
     assert strict["invalid"] == pytest.approx(100 * 10 / 12)  # strict reads "(A)" but refuses the ambiguous "A, B"
     assert strict["set_accuracy"] == 100 / 6  # s001: "(A)" and "B" are both right under strict
     assert ref["set_accuracy"] == 0.0
+
+
+def test_eval_options_come_from_the_config_fields(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from unconfuse.eval.options import config_from_args
+    from unconfuse.train.commands.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: each help text on one line
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--help"])
+    assert exit_.value.code == 0
+    usage = capsys.readouterr().out
+    for f in dataclasses.fields(EvalConfig):
+        assert f.metadata["help"] in usage, f.name
+        if f.name != "progress":  # progress is --quiet
+            assert f"--{f.name.replace('_', '-')}" in usage, f.name
+    assert "--quiet" in usage
+    required = ["--model", "tiny-llava", "--mode", "greedy", "--benchmark", "b", "--out", str(tmp_path)]
+    for bad in (["--batch-size", "many"], ["--mode", "sing"], ["--parser", "loose"], ["--tr", "x"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["eval", *required, *bad])
+        assert exit_.value.code == 2, bad
+        assert f"argument {bad[0]}: invalid" in capsys.readouterr().err
+    # defaults are the config's; flags map onto their fields
+    args = build_parser().parse_args(["eval", *required])
+    assert config_from_args(EvalConfig, args) == EvalConfig("tiny-llava", "greedy", "b", str(tmp_path))
+    args = build_parser().parse_args(["eval", *required, "--batch-size", "3", "--quiet", "--trust-remote-code", "--tr", "2"])
+    cfg = config_from_args(EvalConfig, args)
+    assert (cfg.batch_size, cfg.progress, cfg.trust_remote_code, cfg.tr) == (3, False, True, 2.0)
+
+
+def test_judge_requests_retry_transient_failures_only():
+    from unconfuse.eval.judge import JudgeError, chat_completion
+
+    answers = {"/flaky": [503], "/down": [500, 500], "/bad": [400]}
+
+    def handler(method, path, body, headers):
+        if answers[path]:
+            return answers[path].pop(0), b"nope", {}
+        return 200, json.dumps({"choices": [{"message": {"content": "A: 9\nB: 1"}}]}).encode(), {}
+
+    with StubServer(handler) as server:
+        assert chat_completion(server.url + "/flaky", {"model": "m"}, retries=1) == "A: 9\nB: 1"
+        with pytest.raises(JudgeError, match=f"{server.url}/down answered HTTP 500"):
+            chat_completion(server.url + "/down", {"model": "m"}, retries=1)  # two attempts, both 500
+        with pytest.raises(JudgeError, match=f"{server.url}/bad answered HTTP 400: nope"):
+            chat_completion(server.url + "/bad", {"model": "m"}, retries=3)  # a client error is not retried
+        counts = {p: sum(1 for _, q, _ in server.requests if q == p) for p in answers}
+    assert counts == {"/flaky": 2, "/down": 2, "/bad": 1}

@@ -59,7 +59,7 @@ def test_check_images_lists_every_problem(tmp_path):
 
 
 def test_sample_benchmark_is_real_and_balanced(sample_bench):
-    from unconfuse.eval.pairs import load_benchmark
+    from unconfuse.eval.benchmarks import load_benchmark
 
     bench = load_benchmark(sample_bench)
     assert len(bench.pairs) == 6 and not check_images(bench)

@@ -1,24 +1,99 @@
-"""Architecture rules that code review alone would not keep."""
-import re
+"""Architecture rules that code review alone would not keep: layers point downward, no import cycles."""
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGES = {"eval": "unconfuse.eval", "train": "unconfuse.train", "recipes": "unconfuse.recipes"}
+# the eval core: data model, images, benchmark arguments, scorer, prompts, adapters, runner
+CORE = ("unconfuse.eval.home", "unconfuse.eval.io", "unconfuse.eval.pairs", "unconfuse.eval.benchmarks",
+        "unconfuse.eval.images", "unconfuse.eval.scorer", "unconfuse.eval.prompts", "unconfuse.eval.models",
+        "unconfuse.eval.runner", "unconfuse.eval.runs", "unconfuse.eval.judge", "unconfuse.eval.download",
+        "unconfuse.eval.splits", "unconfuse.eval.http", "unconfuse.eval.options")
 
 
-def test_eval_never_imports_train_or_recipes():
-    offenders = []
-    for path in (REPO / "eval").rglob("*.py"):
-        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-            if re.match(r"\s*(from|import)\s+(unconfuse\.(train|recipes)|\.\.+(train|recipes))\b", line):
-                offenders.append(f"{path.relative_to(REPO)}:{lineno}")
-    assert not offenders
+def module_graph() -> dict[str, set[str]]:
+    """Every module of the package and the package modules it imports (imports inside functions too)."""
+    files = {}
+    for folder, package in PACKAGES.items():
+        for path in (REPO / folder).rglob("*.py"):
+            parts = [p for p in path.with_suffix("").relative_to(REPO / folder).parts if p != "__init__"]
+            files[".".join([package, *parts])] = path
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        base = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else node.module
+                targets = [module, *(f"{module}.{alias.name}" for alias in node.names)]
+            for target in targets:
+                while target and target not in files:
+                    target = target.rpartition(".")[0]
+                if target and target != name and not name.startswith(target + "."):
+                    graph[name].add(target)
+    return graph
 
 
-def test_the_scorer_imports_neither_torch_nor_transformers():
-    code = ("import sys, unconfuse.eval.scorer, unconfuse.eval.pairs; "
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+def test_no_import_cycles():
+    graph = module_graph()
+    assert len(graph) > 30
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles
+
+
+def test_the_cycle_check_has_teeth(tmp_path, monkeypatch):
+    graph = {"a": {"b"}, "b": {"a"}}
+    monkeypatch.setattr(sys.modules[__name__], "module_graph", lambda: graph | {f"m{i}": set() for i in range(40)})
+    try:
+        test_no_import_cycles()
+    except AssertionError:
+        return
+    raise AssertionError("a two-module cycle went unnoticed")
+
+
+def test_layers_point_downward():
+    """commands -> recipes -> train -> eval tools -> eval world -> eval core, never upward."""
+    graph = module_graph()
+
+    def imports(prefixes, forbidden):
+        return sorted(f"{m} -> {t}" for m, targets in graph.items() if m.startswith(prefixes)
+                      for t in targets if t.startswith(forbidden))
+
+    assert not imports(("unconfuse.eval",), ("unconfuse.train", "unconfuse.recipes"))
+    assert not imports(CORE, ("unconfuse.eval.world", "unconfuse.eval.tools"))
+    assert not imports(("unconfuse.eval.world",), ("unconfuse.eval.tools",))
+    assert not imports(("unconfuse.recipes", "unconfuse.train.run", "unconfuse.train.mllm", "unconfuse.train.data",
+                        "unconfuse.train.losses", "unconfuse.train.callbacks", "unconfuse.train.config"),
+                       ("unconfuse.train.commands",))
+    shared = [m for m in graph if m.startswith("unconfuse.train.") and not m.startswith("unconfuse.train.commands")]
+    assert not imports(tuple(shared), ("unconfuse.recipes.clip_hardneg", "unconfuse.recipes.mllm"))
+
+
+def test_the_core_loads_nothing_of_the_world_and_no_torch_for_scoring():
+    code = ("import sys, unconfuse.eval.scorer, unconfuse.eval.pairs, unconfuse.eval.benchmarks, unconfuse.eval.runs; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "import unconfuse.eval.models, unconfuse.eval.runner; "
+            "bad += [m for m in sys.modules if m.startswith(('unconfuse.eval.world', 'unconfuse.eval.tools', 'unconfuse.train'))]; "
+            "print(bad); sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

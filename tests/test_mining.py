@@ -8,10 +8,10 @@ from PIL import Image
 
 from unconfuse.eval.images import load_image
 from unconfuse.eval.models import load_model
-from unconfuse.eval.pairs import load_benchmark
-from unconfuse.eval.world import default_world
-from unconfuse.train.cli import main
-from unconfuse.train.mining import MiningConfig, candidate_pairs, load_corpus, mine, parse_question, select_pairs
+from unconfuse.eval.benchmarks import load_benchmark
+from unconfuse.eval.world import default_world, prepare
+from unconfuse.train.commands.cli import main
+from unconfuse.eval.tools.mining import MiningConfig, candidate_pairs, load_corpus, mine, parse_question, select_pairs
 
 from .http_stub import StubServer
 
@@ -20,6 +20,9 @@ ENCODERS = ["--encoder-a", "tiny-clip-base", "--encoder-b", "tiny-dinov2"]
 
 @pytest.fixture(scope="module")
 def corpus():
+    """The default world's corpus, with the encoders the tests mine with (tiny-clip-base pretrains
+    for ~2.5 min on a fresh cache: the tests that use it are marked slow)."""
+    prepare(models=["tiny-clip-base", "tiny-dinov2"], benchmarks=["world:test"])
     return default_world().corpus
 
 
@@ -56,6 +59,7 @@ def test_select_pairs_caps_images_and_prefers_the_most_confusing():
     assert select_pairs(pairs, sim_a, sim_b, max_per_image=2) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_mine_follows_the_rule_on_the_world_corpus(corpus, tmp_path, capsys):
     out = tmp_path / "mined"
     assert main(["mine", "--corpus", str(corpus), "--out", str(out), *ENCODERS, "--min-sim-a", "0.9",
@@ -97,6 +101,7 @@ def test_mine_follows_the_rule_on_the_world_corpus(corpus, tmp_path, capsys):
     assert (tmp_path / "faiss" / "pairs.jsonl").read_text() == (out / "pairs.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_benchmark_images_and_near_duplicates_are_excluded(corpus, tmp_path):
     world = default_world()
     test = load_benchmark(world.root / "test")
@@ -140,6 +145,7 @@ def test_parse_question_rules():
     assert parse_question('{"question": "Q", "option_a": "x", "option_b": "X", "answer_1": "A", "answer_2": "B"}') is None
 
 
+@pytest.mark.slow
 def test_make_questions_through_an_openai_compatible_stub(corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret")
     calls = []
@@ -174,7 +180,7 @@ def test_make_questions_through_an_openai_compatible_stub(corpus, tmp_path, monk
 def test_vectorised_hamming_equals_imagehash():
     import imagehash
 
-    from unconfuse.train.mining import min_hamming
+    from unconfuse.eval.tools.mining import min_hamming
 
     rng = np.random.default_rng(0)
     hashes = [imagehash.phash(Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8))) for _ in range(9)]
@@ -182,3 +188,18 @@ def test_vectorised_hamming_equals_imagehash():
     expected = [min(a - b for b in hashes[5:]) for a in hashes[:5]]
     assert min_hamming(packed[:5], packed[5:], block=2).tolist() == expected
     assert min_hamming(packed[:1], packed[:1]).tolist() == [0]
+
+
+def test_mine_options_come_from_the_config_fields():
+    from unconfuse.eval.options import config_from_args
+    from unconfuse.train.commands.cli import build_parser
+
+    args = build_parser().parse_args(["mine", "--corpus", "c", "--out", "o"])
+    assert config_from_args(MiningConfig, args, exclude=args.exclude) == MiningConfig("c", "o")
+    args = build_parser().parse_args(["mine", "--corpus", "c", "--out", "o", "--exclude", "x", "y", "--search", "numpy",
+                                      "--make-questions", "--min-sim-a", "0.8"])
+    cfg = config_from_args(MiningConfig, args)
+    assert (cfg.exclude, cfg.search, cfg.make_questions, cfg.min_sim_a) == (["x", "y"], "numpy", True, 0.8)
+    assert build_parser().parse_args(["mine", "--corpus", "c", "--out", "o", "--no-exclude"]).no_exclude
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["mine", "--corpus", "c", "--out", "o", "--search", "annoy"])

@@ -8,8 +8,9 @@ import torch
 
 from unconfuse.eval.world import WorldConfig, synthesize
 from unconfuse.recipes import mllm_dpo
-from unconfuse.recipes.mllm_dpo import MllmDpoConfig, PreferenceConfig, partner_pixels
-from unconfuse.train.mllm import DataConfig, TrainConfig
+from unconfuse.recipes.mllm_dpo import MllmDpoConfig, PreferenceSettings, partner_pixels
+from unconfuse.train.config import TrainSettings
+from unconfuse.train.mllm import MllmData
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +22,9 @@ def world(tmp_path_factory):
 def config(world, out, model, weight):
     return MllmDpoConfig(
         model=model, output_dir=str(out), report_to="none", val_mode="greedy", test_modes=["greedy"],
-        preference=PreferenceConfig(beta=0.1, image_contrast_weight=weight),
-        data=DataConfig(train=str(world.root / "train"), val=str(world.root / "val"), test=str(world.root / "test")),
-        train=TrainConfig(max_steps=2, pairs_per_batch=2, learning_rate=1e-3, warmup_steps=0, eval_steps=2,
+        preference=PreferenceSettings(beta=0.1, image_contrast_weight=weight),
+        data=MllmData(train=str(world.root / "train"), val=str(world.root / "val"), test=str(world.root / "test")),
+        train=TrainSettings(max_steps=2, pairs_per_batch=2, learning_rate=1e-3, warmup_steps=0, eval_steps=2,
                           save_steps=2, logging_steps=1))
 
 
@@ -45,7 +46,7 @@ def test_partner_pixels_swap_whole_images_of_each_pair():
 def test_first_step_loss_is_log2_per_term(world, tmp_path, model, weight):
     """At step 1 the adapters are zero, so policy == reference: every preference term is -log sigmoid(0) = log 2."""
     results = mllm_dpo.main(config(world, tmp_path / "run", model, weight))
-    assert results["strategy"] == ("dpo+image-contrast" if weight else "dpo") and results["steps"] == 2
+    assert results.strategy == ("dpo+image-contrast" if weight else "dpo") and results.steps == 2
     state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     first = next(h for h in state["log_history"] if "loss" in h)
     assert first["loss"] == pytest.approx(math.log(2) * (1 + weight), abs=1e-4)

@@ -10,9 +10,9 @@ from unconfuse.eval.prompts import load_prompts
 from unconfuse.eval.world import WorldConfig, synthesize
 from unconfuse.recipes import mllm_sft
 from unconfuse.recipes.mllm_sft import MllmSftConfig, sft_examples
-from unconfuse.train.mllm import DataConfig, TrainConfig
-from unconfuse.train.mllm import merge_adapters
-from unconfuse.train.run import resolve_data
+from unconfuse.eval.benchmarks import load_benchmark
+from unconfuse.train.config import TrainSettings
+from unconfuse.train.mllm import MllmData, MllmLora, merge_adapters
 
 from .interrupt import killed_at_step
 
@@ -24,18 +24,16 @@ def world(tmp_path_factory):
 
 
 def config(world, out, model="tiny-llava", **train):
-    from unconfuse.train.mllm import LoraSettings
-
-    return MllmSftConfig(lora=LoraSettings(dropout=0.0),
+    return MllmSftConfig(lora=MllmLora(dropout=0.0),
         model=model, output_dir=str(out), report_to="none", val_mode="greedy", test_modes=["greedy", "prefix"],
-        data=DataConfig(train=str(world.root / "train"), val=str(world.root / "val"), test=str(world.root / "test")),
-        train=TrainConfig(**{"max_steps": 2, "pairs_per_batch": 2, "learning_rate": 1e-3, "warmup_steps": 0,
+        data=MllmData(train=str(world.root / "train"), val=str(world.root / "val"), test=str(world.root / "test")),
+        train=TrainSettings(**{"max_steps": 2, "pairs_per_batch": 2, "learning_rate": 1e-3, "warmup_steps": 0,
                              "eval_steps": 2, "save_steps": 2, "logging_steps": 1, **train}))
 
 
 def test_examples_swap_options_with_the_answer(world):
-    bench = resolve_data(str(world.root / "train"))
-    examples = sft_examples(bench, load_prompts(), DataConfig(swap_options=True), seed=0)
+    bench = load_benchmark(str(world.root / "train"))
+    examples = sft_examples(bench, load_prompts(), MllmData(swap_options=True), seed=0)
     assert len(examples) == 2 * len(bench.pairs)
     swapped = 0
     for k, pair in enumerate(bench.pairs):
@@ -55,7 +53,7 @@ def test_only_the_assistant_reply_carries_loss(world, model):
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     adapter, _ = load_model(model, device="cpu")
-    examples = sft_examples(resolve_data(str(world.root / "train")), load_prompts(), DataConfig(), seed=0)[:4]
+    examples = sft_examples(load_benchmark(str(world.root / "train")), load_prompts(), MllmData(), seed=0)[:4]
     batch = DataCollatorForVisionLanguageModeling(adapter.processor, assistant_only_loss=True, max_length=None)(examples)
     image_id = adapter.image_token_id
     for row in range(4):
@@ -67,9 +65,9 @@ def test_only_the_assistant_reply_carries_loss(world, model):
         assert "Question" not in text and len(trained) <= 4
 
 
-def test_two_steps_train_only_the_adapters_and_merge(world, tmp_path):
+def test_two_steps_train_only_the_adapters_and_merge(world, tmp_path, latest_checkpoint_wins):
     results = mllm_sft.main(config(world, tmp_path / "run"))
-    assert results["steps"] == 2 and set(results["final_by_mode"]) == {"greedy", "prefix"}
+    assert results.steps == 2 and results.mode == "greedy" and set(results.other_modes) == {"prefix"}
     state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert len(losses) == 2 and all(l > 0 for l in losses)
@@ -83,19 +81,18 @@ def test_two_steps_train_only_the_adapters_and_merge(world, tmp_path):
     merged, _ = merge_adapters(best)
     base, _ = load_model("tiny-llava", device="cpu")
     changed = [k for k, v in base.model.state_dict().items() if not torch.equal(v, merged.state_dict()[k])]
-    if results["best_step"]:
-        assert changed and all("language_model" in k and k.endswith("proj.weight") for k in changed)
+    assert results.best_step == 2 and changed and all("language_model" in k and k.endswith("proj.weight") for k in changed)
 
 
 def test_merge_command_writes_a_model_that_eval_loads(world, tmp_path, capsys):
-    from unconfuse.train.cli import main
+    from unconfuse.train.commands.cli import main
 
     mllm_sft.main(config(world, tmp_path / "run"))
     assert main(["merge", str(tmp_path / "run" / "checkpoints" / "best"), "--out", str(tmp_path / "merged")]) == 0
     assert main(["eval", "--model", str(tmp_path / "merged"), "--mode", "greedy", "--benchmark",
                  str(world.root / "test"), "--out", str(tmp_path / "eval"), "--quiet"]) == 0
     ours = json.loads((tmp_path / "eval" / "results.json").read_text())
-    recipe = json.loads((tmp_path / "run" / "test-greedy" / "results.json").read_text())
+    recipe = json.loads((tmp_path / "run" / "test" / "results.json").read_text())
     assert ours["set_accuracy"] == recipe["set_accuracy"] and ours["confusion"] == recipe["confusion"]
 
 
@@ -106,15 +103,16 @@ def test_killed_and_resumed_sft_ends_like_an_uninterrupted_one(world, tmp_path, 
     cfg = config(world, tmp_path / "part", max_steps=6, save_steps=2, eval_steps=2)
     cfg.resume_from_checkpoint = "latest"  # LoRA adapters, optimizer and RNG state from checkpoint-4
     resumed = mllm_sft.main(cfg)
-    assert resumed["best_step"] == full["best_step"]
+    assert resumed.best_step == full.best_step
     for mode in ("greedy", "prefix"):
-        assert resumed["final_by_mode"][mode]["set_accuracy"] == full["final_by_mode"][mode]["set_accuracy"]
+        assert resumed.scores(mode)[1]["set_accuracy"] == full.scores(mode)[1]["set_accuracy"]
     logs = [json.loads((tmp_path / run / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
             for run in ("full", "part")]
     last = [[h["loss"] for h in log if "loss" in h][-1] for log in logs]
     assert last[0] == pytest.approx(last[1], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu(world, tmp_path):
     import os
     import subprocess
@@ -122,7 +120,7 @@ def test_two_process_ddp_on_cpu(world, tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "unconfuse.train.cli", "train", "mllm_sft", "--config", str(repo / "configs/mllm_sft/tiny.yaml"),
+    cmd = [sys.executable, "-m", "unconfuse.train.commands.cli", "train", "mllm_sft", "--config", str(repo / "configs/mllm_sft/tiny.yaml"),
            "--launch", str(repo / "configs/accelerate/ddp.yaml"), "model=tiny-llava", f"output_dir={out}", "report_to=none",
            "train.max_steps=4", "train.eval_steps=2", "train.save_steps=2", "train.logging_steps=1", "train.pairs_per_batch=2",
            "test_modes=[greedy]", "lora.vision=none", "lora.projector=none", f"data.train={world.root / 'train'}",
@@ -131,12 +129,13 @@ def test_two_process_ddp_on_cpu(world, tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
-    train_pairs = len(resolve_data(str(world.root / "train")).pairs)
+    train_pairs = len(load_benchmark(str(world.root / "train")).pairs)
     batches = -(-train_pairs // 2)  # whole-pair batches of 2 pairs
     per_rank = -(-batches // 2)  # two ranks share them
     assert state["log_history"][-1]["epoch"] == pytest.approx(4 / per_rank, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_lora_under_deepspeed_zero2_resumes_exactly(world, tmp_path):
     """Two CPU processes under DeepSpeed ZeRO-2: a run resumed from checkpoint-4 logs the same
     losses at steps 5 and 6 as the uninterrupted run (adapters, optimizer shards and RNG restored)."""
@@ -147,7 +146,7 @@ def test_lora_under_deepspeed_zero2_resumes_exactly(world, tmp_path):
     repo = Path(__file__).resolve().parents[1]
 
     def launch(out, *extra):
-        cmd = [sys.executable, "-m", "unconfuse.train.cli", "train", "mllm_sft", "--config", str(repo / "configs/mllm_sft/tiny.yaml"),
+        cmd = [sys.executable, "-m", "unconfuse.train.commands.cli", "train", "mllm_sft", "--config", str(repo / "configs/mllm_sft/tiny.yaml"),
                "--launch", str(repo / "configs/accelerate/zero2.yaml"), "model=tiny-llava", f"output_dir={out}", "report_to=none",
                "train.max_steps=6", "train.eval_steps=2", "train.save_steps=2", "train.logging_steps=1", "train.pairs_per_batch=2",
                "test_modes=[greedy]", "lora.vision=none", "lora.projector=none", f"data.train={world.root / 'train'}",

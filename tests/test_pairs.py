@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from unconfuse.eval.pairs import (Benchmark, BenchmarkError, load_benchmark, load_hf_dataset, load_jsonl,
-                                  load_upstream_csv, load_upstream_json, write_jsonl)
+from unconfuse.eval.benchmarks import load_benchmark
+from unconfuse.eval.pairs import (Benchmark, BenchmarkError, load_hf_dataset, load_jsonl, load_upstream_csv,
+                                  load_upstream_json, write_jsonl)
 
 
 def test_upstream_json_and_csv_agree_on_the_real_benchmark(mediconfusion_dir):

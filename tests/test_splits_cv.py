@@ -4,11 +4,11 @@ from collections import Counter
 
 import pytest
 
-from unconfuse.eval.pairs import load_benchmark
+from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.runner import EvalConfig, run_eval
 from unconfuse.eval.scorer import read_predictions, resolve_answers, score
 from unconfuse.eval.splits import grouped_folds, image_components, image_key
-from unconfuse.train.cli import main
+from unconfuse.train.commands.cli import main
 
 
 def _images(bench, pairs):
@@ -52,6 +52,7 @@ def test_splits_command_writes_folds_and_table(mediconfusion_dir, tmp_path, caps
     assert "only 60 connected components" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # pretrains tiny-clip-base (~2.5 min) when the session has not
 def test_cv_on_the_world_pools_folds_into_one_scored_run(tmp_path, capsys):
     out = tmp_path / "cv"
     args = ["cv", "clip_hardneg", "--config", "configs/clip_hardneg/tiny.yaml", "--folds", "2", "--benchmark", "world:test",
@@ -74,7 +75,7 @@ def test_cv_on_the_world_pools_folds_into_one_scored_run(tmp_path, capsys):
     rescored = score(bench.pairs, resolve_answers(bench.pairs, pooled))
     assert cv["final"]["set_accuracy"] == pytest.approx(rescored["set_accuracy"])
     fold_scores = [json.loads((out / f"fold-{k}" / "results.json").read_text())["final"]["set_accuracy"] for k in range(2)]
-    assert cv["fold_mean"]["set_accuracy"] == pytest.approx(sum(fold_scores) / 2)
+    assert cv["details"]["fold_mean"]["set_accuracy"] == pytest.approx(sum(fold_scores) / 2)
     # the pooled base is the base model evaluated on the whole test split at once
     direct = run_eval(EvalConfig(model="tiny-clip-base", mode="clip", benchmark="world:test", out=str(tmp_path / "direct"),
                                  progress=False))

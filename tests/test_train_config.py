@@ -5,13 +5,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from unconfuse.recipes import RECIPES, recipe_module
 from unconfuse.recipes.clip_hardneg import ClipHardNegConfig
-from unconfuse.recipes.mllm_dpo import MllmDpoConfig
-from unconfuse.recipes.mllm_sft import MllmSftConfig
 from unconfuse.train.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPE_CONFIGS = {"clip_hardneg": ClipHardNegConfig, "mllm_sft": MllmSftConfig, "mllm_dpo": MllmDpoConfig}
+RECIPE_CONFIGS = {name: recipe_module(name).CONFIG_CLASS for name in RECIPES}
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -30,6 +29,15 @@ def test_yaml_then_overrides(tmp_path):
     ("allow_leakage: 'yes'\n", [], "allow_leakage: expected true or false"),
     ("loss: 3\n", [], "loss: expected a mapping"),
     ("", ["train.max_steps"], "not key=value"),
+    ("", ["train.max_steps=-5"], "train.max_steps: must be at least 1, got -5"),
+    ("", ["train.max_steps=0"], "train.max_steps: must be at least 1, got 0"),
+    ("", ["train.eval_steps=0"], "train.eval_steps: must be at least 1"),
+    ("", ["train.pairs_per_batch=0"], "train.pairs_per_batch: must be at least 1"),
+    ("", ["train.learning_rate=0"], "train.learning_rate: must be above 0"),
+    ("", ["loss.hardneg_weight=.nan"], "loss.hardneg_weight: must be a finite number"),
+    ("", ["loss.hardneg_weight=.inf"], "loss.hardneg_weight: must be a finite number"),
+    ("", ["trainable=everything"], "trainable: must be one of 'full', 'locked_text'"),
+    ("", ["data.text=captions"], "data.text: must be one of 'option'"),
 ])
 def test_bad_keys_and_types_name_the_key(tmp_path, content, overrides, message):
     path = tmp_path / "c.yaml"
@@ -47,8 +55,9 @@ def test_every_shipped_yaml_opens_with_its_command_and_loads():
         data = yaml.safe_load(path.read_text())
         recipe = path.parent.name
         if recipe in RECIPE_CONFIGS:
-            assert f"--config configs/{recipe}/{path.name}" in path.read_text().splitlines()[0] or "unconfuse train" in first
+            assert first.startswith(f"# unconfuse train {recipe} --config configs/{recipe}/{path.name}"), path
             load_config(RECIPE_CONFIGS[recipe], path)
+            assert all(not line.rstrip().endswith("}") for line in path.read_text().splitlines()), f"{path}: one key per line"
         elif recipe == "accelerate":
             assert data["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED")
             if data["distributed_type"] == "DEEPSPEED":
@@ -58,3 +67,32 @@ def test_every_shipped_yaml_opens_with_its_command_and_loads():
         assert config["train_micro_batch_size_per_gpu"] == "auto"
     zero3 = json.loads((CONFIGS / "deepspeed" / "zero3.json").read_text())
     assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    # every recipe has configs, and every recipe folder is a recipe
+    assert {p.parent.name for p in yamls} >= set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_config_field_documents_itself(recipe, capsys):
+    """`unconfuse train RECIPE --help` lists every field (nested ones by dotted key) with its help."""
+    import dataclasses
+    import typing
+
+    from unconfuse.train.commands.cli import main
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            kind = typing.get_type_hints(cls)[f.name]
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+            if dataclasses.is_dataclass(kind):
+                yield from keys(kind, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", recipe, "--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    expected = list(keys(RECIPE_CONFIGS[recipe]))
+    assert len(expected) > 20
+    for key in expected:
+        assert f"\n  {key} (" in printed or f"\n{key} (" in printed, key

@@ -77,21 +77,15 @@ def test_zero_weights_reduce_to_plain_clip_fine_tuning():
                                                 + 0.25 * full["image_side"].item(), rel=1e-6)
 
 
-def test_pair_preference_loss_by_hand():
-    from unconfuse.train.losses import pair_preference_loss
+def test_image_contrast_loss_by_hand():
+    from unconfuse.train.losses import image_contrast_loss
 
-    pc, pr, rc, rr = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.5]), torch.tensor([-1.5, -2.0]), torch.tensor([-2.5, -2.0])
-    pcp, rcp = torch.tensor([-2.0, -2.5]), torch.tensor([-1.0, -2.0])
+    own, ref_own = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -2.0])
+    partner, ref_partner = torch.tensor([-2.0, -2.5]), torch.tensor([-1.0, -2.0])
     sig = lambda x: 1 / (1 + math.exp(-x))
     beta = 0.5
-    dpo = [-math.log(sig(beta * ((-1.0 + 1.5) - (-3.0 + 2.5)))), -math.log(sig(beta * ((-2.0 + 2.0) - (-1.5 + 2.0))))]
-    contrast = [-math.log(sig(beta * ((-1.0 + 1.5) - (-2.0 + 1.0)))), -math.log(sig(beta * ((-2.0 + 2.0) - (-2.5 + 2.0))))]
-    plain = pair_preference_loss(pc, pr, rc, rr, beta=beta)
-    assert plain["loss"].item() == pytest.approx(sum(dpo) / 2, rel=1e-6) and "image_contrast" not in plain
-    full = pair_preference_loss(pc, pr, rc, rr, pcp, rcp, beta=beta, image_contrast_weight=2.0, sft_weight=0.5,
-                                chosen_tokens=torch.tensor([2.0, 4.0]))
-    sft = (1.0 / 2 + 2.0 / 4) / 2
-    assert full["image_contrast"].item() == pytest.approx(sum(contrast) / 2, rel=1e-6)
-    assert full["loss"].item() == pytest.approx(sum(dpo) / 2 + 2.0 * sum(contrast) / 2 + 0.5 * sft, rel=1e-6)
-    with pytest.raises(ValueError, match="partner image"):
-        pair_preference_loss(pc, pr, rc, rr, image_contrast_weight=1.0)
+    # -log sigmoid(beta * [(own - ref own) - (partner - ref partner)]), averaged over rows
+    expected = [-math.log(sig(beta * ((-1.0 + 1.5) - (-2.0 + 1.0)))), -math.log(sig(beta * ((-2.0 + 2.0) - (-2.5 + 2.0))))]
+    assert image_contrast_loss(own, ref_own, partner, ref_partner, beta).item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+    # at the reference (policy == reference) the term is log 2, whatever the images
+    assert image_contrast_loss(own, own, partner, partner, beta).item() == pytest.approx(math.log(2), rel=1e-6)

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from unconfuse.eval.images import check_images
-from unconfuse.eval.pairs import load_benchmark
+from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.world import SPLITS, WorldConfig, WorldError, synthesize, verify_world
-from unconfuse.train.cli import main
+from unconfuse.train.commands.cli import main
 
 SMALL = dict(pairs=42, bases_per_source=8, corpus_size=60, image_size=48)
 
@@ -114,3 +114,15 @@ def test_synth_command_writes_the_contracted_files(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(out / first["image"]).size == (40, 40)
+
+
+def test_synth_options_default_to_the_default_world():
+    from unconfuse.eval.options import config_from_args
+    from unconfuse.train.commands.cli import build_parser
+
+    args = build_parser().parse_args(["data", "synth", "--out", "w"])
+    assert config_from_args(WorldConfig, args) == WorldConfig()
+    args = build_parser().parse_args(["data", "synth", "--out", "w", "--split-fractions", "0.5", "0.25", "0.25",
+                                      "--sources", "cr_chest", "ct_head"])
+    cfg = config_from_args(WorldConfig, args)
+    assert cfg.split_fractions == (0.5, 0.25, 0.25) and cfg.sources == ("cr_chest", "ct_head")

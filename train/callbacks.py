@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-from unconfuse.eval.io import atomic_write_json
+from unconfuse.eval.io import atomic_write_text
 from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.runner import EvalConfig, answer_pairs
 from unconfuse.eval.scorer import resolve_answers, score
@@ -41,12 +42,25 @@ def better(new: dict[str, float], old: dict[str, float] | None) -> bool:
 
 @dataclass
 class ValidationState:
-    """What the callback must remember across a kill and a resume (kept in the run directory)."""
+    """What the validation loop knows: every evaluation so far, and what follows from it."""
 
-    best: dict[str, Any] | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        best = None
+        for row in self.history:
+            if better(row, best):
+                best = row
+        return best
+
+    @property
+    def best_step(self) -> int | None:
+        return self.best["step"] if self.best else None
+
+    @property
+    def evals_without_improvement(self) -> int:
+        return sum(1 for row in self.history if row["step"] > self.best_step) if self.history else 0
 
 
 class PairValidationCallback(TrainerCallback):
@@ -54,49 +68,36 @@ class PairValidationCallback(TrainerCallback):
 
     Logs ``val/set_accuracy``, ``val/confusion``, ``val/individual_accuracy``, ``val/invalid``,
     keeps the best weights (``save_best``) by set accuracy (ties: lower confusion), and stops
-    training after ``patience`` evaluations without improvement (0: never). Its state lives in
-    ``val_history.jsonl`` and ``best.json``, so a resumed run picks up where it stopped.
+    training after ``patience`` evaluations without improvement (0: never). Its state is
+    ``val_history.jsonl`` (the best step follows from it), so a resumed run picks up where it stopped.
     """
 
     def __init__(self, run_dir: Path, evaluate: Callable[[], dict[str, Any]], save_best: Callable[[int], None],
                  eval_steps: int, patience: int = 0, is_main: bool = True, log: Callable[[dict], None] | None = None):
         self.run_dir, self.evaluate, self.save_best = run_dir, evaluate, save_best
         self.eval_steps, self.patience, self.is_main, self.log = eval_steps, patience, is_main, log
-        self.state = self._load()
-
-    def _load(self) -> ValidationState:
-        path = self.run_dir / "best.json"
-        if not path.exists():
-            return ValidationState()
-        data = json.loads(path.read_text())
-        return ValidationState(**data)
-
-    def _persist(self, step: int) -> None:
-        if not self.is_main:
-            return
-        atomic_write_json(self.run_dir / "best.json", self.state.__dict__)
-        lines = "".join(json.dumps(h) + "\n" for h in self.state.history)
-        from unconfuse.eval.io import atomic_write_text
-
-        atomic_write_text(self.run_dir / "val_history.jsonl", lines)
+        path = run_dir / "val_history.jsonl"
+        self.state = ValidationState([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                                     if path.exists() else [])
 
     def _run(self, step: int, control) -> None:
         if any(h["step"] == step for h in self.state.history):
             return  # already done before a resume
         metrics = self.evaluate()
         row = {"step": step, **{k: metrics[k] for k in VAL_KEYS}}
+        improved = better(row, self.state.best)
         self.state.history.append(row)
-        if better(row, self.state.best):
-            self.state.best, self.state.best_step = row, step
-            self.state.evals_without_improvement = 0
+        if improved:
             self.save_best(step)
-        else:
-            self.state.evals_without_improvement += 1
-            if self.patience and self.state.evals_without_improvement >= self.patience:
-                control.should_training_stop = True
-        self._persist(step)
+        elif self.patience and self.state.evals_without_improvement >= self.patience:
+            control.should_training_stop = True
+        if self.is_main:  # written after the best weights, so a kill in between re-evaluates this step
+            atomic_write_text(self.run_dir / "val_history.jsonl", "".join(json.dumps(h) + "\n" for h in self.state.history))
         if self.log:
             self.log({f"val/{k}": row[k] for k in VAL_KEYS} | {"val/step": step})
+        if self.is_main:
+            print(f"validation at step {step}: set accuracy {row['set_accuracy']:.1f}, confusion {row['confusion']:.1f}"
+                  + (" (best so far)" if improved else ""), flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:
@@ -105,3 +106,58 @@ class PairValidationCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.eval_steps == 0 or state.global_step == state.max_steps:
             self._run(state.global_step, control)
+
+
+class ConfigInCheckpoints(TrainerCallback):
+    """Every Trainer checkpoint folder carries the config it was made with (``config.yaml``)."""
+
+    def __init__(self, config: Any, is_main: bool = True):
+        self.config, self.is_main = config, is_main
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.is_main and folder.is_dir():
+            from unconfuse.train.config import dump_config
+
+            dump_config(self.config, folder / "config.yaml")
+
+
+class ConsoleLog(TrainerCallback):
+    """Training progress a person can read: a progress bar on a terminal, and one line per logging
+    step (``step 10/300  loss 0.6931  grad_norm 0.12 ...``) instead of the Trainer's raw dicts."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True,
+                            disable=not sys.stderr.isatty())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        width = len(str(state.max_steps))
+        fields = "  ".join(f"{k} {_number(v)}" for k, v in logs.items() if isinstance(v, (int, float)))
+        line = f"step {state.global_step:>{width}}/{state.max_steps}  {fields}"
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
+        return str(int(value))
+    return f"{value:.4g}"

@@ -1,14 +1,19 @@
 """Recipe configs: typed dataclasses from YAML, with dotted ``key=value`` overrides.
 
-Unknown keys and values of the wrong type are errors that name the key (``train.lr: unknown key``).
+Every field documents itself, TRL-style: ``field(default=..., metadata={"help": ...})``, optionally
+with a range (``"min"``: at least, ``"gt"``: above). Unknown keys, wrong types, values outside a
+``Literal`` or a range, and non-finite numbers are errors that name the key (``train.lr: unknown
+key``), raised at load, before any model loads. ``describe`` renders the help for ``--help``.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -66,6 +71,8 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -86,7 +93,53 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {name: _convert(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs:
+            _check_range(kwargs[f.name], f.metadata, f"{prefix}{f.name}")
     return cls(**kwargs)
+
+
+def _check_range(value: Any, metadata: Any, key: str) -> None:
+    if value is None:
+        return
+    if "min" in metadata and value < metadata["min"]:
+        raise ConfigError(f"{key}: must be at least {metadata['min']}, got {value!r}")
+    if "gt" in metadata and not value > metadata["gt"]:
+        raise ConfigError(f"{key}: must be above {metadata['gt']}, got {value!r}")
+
+
+def check(config: T) -> T:
+    """Check a config built in Python (not loaded from YAML) as ``load_config`` checks a loaded one."""
+    from_dict(type(config), to_dict(config))
+    return config
+
+
+def describe(config: Any, prefix: str = "") -> str:
+    """Every field of a config class (or instance) with its type, default and help, one per line (``--help``)."""
+    instance = config() if isinstance(config, type) else config
+    hints = typing.get_type_hints(type(instance))
+    lines = []
+    for f in dataclasses.fields(instance):
+        key, kind, text, value = f"{prefix}{f.name}", hints[f.name], f.metadata.get("help", ""), getattr(instance, f.name)
+        if dataclasses.is_dataclass(kind):
+            lines += [f"{key}.*: {text}", describe(value, prefix=f"{key}.")]
+            continue
+        bounds = "".join(f", {'>=' if k == 'min' else '>'} {f.metadata[k]}" for k in ("min", "gt") if k in f.metadata)
+        lines.append(f"{'  ' if prefix else ''}{key} ({_type_name(kind)}{bounds}; default {value!r}): {text}")
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -110,6 +163,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _merge(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` over ``defaults``, mapping by mapping: a YAML that sets ``train.max_steps`` keeps the
+    recipe's other ``train.*`` defaults (which differ per recipe)."""
+    merged = dict(defaults)
+    for key, value in data.items():
+        merged[key] = _merge(defaults[key], value) if isinstance(value, dict) and isinstance(defaults.get(key), dict) else value
+    return merged
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
     """The recipe config: defaults of ``cls``, then the YAML file, then the overrides."""
     data: dict[str, Any] = {}
@@ -118,7 +180,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
             data = yaml.safe_load(fh) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(_merge(to_dict(cls()), data), overrides or [])
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
@@ -129,3 +191,34 @@ def dump_config(config: Any, path: str | Path) -> None:
     from unconfuse.eval.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, **bounds: Any) -> Any:
+    """A documented config field: ``field(default=..., metadata={"help": ..., "min"/"gt": ...})``."""
+    metadata = {"help": help, **bounds}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainSettings:
+    """The training settings every recipe has (``train.*``); a recipe picks its own defaults."""
+
+    max_steps: int = setting(100, "optimizer steps to train", min=1)
+    pairs_per_batch: int = setting(4, "confusing pairs per device batch; a batch holds both images of each pair", min=1)
+    learning_rate: float = setting(2e-4, "peak learning rate", gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", min=0)
+    warmup_steps: int = setting(5, "linear warmup steps", min=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = setting(
+        "cosine", "learning-rate schedule after warmup")
+    gradient_accumulation_steps: int = setting(1, "batches accumulated per optimizer step", min=1)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", gt=0)
+    eval_steps: int = setting(25, "validation cadence in steps (also at step 0 and the last step)", min=1)
+    save_steps: int = setting(50, "resumable Trainer checkpoint cadence in steps", min=1)
+    logging_steps: int = setting(10, "training log cadence in steps", min=1)
+    patience: int = setting(0, "stop after this many validations without improvement; 0 = never", min=0)
+    seed: int = setting(0, "seed of the model init, LoRA init, batch order and augmentation")
+    bf16: bool = setting(False, "train in bfloat16 mixed precision (GPUs that support it)")
+    activation_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory "
+                                                    "(MLLMs; transformers' name for gradient checkpointing)")

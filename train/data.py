@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from unconfuse.eval.images import load_image
 from unconfuse.eval.pairs import Benchmark, Pair
@@ -54,6 +54,20 @@ class PairItems(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"pixel_values": self.pixels[index], "text": self.texts[index], "item": index}
+
+
+class PairBatches:
+    """For ``transformers.Trainer`` subclasses (TRL's included): batches of whole pairs (dataset
+    rows 2k and 2k+1 are a pair's two images), drawn by ``PairBatchSampler``."""
+
+    def __init__(self, *args, pairs_per_batch: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pairs_per_batch = pairs_per_batch
+
+    def get_train_dataloader(self) -> DataLoader:
+        sampler = PairBatchSampler(len(self.train_dataset) // 2, self.pairs_per_batch, seed=self.args.seed)
+        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator, num_workers=0)
+        return self.accelerator.prepare(loader)
 
 
 class PairBatchSampler(Sampler[list[int]]):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from unconfuse.eval.models.pretrain import multi_positive_clip_loss
+from unconfuse.eval.models.clip import multi_positive_clip_loss
 
-__all__ = ["multi_positive_clip_loss", "hard_negative_loss", "clip_hardneg_loss"]
+__all__ = ["multi_positive_clip_loss", "hard_negative_loss", "clip_hardneg_loss", "image_contrast_loss"]
 
 
 def hard_negative_loss(logits: torch.Tensor, partner: torch.Tensor, image_side: bool = False) -> torch.Tensor:
@@ -34,38 +34,6 @@ def clip_hardneg_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     if image_side_weight:
         parts["image_side"] = hard_negative_loss(logits, partner, image_side=True)
     parts["loss"] = parts["clip"] + hardneg_weight * parts.get("hardneg", 0) + image_side_weight * parts.get("image_side", 0)
-    return parts
-
-
-def pair_preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                         ref_rejected: torch.Tensor, policy_chosen_partner: torch.Tensor | None = None,
-                         ref_chosen_partner: torch.Tensor | None = None, beta: float = 0.1,
-                         image_contrast_weight: float = 0.0, sft_weight: float = 0.0,
-                         chosen_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """DPO on (correct, other) answers plus the pair image-contrast term, from sequence log-probs.
-
-    - ``dpo``: -log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)]), chosen = the correct option
-      for the image, rejected = the other option (same prompt, same image).
-    - ``image_contrast`` (mDPO's conditional preference, natural on confusing pairs): the same
-      prompt and the same correct answer, preferred with its own image over the pair-partner image:
-      -log sigmoid(beta * [(pi_w - ref_w) - (pi_w|partner - ref_w|partner)]).
-    - ``sft`` (RPO): the chosen answer's negative log-likelihood, per token when ``chosen_tokens`` is given.
-    ``image_contrast_weight = 0`` and ``sft_weight = 0`` is plain DPO, the baseline.
-    """
-    chosen_ratio = policy_chosen - ref_chosen
-    parts = {"dpo": -F.logsigmoid(beta * (chosen_ratio - (policy_rejected - ref_rejected))).mean()}
-    loss = parts["dpo"]
-    if image_contrast_weight:
-        if policy_chosen_partner is None or ref_chosen_partner is None:
-            raise ValueError("the image-contrast term needs the chosen answer's log-probs with the partner image")
-        parts["image_contrast"] = image_contrast_loss(policy_chosen, ref_chosen, policy_chosen_partner,
-                                                      ref_chosen_partner, beta)
-        loss = loss + image_contrast_weight * parts["image_contrast"]
-    if sft_weight:
-        nll = -policy_chosen / chosen_tokens if chosen_tokens is not None else -policy_chosen
-        parts["sft"] = nll.mean()
-        loss = loss + sft_weight * parts["sft"]
-    parts["loss"] = loss
     return parts
 
 

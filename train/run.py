@@ -1,80 +1,95 @@
-"""What every recipe run shares: data resolution, the run directory, the leakage audit, W&B."""
+"""The run lifecycle every recipe shares, as steps a recipe calls in order (torchtune-style: no base
+class, no mixins; each recipe file reads top to bottom)::
+
+    run = open_run(RECIPE, cfg, strategy)          # launch state, run directory, config.yaml, data, leakage.json
+    adapter, spec = load_model(...)                # the recipe's own model code
+    start_wandb(run, spec.name)
+    base = score_stage(run, "base", evaluate)      # base/ (+ base-<mode>/): the test split before training
+    callback = validation(run, evaluate_val, save_weights)
+    train(run, trainer)                            # transformers/TRL Trainer: checkpoints, resume, DDP, DeepSpeed
+    final = score_stage(run, "test", evaluate)     # test/ (+ test-<mode>/): the selected checkpoint
+    return finish(run, spec.name, base, final, trainer, callback, details)
+
+The test split is scored before and after training and never drives selection; the validation
+split does (``validation``). Everything is written through the run format (``unconfuse.eval.runs``).
+"""
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
-from unconfuse.eval.io import atomic_write_json, sha256_file
-from unconfuse.eval.pairs import Benchmark, load_benchmark
+from unconfuse.eval.benchmarks import load_benchmark
+from unconfuse.eval.io import atomic_folder, atomic_write_json, sha256_file
+from unconfuse.eval.pairs import Benchmark
+from unconfuse.eval.prompts import PromptSet, load_prompts
+from unconfuse.eval.runs import (RunResults, read_scored, scored_folder, write_run_results, write_scored)
+from unconfuse.eval.scorer import SCORER_VERSION
+from unconfuse.train.callbacks import PairValidationCallback
+from unconfuse.train.config import TrainSettings, dump_config, to_dict
 
-
-@dataclass
-class TrainConfig:
-    """The training settings every recipe has (a recipe subclasses it to change defaults or add some)."""
-
-    max_steps: int = 100
-    pairs_per_batch: int = 4  # per device; a batch holds 2x this many examples (both images of each pair)
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 5
-    lr_scheduler: str = "cosine"
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    eval_steps: int = 25  # validation cadence (also at step 0)
-    save_steps: int = 50  # resumable Trainer checkpoints
-    logging_steps: int = 10
-    patience: int = 0  # evaluations without improvement before stopping; 0 = never
-    seed: int = 0
-    bf16: bool = False
-
-
-def trainer_arguments(t: TrainConfig, run_dir: Path, report_to_wandb: bool, launch: dict[str, Any]) -> dict[str, Any]:
-    """TrainingArguments keywords from the shared settings, the run directory and ``launch_settings()``."""
-    import sys
-
-    return dict(output_dir=str(run_dir / "checkpoints"), max_steps=t.max_steps,
-                per_device_train_batch_size=2 * t.pairs_per_batch, learning_rate=t.learning_rate,
-                weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
-                gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
-                logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, seed=t.seed,
-                data_seed=t.seed, bf16=t.bf16, report_to=["wandb"] if report_to_wandb else [],
-                dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(), **launch)
+Evaluate = Callable[[Benchmark, str], "tuple[list[dict[str, Any]], dict[str, Any]]"]
 
 
 class LeakageError(RuntimeError):
     """Training images appear in the validation or test pairs."""
 
 
-def resolve_data(arg: str) -> Benchmark:
-    """A benchmark argument (``world:<split>`` is the default embedded world's split)."""
-    return load_benchmark(arg)
+@dataclass
+class Run:
+    """An open run: where it writes, what it trains, validates and tests on, how it reports."""
+
+    recipe: str
+    cfg: Any  # the recipe's config dataclass (model, data, train, report_to, ... fields)
+    strategy: str
+    dir: Path
+    is_main: bool  # rank 0 writes; every rank trains and scores
+    train: Benchmark
+    val: Benchmark
+    test: Benchmark
+    prompts: PromptSet
+    launch: dict[str, Any]
+    modes: list[str]  # test modes; the first is the main mode (base/, test/)
+    start: float = field(default_factory=time.time)
+    wandb: Any = None
+
+    @property
+    def main_mode(self) -> str:
+        return self.modes[0]
+
+    @property
+    def best_dir(self) -> Path:
+        return self.dir / "checkpoints" / "best"
 
 
-def run_recipe(recipe: str, config: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run ``recipes/<recipe>.py`` in this process with a YAML config and dotted overrides; its results."""
-    import importlib
+def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
+    """The first step of every recipe: launch state (before any model loads), the run directory with
+    ``config.yaml``, the train/val/test benchmarks (the embedded world built on first use) and the
+    leakage audit (``leakage.json``; a leak aborts unless ``allow_leakage``)."""
+    from unconfuse.eval.world import prepare
 
-    from unconfuse.train.config import load_config
+    # TRL and peft still read transformers' old name; the warning is theirs, not something a user can change
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    launch = launch_settings()
+    prepare(models=[cfg.model], benchmarks=[cfg.data.train, cfg.data.val, cfg.data.test])
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(recipe)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # set by torchrun/accelerate for every process
+    if is_main:
+        dump_config(cfg, run_dir / "config.yaml")
+    train_bench, val_bench, test_bench = (load_benchmark(a) for a in (cfg.data.train, cfg.data.val, cfg.data.test))
+    check_leakage(run_dir, train_bench, {"val": val_bench, "test": test_bench}, cfg.allow_leakage, write=is_main)
+    return Run(recipe, cfg, strategy, run_dir, is_main, train_bench, val_bench, test_bench, load_prompts(), launch,
+               list(dict.fromkeys(modes)))
 
-    module = importlib.import_module(f"unconfuse.recipes.{recipe}")
-    return module.main(load_config(module.CONFIG_CLASS, config, list(overrides or [])))
 
-
-def recipe_cli(recipe: str, summarize, argv: list[str] | None = None) -> int:
-    """The command line every recipe module has: ``--config YAML`` and ``key=value`` overrides;
-    prints ``summarize(results)``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=f"python -m unconfuse.recipes.{recipe}")
-    parser.add_argument("--config", help=f"recipe YAML (configs/{recipe}/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
-    args = parser.parse_args(argv)
-    print(summarize(run_recipe(recipe, args.config, args.overrides)))
-    return 0
+def default_output_dir(recipe: str) -> Path:
+    return Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def launch_settings() -> dict[str, Any]:
@@ -93,8 +108,19 @@ def launch_settings() -> dict[str, Any]:
             "accelerator_config": {"use_configured_state": True} if deepspeed and cpu else None}
 
 
-def default_output_dir(recipe: str) -> Path:
-    return Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+def trainer_arguments(run: Run, train: TrainSettings) -> dict[str, Any]:
+    """TrainingArguments keywords from the shared training settings, the run directory and the launch."""
+    return dict(output_dir=str(run.dir / "checkpoints"), max_steps=train.max_steps,
+                per_device_train_batch_size=2 * train.pairs_per_batch, learning_rate=train.learning_rate,
+                weight_decay=train.weight_decay, warmup_steps=train.warmup_steps, lr_scheduler_type=train.lr_scheduler,
+                gradient_accumulation_steps=train.gradient_accumulation_steps, max_grad_norm=train.max_grad_norm,
+                logging_steps=train.logging_steps, save_strategy="steps", save_steps=train.save_steps, seed=train.seed,
+                data_seed=train.seed, bf16=train.bf16, activation_checkpointing=train.activation_checkpointing, report_to=["wandb"] if run.wandb is not None else [],
+                dataloader_num_workers=0, disable_tqdm=True, **run.launch)  # ConsoleLog shows progress
+
+
+# ---------------------------------------------------------------------------------------------
+# Leakage
 
 
 def leakage_audit(train: Benchmark, others: dict[str, Benchmark]) -> dict[str, Any]:
@@ -114,11 +140,13 @@ def leakage_audit(train: Benchmark, others: dict[str, Benchmark]) -> dict[str, A
     return report
 
 
-def check_leakage(run_dir: Path, train: Benchmark, others: dict[str, Benchmark], allow: bool) -> dict[str, Any]:
+def check_leakage(run_dir: Path, train: Benchmark, others: dict[str, Benchmark], allow: bool,
+                  write: bool = True) -> dict[str, Any]:
     """Write ``leakage.json``; abort before training on a leak unless ``allow``."""
     report = leakage_audit(train, others)
     report["allowed"] = allow
-    atomic_write_json(run_dir / "leakage.json", report)
+    if write:
+        atomic_write_json(run_dir / "leakage.json", report)
     if report["leak"] and not allow:
         shared = {k: len(v["shared_by_id"]) + len(v["shared_by_content"]) for k, v in report["splits"].items()}
         raise LeakageError(f"training images appear in other splits {shared}; see {run_dir / 'leakage.json'} "
@@ -126,37 +154,108 @@ def check_leakage(run_dir: Path, train: Benchmark, others: dict[str, Benchmark],
     return report
 
 
-def write_scored(run_dir: Path, name: str, records: list[dict[str, Any]], results: dict[str, Any], title: str) -> None:
-    """``run_dir/name/`` with predictions.jsonl, results.json and report.md (atomic writes)."""
-    from unconfuse.eval.io import atomic_write_text
-    from unconfuse.eval.scorer import render_report
-
-    folder = run_dir / name
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    atomic_write_json(folder / "results.json", results)
-    atomic_write_text(folder / "report.md", render_report(results, title=title))
+# ---------------------------------------------------------------------------------------------
+# Scoring, validation, training
 
 
-def setup_wandb(report_to: str, run_dir: Path, config: dict[str, Any], strategy: str, tags: list[str]):
-    """Start a W&B run (project ``unconfuse``, grouped by strategy) or return None.
+def score_stage(run: Run, stage: Literal["base", "test"], evaluate: Evaluate, model: str) -> dict[str, dict[str, Any]]:
+    """The test split in every test mode: ``<stage>/`` for the main mode, ``<stage>-<mode>/`` for the
+    others. Base scores already on disk are reused (a resumed run does not score its base twice);
+    test scores are always computed, with the checkpoint ``evaluate`` holds."""
+    scores = {}
+    for mode in run.modes:
+        folder = run.dir / scored_folder(stage, mode, run.main_mode)
+        if stage == "base" and (folder / "results.json").exists():
+            scores[mode] = read_scored(folder)
+            continue
+        records, scores[mode] = evaluate(run.test, mode)
+        if run.is_main:
+            scores[mode] = write_scored(folder, scores[mode], records=records, model=model, mode=mode,
+                                        benchmark=run.cfg.data.test, strategy="base" if stage == "base" else run.strategy,
+                                        seed=run.cfg.train.seed, title=f"{run.recipe} {stage}: {model} / {mode}")
+    return scores
+
+
+def validation(run: Run, evaluate: Evaluate, save_weights: Callable[[Path], None], val_mode: str) -> PairValidationCallback:
+    """The validation loop: scores ``run.val`` in ``val_mode`` at step 0 and every ``eval_steps``, keeps
+    the best checkpoint in ``checkpoints/best`` (written atomically, with the config and step), logs
+    ``val/*`` to W&B, stops after ``patience`` evaluations without improvement."""
+    def save_best(step: int) -> None:
+        if run.is_main:
+            with atomic_folder(run.best_dir) as tmp:
+                save_weights(tmp)
+                dump_config(run.cfg, tmp / "config.yaml")
+                (tmp / "step.txt").write_text(str(step))
+
+    return PairValidationCallback(run.dir, lambda: evaluate(run.val, val_mode)[1], save_best, run.cfg.train.eval_steps,
+                                  run.cfg.train.patience, is_main=run.is_main,
+                                  log=(lambda row: run.wandb.log(row)) if run.wandb else None)
+
+
+def train(run: Run, trainer) -> None:
+    """``trainer.train``, resuming from ``resume_from_checkpoint`` (a folder or ``latest``)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from unconfuse.train.callbacks import ConfigInCheckpoints, ConsoleLog
+
+    trainer.add_callback(ConfigInCheckpoints(run.cfg, run.is_main))
+    for raw in (PrinterCallback, ProgressCallback):  # raw-dict printers: ConsoleLog prints readable lines
+        trainer.remove_callback(raw)
+    trainer.add_callback(ConsoleLog())
+    resume = run.cfg.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    trainer.accelerator.wait_for_everyone()  # rank 0 may still be writing the best weights
+
+
+def finish(run: Run, model: str, base: dict[str, dict[str, Any]], final: dict[str, dict[str, Any]], trainer,
+           callback: PairValidationCallback, details: dict[str, Any] | None = None) -> RunResults:
+    """The run record (``results.json``), and the W&B summary of the test scores."""
+    main = run.main_mode
+    results = RunResults(
+        kind="run", recipe=run.recipe, strategy=run.strategy, model=model, train_data=run.cfg.data.train,
+        test_data=run.cfg.data.test, seed=run.cfg.train.seed, mode=main, base=base[main], final=final[main],
+        steps=trainer.state.global_step, best_step=callback.state.best_step, best_val=callback.state.best,
+        wall_time_s=time.time() - run.start, scorer_version=SCORER_VERSION, prompt_version=run.prompts.version,
+        other_modes={m: {"base": base[m], "final": final[m]} for m in run.modes if m != main}, details=details or {})
+    if run.is_main:
+        write_run_results(run.dir, results)
+        log_final_to_wandb(run.wandb, results, run.dir / "test" / "predictions.jsonl")
+    return results
+
+
+def summary(results: RunResults) -> str:
+    """One JSON line: strategy, steps, best step, and base/final set accuracy and confusion per mode."""
+    line: dict[str, Any] = {"strategy": results.strategy, "best_step": results.best_step, "steps": results.steps}
+    for mode in [results.mode, *results.other_modes]:
+        base, final = results.scores(mode)
+        for name, res in (("base", base), ("final", final)):
+            line |= {f"{name}_{mode}_{m}": res[m] for m in ("set_accuracy", "confusion")}
+    return json.dumps(line)
+
+
+# ---------------------------------------------------------------------------------------------
+# W&B
+
+
+def start_wandb(run: Run, model: str) -> None:
+    """Start a W&B run for rank 0 (project ``unconfuse``, grouped by strategy) when ``report_to: wandb``.
 
     Without an API key (and no WANDB_MODE set) the run is offline: it never blocks on the
     network. API keys are read by wandb from the environment and never written by us.
     """
-    if report_to != "wandb" or os.environ.get("WANDB_MODE") == "disabled":
-        return None
+    if run.cfg.report_to != "wandb" or os.environ.get("WANDB_MODE") == "disabled" or not run.is_main:
+        return
     import wandb
 
     if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
         os.environ["WANDB_MODE"] = "offline"
     os.environ.setdefault("WANDB_PROJECT", "unconfuse")
-    return wandb.init(project=os.environ["WANDB_PROJECT"], group=strategy, tags=tags, config=config,
-                      dir=str(run_dir), name=run_dir.name, reinit="finish_previous")
+    run.wandb = wandb.init(project=os.environ["WANDB_PROJECT"], group=run.strategy, tags=[run.recipe, model, run.cfg.data.train],
+                           config=to_dict(run.cfg), dir=str(run.dir), name=run.dir.name, reinit="finish_previous")
 
 
-def log_final_to_wandb(run, results: dict[str, Any], predictions: Path) -> None:
-    if run is None:
+def log_final_to_wandb(wandb_run, results: RunResults, predictions: Path) -> None:
+    if wandb_run is None:
         return
     import wandb
 
@@ -164,8 +263,49 @@ def log_final_to_wandb(run, results: dict[str, Any], predictions: Path) -> None:
     table = wandb.Table(columns=["pair_id", "image", "answer", "score_A", "score_B"],
                         data=[[r["pair_id"], r["image"], r.get("answer"), (r.get("scores") or {}).get("A"),
                                (r.get("scores") or {}).get("B")] for r in rows])
-    run.log({"test/predictions": table})
-    for name in ("base", "final"):
+    wandb_run.log({"test/predictions": table})
+    for name, res in (("base", results.base), ("final", results.final)):
         for key in ("set_accuracy", "confusion", "individual_accuracy", "invalid"):
-            run.summary[f"test/{name}_{key}"] = results[name][key]
-    run.finish()
+            wandb_run.summary[f"test/{name}_{key}"] = res[key]
+    wandb_run.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def run_recipe(recipe: str, config: str | Path | None, overrides: list[str] | None = None) -> RunResults:
+    """Run recipe ``recipe`` (from ``recipes.RECIPES``) in this process with a YAML config and dotted
+    overrides; its run record."""
+    from unconfuse.recipes import recipe_module
+    from unconfuse.train.config import load_config
+
+    module = recipe_module(recipe)
+    return module.main(load_config(module.CONFIG_CLASS, config, list(overrides or [])))
+
+
+def recipe_cli(recipe: str, argv: list[str] | None = None) -> int:
+    """The command line every recipe module has: ``--config YAML``, ``key=value`` overrides and
+    ``--help`` listing every config field. Bad config or data: exit 2 with a one-line message."""
+    import argparse
+
+    from unconfuse.eval.benchmarks import BenchmarkError
+    from unconfuse.eval.models import ModelLoadError
+    from unconfuse.recipes import recipe_module
+    from unconfuse.train.config import ConfigError, describe
+
+    module = recipe_module(recipe)
+    parser = argparse.ArgumentParser(prog=f"unconfuse train {recipe}", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description=(module.__doc__ or "").split("\n\n")[0],
+                                     epilog="config fields (YAML keys, or key=value overrides):\n" + describe(module.CONFIG_CLASS))
+    parser.add_argument("--config", help=f"recipe YAML (configs/{recipe}/*.yaml)")
+    parser.add_argument("--output-dir", help="the run directory (the same as the override output_dir=DIR)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
+    args = parser.parse_intermixed_args(argv)
+    overrides = [*args.overrides, *([f"output_dir={args.output_dir}"] if args.output_dir else [])]
+    try:
+        print(summary(run_recipe(recipe, args.config, overrides)))
+    except (ConfigError, LeakageError, BenchmarkError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..pairs import unconfuse_home
+from ..home import built_model_dir, unconfuse_home
 from .base import EncoderAdapter, GenerativeAdapter, ModelLoadError, Query
 
-__all__ = ["ModelSpec", "load_model", "resolve_model", "list_presets", "ModelLoadError", "Query",
+__all__ = ["ModelSpec", "load_model", "resolve_model", "find_preset", "list_presets", "ModelLoadError", "Query",
            "GenerativeAdapter", "EncoderAdapter", "PRESET_DIR"]
 
 PRESET_DIR = Path(__file__).resolve().parents[1].parent / "configs" / "models"
@@ -38,7 +38,7 @@ class ModelSpec:
     family: str
     model_id: str | None = None
     pretrained: str | None = None  # open_clip pretrained tag
-    build: dict[str, Any] | None = None  # tiny models: builder settings (see eval/models/tiny.py)
+    build: dict[str, Any] | None = None  # tiny models: builder settings (see eval/world/tiny.py)
     dtype: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
@@ -110,13 +110,21 @@ def _hub_config(model_id: str) -> dict[str, Any]:
                              "and use a cached model or a local folder.") from exc
 
 
-def resolve_model(arg: str) -> ModelSpec:
-    """Turn a ``--model`` argument into a spec (no weights are loaded)."""
+def find_preset(arg: str) -> ModelSpec | None:
+    """The preset ``arg`` names (a name under configs/models, or a preset YAML file), else None."""
     preset = _preset_dir() / f"{arg}.yaml"
     if preset.exists():
         return load_preset(preset)
     if arg.endswith((".yaml", ".yml")) and Path(arg).is_file():
         return load_preset(Path(arg))
+    return None
+
+
+def resolve_model(arg: str) -> ModelSpec:
+    """Turn a ``--model`` argument into a spec (no weights are loaded)."""
+    preset = find_preset(arg)
+    if preset is not None:
+        return preset
     if arg.startswith(("hf-hub:", "local-dir:")):
         return ModelSpec(name=arg, family="open-clip", model_id=arg)
     path = Path(arg).expanduser()
@@ -131,13 +139,15 @@ def resolve_model(arg: str) -> ModelSpec:
 
 
 def load_model(arg: str | ModelSpec, device: str | None = None, trust_remote_code: bool | None = None):
-    """Load the adapter for a model argument or spec. Returns ``(adapter, spec)``."""
+    """Load the adapter for a model argument or spec. Returns ``(adapter, spec)``, the spec's
+    ``model_id`` resolved to what was loaded (a built preset's folder, ``{home}`` expanded)."""
     spec = arg if isinstance(arg, ModelSpec) else resolve_model(arg)
     model_id = spec.model_id.replace("{home}", str(unconfuse_home())) if spec.model_id else None
     if spec.build:
-        from .tiny import materialize
-
-        folder = materialize(spec.name, spec.build, unconfuse_home() / "models")
+        folder = built_model_dir(spec.name)
+        if not (folder / ".complete").exists():
+            raise ModelLoadError(f"{spec.name} is built from config and is not built in {folder} yet; unconfuse commands "
+                                 f"and recipes build it on first use (in Python: unconfuse.eval.world.prepare(models=[{spec.name!r}]))")
         model_id = f"local-dir:{folder}" if spec.family == "open-clip" else str(folder)
     elif model_id and "/" in model_id and not model_id.startswith(("hf-hub:", "local-dir:")) and not Path(model_id).exists():
         _hub_config(model_id)  # fail fast offline, before the slow loaders try
@@ -161,4 +171,4 @@ def load_model(arg: str | ModelSpec, device: str | None = None, trust_remote_cod
 
         adapter = HFClipAdapter(model_id, name=spec.name, device=device, trust_remote_code=remote,
                                 revision=spec.revision)
-    return adapter, spec
+    return adapter, replace(spec, model_id=model_id)

@@ -155,3 +155,17 @@ class HFVisionAdapter(_EncoderCache):
 
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
         raise ModelLoadError(f"{self.name} is an image-only encoder; it cannot score texts (use it for mining)")
+
+
+def multi_positive_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                             text_ids: torch.Tensor) -> torch.Tensor:
+    """InfoNCE where identical texts in the batch are all positives of each other.
+
+    Plain InfoNCE makes two images with the same caption ("CT of the head.") negatives of each
+    other's text and cannot converge; soft targets spread over the equal texts instead.
+    """
+    logits = logit_scale * image_features @ text_features.T
+    same = (text_ids[:, None] == text_ids[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, targets)
+                  + torch.nn.functional.cross_entropy(logits.T, targets))

@@ -10,21 +10,23 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .io import atomic_write_json
-from .pairs import Pair, write_jsonl
+from ..io import atomic_write_json
+from ..pairs import Pair, write_jsonl
+from .generator import SOURCES
 
-# image name -> (pydicom test file, output format)
+# image name -> (world source whose pydicom file it is, output format)
 SAMPLE_IMAGES = {
-    "ct_head": ("693_UNCR.dcm", "dcm"),
-    "ct_spine": ("CT_small.dcm", "dcm"),
-    "mr_head": ("emri_small.dcm", "dcm"),
-    "mr_shoulder": ("MR2_UNCR.dcm", "dcm"),
-    "mr_abdomen": ("MR-SIEMENS-DICOM-WithOverlays.dcm", "dcm"),
-    "nm_whole_body": ("JPEG2000_UNC.dcm", "dcm"),
-    "cr_chest": ("RG1_UNCR.dcm", "png"),
-    "cr_leg": ("RG3_UNCR.dcm", "dcm"),
-    "us_neck": ("US1_UNCR.dcm", "png"),
+    "ct_head": ("ct_head", "dcm"),
+    "ct_spine": ("ct_spine", "dcm"),
+    "mr_head": ("mr_brain", "dcm"),
+    "mr_shoulder": ("mr_shoulder", "dcm"),
+    "mr_abdomen": ("mr_abdomen", "dcm"),
+    "nm_whole_body": ("nm_body", "dcm"),
+    "cr_chest": ("cr_chest", "png"),
+    "cr_leg": ("cr_leg", "dcm"),
+    "us_neck": ("us_neck", "png"),
 }
+SOURCE_FILES = {s.name: s.file for s in SOURCES}
 
 MODALITY_Q = "What imaging modality is shown?"
 SAMPLE_PAIRS = [
@@ -48,7 +50,7 @@ def write_sample_benchmark(out: str | Path, max_png_size: int = 512) -> Path:
     """Write ``out/pairs.jsonl`` and ``out/images/``; idempotent. Returns ``out``."""
     from pydicom.data import get_testdata_file
 
-    from .images import dicom_to_rgb
+    from ..images import dicom_to_rgb
 
     out = Path(out)
     images = out / "images"
@@ -59,7 +61,7 @@ def write_sample_benchmark(out: str | Path, max_png_size: int = 512) -> Path:
         names[name] = f"images/{target.name}"
         if target.exists():
             continue
-        path = get_testdata_file(source)
+        path = get_testdata_file(SOURCE_FILES[source])
         if path is None:
             raise FileNotFoundError(f"pydicom test file {source} not found; is pydicom-data installed?")
         tmp = target.with_suffix(target.suffix + ".tmp")
@@ -74,6 +76,6 @@ def write_sample_benchmark(out: str | Path, max_png_size: int = 512) -> Path:
                   answer_1=ans[0], answer_2=ans[1], categories_1=c1, categories_2=c2, source="pydicom-sample")
              for pid, a, b, q, oa, ob, ans, c1, c2 in SAMPLE_PAIRS]
     write_jsonl(pairs, out / "pairs.jsonl")
-    atomic_write_json(out / "sample.json", {"images": {k: v[0] for k, v in SAMPLE_IMAGES.items()},
+    atomic_write_json(out / "sample.json", {"images": {k: SOURCE_FILES[v[0]] for k, v in SAMPLE_IMAGES.items()},
                                             "n_pairs": len(pairs)})
     return out

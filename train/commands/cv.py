@@ -4,8 +4,8 @@ For each fold k: train on the other folds, validate (checkpoint selection) on on
 fold k. Each fold is a normal run directory (``CV/fold-<k>``); the cv directory holds the splits,
 the aggregate over folds (mean and std), and all folds' test predictions pooled into one
 prediction file over the whole benchmark, scored with bootstrap CIs. The cv directory has the
-shape of a run directory (``results.json`` with ``base`` and ``final``, ``base/`` and ``test/``),
-so ``unconfuse compare`` reads it like any run.
+shape of a run directory (config.yaml, leakage.json and val_history.jsonl over the folds, base/,
+test/, a ``kind: cv`` run record), so ``unconfuse compare`` reads it like any run.
 """
 from __future__ import annotations
 
@@ -16,12 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from unconfuse.eval.io import atomic_write_json
-from unconfuse.eval.pairs import Benchmark, load_benchmark, write_jsonl
+from unconfuse.eval.benchmarks import Benchmark, load_benchmark
+from unconfuse.eval.io import atomic_write_json, atomic_write_text
+from unconfuse.eval.pairs import write_jsonl
+from unconfuse.eval.runs import RunResults, read_run_results, write_run_results, write_scored
 from unconfuse.eval.scorer import read_predictions
 from unconfuse.eval.splits import fold_benchmark, grouped_folds, write_splits
+from unconfuse.recipes import recipe_module
 from unconfuse.train.callbacks import score_records
-from unconfuse.train.run import run_recipe, write_scored
+from unconfuse.train.config import dump_config, load_config
+from unconfuse.train.run import run_recipe
 
 METRICS = ("set_accuracy", "confusion", "individual_accuracy")
 
@@ -42,11 +46,14 @@ def fold_data(bench: Benchmark, assignment: list[int], folds: int, k: int, seed:
 
 
 def run_cv(recipe: str, config: str, folds: int, benchmark: str, out: str | Path, seed: int = 0,
-           overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train and test ``recipe`` once per fold; write the aggregate and the pooled predictions.
-    Folds whose run directory already has results.json are reused (rerun to resume)."""
+           overrides: list[str] | None = None) -> RunResults:
+    """Train and test ``recipe`` once per fold; write the cv run record and the pooled predictions.
+    Folds whose run directory already has its run record are reused (rerun to resume)."""
+    from unconfuse.eval.world import prepare
+
     out = Path(out)
     start = time.time()
+    prepare(benchmarks=[benchmark])
     bench = load_benchmark(benchmark)
     splits_dir = out / "splits"
     previous = splits_dir / "splits.json"
@@ -57,7 +64,7 @@ def run_cv(recipe: str, config: str, folds: int, benchmark: str, out: str | Path
                              f"{settings['pairs']} pairs); use another --out")
     splits = write_splits(bench, folds, splits_dir, seed)
     assignment = [splits["assignment"][p.id] for p in bench.pairs]
-    fold_results = []
+    fold_runs: list[RunResults] = []
     for k in range(folds):
         run_dir = out / f"fold-{k}"
         if not (run_dir / "results.json").exists():
@@ -70,40 +77,46 @@ def run_cv(recipe: str, config: str, folds: int, benchmark: str, out: str | Path
                   f"(test: {sum(1 for a in assignment if a == k)} pairs)", flush=True)
             run_recipe(recipe, config, [*(overrides or []), f"output_dir={run_dir}", f"data.train={paths['train']}",
                                         f"data.val={paths['val']}", f"data.test={paths['test']}"])
-        fold_results.append(json.loads((run_dir / "results.json").read_text()))
+        fold_runs.append(read_run_results(run_dir))
 
+    first = fold_runs[0]
+    dump_config(load_config(recipe_module(recipe).CONFIG_CLASS, config, list(overrides or [])), out / "config.yaml")
+    atomic_write_json(out / "leakage.json", {"folds": {f"fold-{k}": json.loads((out / f"fold-{k}" / "leakage.json").read_text())
+                                                       for k in range(folds)}})
+    atomic_write_text(out / "val_history.jsonl", "".join(
+        json.dumps({"fold": k, **json.loads(line)}) + "\n" for k in range(folds)
+        for line in (out / f"fold-{k}" / "val_history.jsonl").read_text().splitlines() if line.strip()))
     pooled = {}
-    for name in ("base", "test"):
-        records = []
-        for k, res in enumerate(fold_results):
-            records += read_predictions(out / f"fold-{k}" / res[f"{name}_dir"] / "predictions.jsonl").values()
-        pooled[name] = score_records(bench, records, prompt_version=fold_results[0].get("prompt_version"))
-        write_scored(out, name, records, pooled[name], title=f"cv {recipe} ({folds} folds, pooled {name})")
-    per_fold = [{"fold": k, "best_step": r["best_step"], **{m: r["final"][m] for m in METRICS},
-                 **{f"base_{m}": r["base"][m] for m in METRICS}} for k, r in enumerate(fold_results)]
-    first = fold_results[0]
-    results = {"kind": "cv", "recipe": recipe, "strategy": first["strategy"], "model": first["model"],
-               "data": benchmark, "test_data": benchmark, "seed": first["seed"], "folds": folds, "split_seed": seed,
-               "base": pooled["base"], "final": pooled["test"], "base_dir": "base", "test_dir": "test",
-               "per_fold": per_fold,
-               "fold_mean": {m: float(np.mean([r[m] for r in per_fold])) for m in METRICS},
-               "fold_std": {m: float(np.std([r[m] for r in per_fold], ddof=1)) for m in METRICS},
-               "prompt_version": first.get("prompt_version"), "scorer_version": first.get("scorer_version"),
-               "wall_time_s": time.time() - start}
-    atomic_write_json(out / "results.json", results)
+    for stage in ("base", "test"):
+        records = [r for k in range(folds) for r in read_predictions(out / f"fold-{k}" / stage / "predictions.jsonl").values()]
+        pooled[stage] = write_scored(out / stage, score_records(bench, records, prompt_version=first.prompt_version),
+                                     records=records, model=first.model, mode=first.mode, benchmark=benchmark,
+                                     strategy="base" if stage == "base" else first.strategy, seed=first.seed,
+                                     title=f"cv {recipe} ({folds} folds, pooled {stage})")
+    per_fold = [{"fold": k, "best_step": r.best_step, **{m: r.final[m] for m in METRICS},
+                 **{f"base_{m}": r.base[m] for m in METRICS}} for k, r in enumerate(fold_runs)]
+    results = RunResults(
+        kind="cv", recipe=recipe, strategy=first.strategy, model=first.model, train_data=benchmark, test_data=benchmark,
+        seed=first.seed, mode=first.mode, base=pooled["base"], final=pooled["test"],
+        steps=sum(r.steps for r in fold_runs), best_step=None, best_val=None, wall_time_s=time.time() - start,
+        scorer_version=first.scorer_version, prompt_version=first.prompt_version,
+        details={"folds": folds, "split_seed": seed, "per_fold": per_fold,
+                 "fold_mean": {m: float(np.mean([r[m] for r in per_fold])) for m in METRICS},
+                 "fold_std": {m: float(np.std([r[m] for r in per_fold], ddof=1)) for m in METRICS}})
+    write_run_results(out, results)
     return results
 
 
-def cv_summary(results: dict[str, Any]) -> str:
+def cv_summary(results: RunResults) -> str:
     """Per fold and pooled, as printed by ``unconfuse cv``."""
+    details = results.details
     lines = [f"{'fold':>6} {'set acc':>8} {'confusion':>10} {'base set acc':>13}"]
     lines += [f"{r['fold']:>6} {r['set_accuracy']:>8.1f} {r['confusion']:>10.1f} {r['base_set_accuracy']:>13.1f}"
-              for r in results["per_fold"]]
-    mean, std = results["fold_mean"], results["fold_std"]
+              for r in details["per_fold"]]
+    mean, std = details["fold_mean"], details["fold_std"]
     lines.append(f"mean over folds: set accuracy {mean['set_accuracy']:.1f} ± {std['set_accuracy']:.1f}, "
                  f"confusion {mean['confusion']:.1f} ± {std['confusion']:.1f}")
-    for name, key in (("base", "base"), ("trained", "final")):
-        res = results[key]
+    for name, res in (("base", results.base), ("trained", results.final)):
         lo, hi = res["ci"]["set_accuracy"]
         clo, chi = res["ci"]["confusion"]
         lines.append(f"pooled {name} ({res['n_pairs']} pairs): set accuracy {res['set_accuracy']:.1f} [{lo:.1f}, {hi:.1f}], "

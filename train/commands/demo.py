@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from unconfuse.eval.io import atomic_write_text
-from unconfuse.eval.pairs import load_benchmark
+from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.runner import EvalConfig, run_eval
 from unconfuse.eval.scorer import score_table
-from unconfuse.eval.world import default_world
+from unconfuse.eval.world import default_world, prepare
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIG = CONFIGS / "clip_hardneg" / "tiny.yaml"
 MLLM_BASE_RUNS = [("tiny-llava-base", "greedy"), ("tiny-llava-base", "prefix")]
 STRATEGIES = [("clip_hardneg", []), ("clip-ft (hardneg_weight 0)", ["loss.hardneg_weight=0"])]
@@ -52,7 +52,7 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> d
     mllm_sft vs mllm_dpo with the image-contrast term. Both on the world's test pairs, compared with
     ``unconfuse compare`` (whose tables the report shows). ``mllm_steps`` replaces the act-2 step
     counts; 0 skips act 2."""
-    from unconfuse.train.compare import compare_summary, run_compare
+    from unconfuse.eval.tools.compare import compare_summary, run_compare
     from unconfuse.train.run import run_recipe
 
     import os
@@ -62,6 +62,7 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> d
     os.environ.setdefault("WANDB_SILENT", "true")  # the demo says where the offline runs are, once
     steps = 4 if mllm_steps == 0 else 6
     print(f"1/{steps} building or reusing the embedded world and its base models (first time: about a minute) ...", flush=True)
+    prepare(models=["tiny-clip-base", *(m for m, _ in MLLM_BASE_RUNS)])
     world = default_world()
     test = load_benchmark(world.root / "test")
     n_train, n_val = len(load_benchmark(world.root / "train").pairs), len(load_benchmark(world.root / "val").pairs)
@@ -101,7 +102,7 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> d
              f"Test: {len(test.pairs)} pairs, never used for selection (95% bootstrap CIs).", "",
              "## Act 1: the vision encoder", "", *_table(acts["compare-encoder"][0], list(runs), summaries["compare-encoder"])]
     if mllm_runs:
-        step_note = ", ".join(f"{n} {r['results']['steps']} steps" for n, r in mllm_runs.items())
+        step_note = ", ".join(f"{n} {r['results'].steps} steps" for n, r in mllm_runs.items())
         lines += ["", f"## Act 2: the MLLM (greedy mode; {step_note})", "",
                   *_table(acts["compare-mllm"][0], list(mllm_runs), summaries["compare-mllm"]),
                   "", f"Base MLLM in prefix mode: {_ci(mllm_rows[1][1], 'set_accuracy')} set accuracy, "
@@ -118,8 +119,8 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> d
               f"Run directories: {', '.join(str(r['dir']) for r in all_runs.values())}."]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     print()
-    rows = [("tiny-clip-base (base)", first["results"]["base"])] + [(n, r["results"]["final"]) for n, r in runs.items()]
-    print(score_table(rows + mllm_rows + [(n, r["results"]["final"]) for n, r in mllm_runs.items()]))
+    rows = [("tiny-clip-base (base)", first["results"].base)] + [(n, r["results"].final) for n, r in runs.items()]
+    print(score_table(rows + mllm_rows + [(n, r["results"].final) for n, r in mllm_runs.items()]))
     print()
     comparisons = {}
     for folder, (_, act_runs, _) in acts.items():
@@ -148,16 +149,16 @@ def plot_validation(path: Path, run_dirs: dict[str, Path], results: dict[str, An
         steps = [h["step"] for h in history]
         for ax, key in zip(axes, ("set_accuracy", "confusion")):
             line, = ax.plot(steps, [h[key] for h in history], marker="o", ms=3, label=f"{name} (val)")
-            ax.scatter([results[name]["best_step"]], [results[name]["final"][key]], marker="*", s=120, color=line.get_color(),
+            ax.scatter([results[name].best_step], [results[name].final[key]], marker="*", s=120, color=line.get_color(),
                        label=f"{name} (test, selected)")
     seen_bases = set()
     for name in run_dirs:
-        base, model = results[name]["base"], results[name]["model"]
+        base, model = results[name].base, results[name].model
         if model in seen_bases:
             continue
         seen_bases.add(model)
         for ax, key in zip(axes, ("set_accuracy", "confusion")):
-            ax.axhline(base[key], color="gray", ls="--", lw=1, label=f"{results[name]['model']} base (test)")
+            ax.axhline(base[key], color="gray", ls="--", lw=1, label=f"{model} base (test)")
     for ax, key in zip(axes, ("set_accuracy", "confusion")):
         ax.set_xlabel("step")
         ax.set_ylabel(f"{key.replace('_', ' ')} (%)")

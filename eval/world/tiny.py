@@ -251,20 +251,22 @@ def build_dinov2(out: Path, image_size: int = 32, patch_size: int = 8, hidden: i
 BUILDERS = {"dinov2": build_dinov2, "llava": build_llava, "qwen2_vl": build_qwen2_vl, "open_clip": build_open_clip, "hf_clip": build_hf_clip}
 
 
-def materialize(name: str, build: dict[str, Any], cache_root: Path) -> Path:
-    """Build a tiny model into ``cache_root/<name>-<hash>`` once; return the folder.
+def materialize(name: str, build: dict[str, Any]) -> Path:
+    """Build tiny model ``name`` into ``built_model_dir(name)`` once (where ``load_model`` looks);
+    rebuild it when its settings changed. Returns the folder.
 
     ``build`` holds the builder's settings (``arch`` picks the builder) and optionally
     ``pretrain``: {task: clip|llava, world: {WorldConfig overrides}, steps, batch_size, lr, seed,
-    captions}, a brief pretraining on that embedded world's corpus. The hash covers the settings
-    and, when pretrained, the world's content, so a changed world gives a new model. The folder
-    appears atomically (built in a temp folder, then renamed): concurrent processes never see
-    half a model.
+    captions}, a brief pretraining on that embedded world's corpus. The identity covers the
+    settings and, when pretrained, the world's content, so a changed world gives a new model. The
+    folder appears atomically: concurrent processes never see half a model.
     """
     import hashlib
-    import os
-    import shutil
-    import tempfile
+
+    from transformers.utils import logging as hf_logging
+
+    from ..home import built_model_dir
+    from ..io import atomic_folder
 
     settings = dict(build)
     arch = settings.pop("arch")
@@ -273,34 +275,32 @@ def materialize(name: str, build: dict[str, Any], cache_root: Path) -> Path:
         raise ValueError(f"unknown tiny model arch {arch!r}; known: {', '.join(BUILDERS)}")
     world = None
     if pretrain:
-        from ..world import WorldConfig, default_world
+        from .generator import WorldConfig, default_world
 
         world = default_world(WorldConfig(**pretrain.pop("world", {})))
     identity = [arch, settings, pretrain, world.hash if world else None, BUILD_VERSION]
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    target = cache_root / f"{name}-{digest}"
-    if (target / ".complete").exists():
+    target = built_model_dir(name)
+    record_path = target / "unconfuse_build.json"
+    if (target / ".complete").exists() and json.loads(record_path.read_text()).get("digest") == digest:
         return target
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".{name}-"))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars for models of a few MB
     try:
-        BUILDERS[arch](tmp, **settings)
-        record: dict[str, Any] = {"arch": arch, **settings}
-        if pretrain:
-            from .pretrain import PRETRAINERS
+        with atomic_folder(target, keep_existing=not target.exists()) as tmp:
+            BUILDERS[arch](tmp, **settings)
+            record: dict[str, Any] = {"arch": arch, **settings, "digest": digest}
+            if pretrain:
+                from .pretrain import PRETRAINERS
 
-            task = pretrain.pop("task")
-            record["pretrain"] = {"task": task, **pretrain, "world": str(world.root), "world_hash": world.hash,
-                                  "result": PRETRAINERS[task](tmp, world, **pretrain)}
-        (tmp / "unconfuse_build.json").write_text(json.dumps(record, indent=2))
-        (tmp / ".complete").write_text("")
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race; use its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                task = pretrain.pop("task")
+                record["pretrain"] = {"task": task, **pretrain, "world": str(world.root), "world_hash": world.hash,
+                                      "result": PRETRAINERS[task](tmp, world, **pretrain)}
+            (tmp / "unconfuse_build.json").write_text(json.dumps(record, indent=2))
+            (tmp / ".complete").write_text("")
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return target
 
 

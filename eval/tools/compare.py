@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from unconfuse.eval.benchmarks import Benchmark, load_benchmark
 from unconfuse.eval.io import atomic_write_text
-from unconfuse.eval.pairs import Benchmark, load_benchmark
+from unconfuse.eval.runs import RunFormatError, read_kind, read_run_results, read_scored
 from unconfuse.eval.scorer import PredictionsError, compare, read_predictions, resolve_answers, score
 
 METRICS = ("set_accuracy", "confusion", "individual_accuracy")
@@ -44,41 +45,24 @@ class RunEntry:
     results: dict[str, Any] | None = None
 
 
-def _config_test_data(run_dir: Path) -> str | None:
-    """data.test from a recipe run's resolved config.yaml (runs written before results.json named it)."""
-    config = run_dir / "config.yaml"
-    if not config.exists():
-        return None
-    import yaml
-
-    return ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("test")
-
-
 def load_run(path: str | Path) -> RunEntry:
-    """A recipe run or cv directory (results.json with ``final``), or a scored folder
-    (predictions.jsonl + results.json, e.g. ``unconfuse eval --out`` or ``RUN/base``)."""
+    """A run or cv directory (its run record; test predictions in ``test/``), or a scored folder
+    (``unconfuse eval --out``, a run's ``base/``), read through the run format."""
     path = Path(path)
-    results_path = path / "results.json"
-    if not results_path.exists():
-        raise CompareError(f"{path}: no results.json (not a run, cv or eval directory)")
-    res = json.loads(results_path.read_text())
-    if "final" in res:
-        test_dir = res.get("test_dir") or next((d for d in ("test", "test-greedy", "test-prefix", "test-mc")
-                                                if (path / d / "predictions.jsonl").exists()), "test")
-        predictions = path / test_dir / "predictions.jsonl"
-        strategy = res.get("strategy") or res.get("recipe") or path.name
-        if res.get("kind") == "cv":
-            strategy = f"{strategy} (cv {res.get('folds')} folds)"
-        entry = RunEntry(path, "", strategy, res.get("model", "?"), res.get("data", "?"), res.get("seed"),
-                         predictions, res.get("test_data") or _config_test_data(path))
-    else:
-        parent = path.parent / "results.json"
-        parent_res = json.loads(parent.read_text()) if parent.exists() else {}
-        strategy = "base" if parent_res else str(res.get("model", path.name))
-        mode = f" / {res['mode']}" if res.get("mode") else ""
-        entry = RunEntry(path, "", strategy, f"{res.get('model', parent_res.get('model', '?'))}{mode}",
-                         parent_res.get("data", res.get("benchmark", "?")), parent_res.get("seed"),
-                         path / "predictions.jsonl", parent_res.get("test_data") or _config_test_data(path.parent))
+    try:
+        kind = read_kind(path)
+        if kind == "scored":
+            res = read_scored(path)
+            strategy = res.get("strategy") or res["model"]
+            entry = RunEntry(path, "", strategy, f"{res['model']} / {res['mode']}", res.get("train_data") or res["benchmark"],
+                             res.get("seed"), path / "predictions.jsonl", res["benchmark"])
+        else:
+            run = read_run_results(path)
+            strategy = f"{run.strategy} (cv {run.details['folds']} folds)" if run.kind == "cv" else run.strategy
+            entry = RunEntry(path, "", strategy, run.model, run.train_data, run.seed, path / "test" / "predictions.jsonl",
+                             run.test_data)
+    except RunFormatError as exc:
+        raise CompareError(str(exc)) from exc
     if not entry.predictions.exists():
         raise CompareError(f"{path}: no test predictions at {entry.predictions}")
     entry.label = entry.strategy + (f" (seed {entry.seed})" if entry.seed is not None else "")

@@ -14,21 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..world import World, caption
-
-
-def multi_positive_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                             text_ids: torch.Tensor) -> torch.Tensor:
-    """InfoNCE where identical texts in the batch are all positives of each other.
-
-    Plain InfoNCE makes two images with the same caption ("CT of the head.") negatives of each
-    other's text and cannot converge; soft targets spread over the equal texts instead.
-    """
-    logits = logit_scale * image_features @ text_features.T
-    same = (text_ids[:, None] == text_ids[None, :]).float()
-    targets = same / same.sum(dim=1, keepdim=True)
-    return 0.5 * (torch.nn.functional.cross_entropy(logits, targets)
-                  + torch.nn.functional.cross_entropy(logits.T, targets))
+from ..models.clip import multi_positive_clip_loss
+from .generator import World, caption
 
 
 def corpus_records(world: World) -> list[dict[str, Any]]:
@@ -42,7 +29,7 @@ def corpus_captions(world: World, records: list[dict[str, Any]], captions: str) 
         return [r["caption"] for r in records]
     if captions != "full":
         raise ValueError(f"captions must be 'corpus' or 'full', got {captions!r}")
-    from ..world import SOURCES
+    from .generator import SOURCES
 
     by_key = {(s.modality, s.anatomy): s for s in SOURCES}
     return [caption(by_key[(r["modality"], r["anatomy"])], r["findings"], describe=True) for r in records]
@@ -73,7 +60,7 @@ def pretrain_open_clip(model_dir: Path, world: World, steps: int = 600, batch_si
     rng = np.random.default_rng(seed)
     model.train()
     losses = []
-    for _ in range(steps):
+    for _ in _steps(steps, "pretraining the tiny CLIP on the world corpus"):
         idx = torch.from_numpy(rng.choice(len(records), size=min(batch_size, len(records)), replace=False))
         out = model(pixels[idx], tokens[text_index[idx]])
         loss = multi_positive_clip_loss(out["image_features"] if isinstance(out, dict) else out[0],
@@ -110,7 +97,7 @@ def pretrain_llava(model_dir: Path, world: World, steps: int = 300, batch_size: 
     tokenizer.padding_side = "right"
     model.train()
     losses = []
-    for _ in range(steps):
+    for _ in _steps(steps, "pretraining the tiny LLaVA on the world corpus"):
         idx = rng.choice(len(records), size=min(batch_size, len(records)), replace=False)
         prompts, fulls = [], []
         for i in idx:
@@ -137,6 +124,15 @@ def pretrain_llava(model_dir: Path, world: World, steps: int = 300, batch_size: 
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
     return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])), "steps": steps}
+
+
+def _steps(steps: int, what: str):
+    """range(steps) with a progress bar on a terminal (pretraining takes minutes on a CPU)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(range(steps), desc=what, unit="step", leave=False, disable=not sys.stderr.isatty())
 
 
 PRETRAINERS = {"clip": pretrain_open_clip, "llava": pretrain_llava}

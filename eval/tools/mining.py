@@ -25,15 +25,16 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 
 from unconfuse.eval.io import atomic_write_json, sha256_file
-from unconfuse.eval.pairs import Pair, unconfuse_home, write_jsonl
+from unconfuse.eval.home import unconfuse_home
+from unconfuse.eval.pairs import Pair, write_jsonl
 
 CAPTION_QUESTION = "Which caption describes this image?"
-QUESTION_PROMPTS = Path(__file__).resolve().parents[1] / "eval" / "prompts" / "make-questions-v1.yaml"
+QUESTION_PROMPTS = Path(__file__).resolve().parents[1] / "prompts" / "make-questions-v1.yaml"
 
 
 class MiningError(ValueError):
@@ -42,24 +43,33 @@ class MiningError(ValueError):
 
 @dataclass
 class MiningConfig:
-    corpus: str
-    out: str
-    encoder_a: str = "biomedclip"
-    encoder_b: str = "dinov2-base"
-    min_sim_a: float = 0.9
-    max_sim_b: float = 0.75
-    max_pairs_per_image: int = 3
-    exclude: list[str] | None = None  # None: MediConfusion when downloaded
-    dedup_phash_distance: int = 4  # perceptual-hash Hamming distance that counts as a near-duplicate
-    dedup_sim_b: float = 0.95  # encoder-B cosine that counts as a near-duplicate
-    block_size: int = 4096
-    batch_size: int = 64
-    search: str = "auto"  # auto (faiss when installed) | faiss | numpy
-    make_questions: bool = False
-    llm_url: str | None = None
-    llm_model: str | None = None
-    seed: int = 0
-    device: str | None = None
+    """Settings of ``unconfuse mine``; the command line's options are made from these fields."""
+
+    corpus: str = field(metadata={"help": "JSONL of {image, caption}, a ROCO-style folder, or hf:<dataset id>"})
+    out: str = field(metadata={"help": "folder for pairs.jsonl and mining.json"})
+    encoder_a: str = field(default="biomedclip", metadata={
+        "help": "the kind of encoder being fixed (default biomedclip)"})
+    encoder_b: str = field(default="dinov2-base", metadata={"help": "vision-only encoder (default dinov2-base)"})
+    min_sim_a: float = field(default=0.9, metadata={"help": "smallest encoder-A cosine of a pair (alike)"})
+    max_sim_b: float = field(default=0.75, metadata={"help": "largest encoder-B cosine of a pair (apart)"})
+    max_pairs_per_image: int = field(default=3, metadata={"help": "pairs an image takes part in, at most"})
+    exclude: list[str] | None = field(default=None, metadata={
+        "help": "benchmarks whose images (and near-duplicates) never enter a pair (default: mediconfusion when downloaded)",
+        "metavar": "BENCHMARK"})
+    dedup_phash_distance: int = field(default=4, metadata={
+        "help": "perceptual-hash Hamming distance that counts as a near-duplicate"})
+    dedup_sim_b: float = field(default=0.95, metadata={"help": "encoder-B cosine that counts as a near-duplicate"})
+    block_size: int = field(default=4096, metadata={"help": "images per block of the pair search"})
+    batch_size: int = field(default=64, metadata={"help": "images per embedding batch"})
+    search: Literal["auto", "faiss", "numpy"] = field(default="auto", metadata={
+        "help": "pair search: auto (faiss when installed), faiss or numpy"})
+    make_questions: bool = field(default=False, metadata={
+        "help": "have an LLM write one question per pair from the captions"})
+    llm_url: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible endpoint (key from UNCONFUSE_JUDGE_API_KEY or OPENAI_API_KEY)"})
+    llm_model: str | None = field(default=None, metadata={"help": "LLM model name for --make-questions"})
+    seed: int = field(default=0, metadata={"help": "seed of the option order"})
+    device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu (default: cuda when available)"})
 
 
 @dataclass
@@ -298,22 +308,19 @@ def _phash_bytes(paths: list[Path]) -> np.ndarray:
     return np.stack([np.packbits(_phash(p).hash.flatten()) for p in paths]) if paths else np.zeros((0, 8), np.uint8)
 
 
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
 def min_hamming(a: np.ndarray, b: np.ndarray, block: int = 4096) -> np.ndarray:
     """For each row of ``a`` (packed 64-bit hashes), the smallest Hamming distance to a row of ``b``."""
     out = np.empty(len(a), dtype=np.int64)
     for start in range(0, len(a), block):
         xor = np.bitwise_xor(a[start:start + block, None, :], b[None, :, :])
-        out[start:start + block] = _POPCOUNT[xor].sum(axis=-1, dtype=np.int64).min(axis=1)
+        out[start:start + block] = np.bitwise_count(xor).sum(axis=-1, dtype=np.int64).min(axis=1)
     return out
 
 
 def exclusions(cfg: MiningConfig, items: list[CorpusItem], hashes: list[str], emb_b: np.ndarray,
                encoder_b: Encoder) -> tuple[np.ndarray, dict[str, Any]]:
     """Mask of corpus images to drop: images of the excluded benchmarks and their near-duplicates."""
-    from unconfuse.eval.pairs import load_benchmark
+    from unconfuse.eval.benchmarks import load_benchmark
 
     names = cfg.exclude
     if names is None:
@@ -399,6 +406,9 @@ def mine(cfg: MiningConfig) -> dict[str, Any]:
     missing = [str(item.path) for item in items if not item.path.exists()]
     if missing:
         raise MiningError(f"{cfg.corpus}: {len(missing)} image(s) not found, e.g. {missing[0]}")
+    from ..world import prepare
+
+    prepare(models=[cfg.encoder_a, cfg.encoder_b], benchmarks=cfg.exclude or [])  # after the corpus checks: builds take minutes
     hashes = [sha256_file(item.path) for item in items]
     paths = [item.path for item in items]
     timings = {}

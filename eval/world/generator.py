@@ -18,17 +18,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .io import atomic_write_text, sha256_file
-from .pairs import Pair
+from ..home import default_world_root, unconfuse_home
+from ..io import atomic_folder, atomic_write_text, sha256_file
 
 WORLD_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -78,16 +75,22 @@ QUESTIONS = {
 class WorldConfig:
     """Settings of a world; every field goes into world.json and into the world's identity."""
 
-    seed: int = 0
-    pairs: int = 320
-    image_size: int = 64
-    bases_per_source: int = 24
-    max_pairs_per_base: int = 6
-    corpus_size: int = 2000
-    finding_caption_prob: float = 0.05
-    split_fractions: tuple[float, float, float] = (0.6, 0.15, 0.25)
-    question_types: tuple[str, ...] = tuple(QUESTIONS)
-    sources: tuple[str, ...] = tuple(s.name for s in SOURCES)
+    seed: int = field(default=0, metadata={"help": "seed of every random choice"})
+    pairs: int = field(default=320, metadata={"help": "pairs over train/val/test (60/15/25%)"})
+    image_size: int = field(default=64, metadata={"help": "pixels per side"})
+    bases_per_source: int = field(default=24, metadata={"help": "distinct base images made from each source"})
+    max_pairs_per_base: int = field(default=6, metadata={"help": "pairs a base image takes part in, at most"})
+    corpus_size: int = field(default=2000, metadata={"help": "image-caption records of corpus.jsonl"})
+    finding_caption_prob: float = field(default=0.05, metadata={
+        "help": "how often a corpus caption names the finding (low: encoders learn to miss findings)"})
+    split_fractions: tuple[float, float, float] = field(default=(0.6, 0.15, 0.25), metadata={
+        "help": "fractions of pairs and base images for train, val and test", "metavar": ("TRAIN", "VAL", "TEST")})
+    question_types: tuple[str, ...] = field(default=tuple(QUESTIONS), metadata={
+        "help": f"kinds of question the pairs ask ({', '.join(QUESTIONS)})", "choices": tuple(QUESTIONS),
+        "metavar": "TYPE"})
+    sources: tuple[str, ...] = field(default=tuple(s.name for s in SOURCES), metadata={
+        "help": f"real images the base images are made from ({', '.join(s.name for s in SOURCES)})",
+        "choices": tuple(s.name for s in SOURCES), "metavar": "SOURCE"})
 
     def identity(self) -> str:
         data = json.dumps({"version": WORLD_VERSION, **asdict(self)}, sort_keys=True)
@@ -110,7 +113,7 @@ def load_source(source: Source) -> np.ndarray:
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from .images import dicom_to_rgb
+    from ..images import dicom_to_rgb
 
     path = get_testdata_file(source.file)
     if path is None:
@@ -452,32 +455,16 @@ def synthesize(cfg: WorldConfig, out: str | Path) -> World:
         return World(out, cfg, manifest)
     check_capacity(cfg)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+        with atomic_folder(out) as tmp:
+            manifest = build_world(cfg, tmp)
     except OSError as exc:
         raise WorldError(f"cannot write the world to {out}: {exc.strerror or exc}") from exc
-    try:
-        manifest = build_world(cfg, tmp)
-        if out.exists():
-            stale = out.parent / f".{out.name}.stale-{os.getpid()}"
-            os.replace(out, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return World(out, cfg, manifest)
 
 
 def default_world(cfg: WorldConfig | None = None) -> World:
-    """The world of these settings under ``$UNCONFUSE_HOME/worlds``, built on first use."""
-    from .pairs import unconfuse_home
-
+    """The world of these settings under ``$UNCONFUSE_HOME/worlds``, built on first use. The default
+    settings' world lives where ``world:<split>`` arguments point."""
     cfg = cfg or WorldConfig()
-    return synthesize(cfg, unconfuse_home() / "worlds" / f"world-{cfg.identity()}")
-
-
-def world_pairs(world: World, split: str) -> list[Pair]:
-    from .pairs import load_jsonl
-
-    return load_jsonl(world.split_dir(split) / "pairs.jsonl")
+    root = default_world_root() if cfg == WorldConfig() else unconfuse_home() / "worlds" / f"world-{cfg.identity()}"
+    return synthesize(cfg, root)

@@ -1,0 +1,206 @@
+"""The subcommands of ``unconfuse`` that need no training: eval, score, splits, mine, compare, data."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..options import add_config_arguments, config_from_args
+from ..scorer import PARSERS
+from ..world import prepare
+
+EXIT_BAD_INPUT = 2
+# a config's `progress` field is the command line's `--quiet` (stores False)
+QUIET = {"flags": ["--quiet"], "action": "store_false"}
+
+
+def add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    from ..runner import EvalConfig
+
+    p = sub.add_parser("eval", help="evaluate a model on a benchmark (writes predictions.jsonl, results.json, report.md)")
+    add_config_arguments(p, EvalConfig, flags={"progress": QUIET})
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", help="score a predictions.jsonl on a benchmark")
+    p.add_argument("--benchmark", required=True)
+    p.add_argument("--predictions", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--parser", choices=sorted(PARSERS), default="strict")
+    p.add_argument("--split")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("splits", help="grouped folds: pairs that share an image stay in one fold")
+    p.add_argument("--benchmark", required=True, help="mediconfusion, a folder, a file, hf:<id> or world:<split>")
+    p.add_argument("--folds", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0, help="orders components of equal size")
+    p.add_argument("--out", required=True, help="folder for fold-<k>.jsonl and splits.json")
+    p.add_argument("--split", help="split of a Hugging Face dataset benchmark")
+    p.set_defaults(func=cmd_splits)
+
+    from .mining import MiningConfig
+
+    p = sub.add_parser("mine", help="mine confusing pairs from an image-caption corpus (encoder A alike, encoder B apart)")
+    add_config_arguments(p, MiningConfig)
+    p.add_argument("--no-exclude", action="store_true", help="exclude nothing")
+    p.set_defaults(func=cmd_mine)
+
+    p = sub.add_parser("compare", help="compare runs (recipe, cv or eval directories) with CIs and significance against a baseline")
+    p.add_argument("runs", nargs="+", help="run, cv or scored directories")
+    p.add_argument("--baseline", required=True, help="the run to compare against, e.g. RUN/base or an eval directory")
+    p.add_argument("--out", required=True, help="folder for comparison.md, comparison.csv, comparison.png")
+    p.add_argument("--benchmark", help="test benchmark (default: the one the runs name)")
+    p.set_defaults(func=cmd_compare)
+
+    data = sub.add_parser("data", help="benchmark data").add_subparsers(dest="data_command", required=True)
+    from ..download import DownloadConfig
+
+    p = data.add_parser("download", help="download MediConfusion (questions + images from PMC's open-access S3 bucket)")
+    add_config_arguments(p, DownloadConfig, flags={"progress": QUIET})
+    p.set_defaults(func=cmd_download)
+
+    from ..world import WorldConfig
+
+    p = data.add_parser("synth", help="build the embedded world: confusing pairs drawn on real radiology images")
+    p.add_argument("--out", required=True, help="folder of the world (train/, val/, test/, corpus.jsonl, world.json)")
+    add_config_arguments(p, WorldConfig)
+    p.set_defaults(func=cmd_synth)
+
+    p = data.add_parser("sample", help="write the six-pair benchmark of pydicom's real radiology images")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_sample)
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..models import ModelLoadError
+    from ..pairs import BenchmarkError
+    from ..runner import EvalConfig, EvalInputError, check_inputs, run_eval
+    from ..scorer import PredictionsError, render_report
+
+    cfg = config_from_args(EvalConfig, args)
+    try:
+        prepare(benchmarks=[cfg.benchmark])  # the embedded world, when asked for (seconds)
+        check_inputs(cfg)  # bad input fails here, before a tiny preset is built (minutes for the base models)
+        prepare(models=[cfg.model])
+        results = run_eval(cfg)
+    except EvalInputError as exc:
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return _fail(str(exc))
+    except (BenchmarkError, PredictionsError, ModelLoadError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    print(render_report(results))
+    print(f"wrote {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from ..benchmarks import BenchmarkError, load_benchmark
+    from ..runner import score_run
+    from ..scorer import PredictionsError, render_report
+
+    out = Path(args.out)
+    try:
+        bench = load_benchmark(args.benchmark, split=args.split)
+        predictions = Path(args.predictions)
+        meta = {"benchmark": bench.name}
+        run_meta = predictions.parent / "run.json"  # written by `unconfuse eval`: model, mode, prompt version
+        if run_meta.exists():
+            meta = {**json.loads(run_meta.read_text()), **meta}
+        results = score_run(out, bench, parser=args.parser, meta=meta, predictions_path=predictions)
+    except (BenchmarkError, PredictionsError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    print(render_report(results))
+    return 0
+
+
+def cmd_splits(args: argparse.Namespace) -> int:
+    from ..benchmarks import BenchmarkError, load_benchmark
+    from ..splits import write_splits
+
+    try:
+        prepare(benchmarks=[args.benchmark])
+        summary = write_splits(load_benchmark(args.benchmark, split=args.split), args.folds, args.out, args.seed)
+    except (BenchmarkError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"{summary['pairs']} pairs, {summary['components']} image-sharing components "
+          f"(largest {summary['largest_component']} pairs) -> {args.folds} folds in {args.out}")
+    for row in summary["table"]:
+        cats = ", ".join(f"{k} {v}" for k, v in row["categories"].items())
+        print(f"  fold {row['fold']}: {row['pairs']} pairs, {row['images']} images, {row['components']} components; {cats}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from ..download import DownloadConfig, DownloadError, download
+
+    cfg = config_from_args(DownloadConfig, args)
+    try:
+        failures = download(cfg)
+    except DownloadError as exc:
+        return _fail(str(exc), 1)
+    if failures:
+        print(f"{len(failures)} image(s) failed:", file=sys.stderr)
+        for failure in failures:
+            print(f"  {failure}", file=sys.stderr)
+        return 1
+    print(f"MediConfusion is in {args.out}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from ..world import WorldConfig, WorldError, synthesize
+
+    cfg = config_from_args(WorldConfig, args)
+    try:
+        world = synthesize(cfg, args.out)
+    except WorldError as exc:
+        return _fail(str(exc))
+    counts = world.manifest["counts"]
+    print(f"world {world.manifest['identity']} in {world.root}: pairs {counts['pairs']}, "
+          f"base images {counts['base_images']}, corpus {counts['corpus']}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from ..world.sample import write_sample_benchmark
+
+    print(f"wrote {write_sample_benchmark(args.out) / 'pairs.jsonl'}")
+    return 0
+
+
+def cmd_mine(args: argparse.Namespace) -> int:
+    from ..judge import JudgeError
+    from ..models.base import ModelLoadError
+    from ..pairs import BenchmarkError
+    from .mining import MiningConfig, MiningError, mine
+
+    cfg = config_from_args(MiningConfig, args, exclude=[] if args.no_exclude else args.exclude)
+    try:
+        report = mine(cfg)
+    except (MiningError, BenchmarkError, ModelLoadError) as exc:
+        return _fail(str(exc))
+    except JudgeError as exc:
+        return _fail(str(exc), 1)
+    print(f"{report['corpus_images']} corpus images, {report['leakage']['excluded_images']} excluded as benchmark "
+          f"images or near-duplicates; {report['candidates_sim_a']} pairs with cos(A) >= {cfg.min_sim_a}, "
+          f"{report['candidates_rule']} of them with cos(B) <= {cfg.max_sim_b}; kept {report['pairs']} "
+          f"({report['search_backend']} search, {report['wall_time_s']:.1f} s) -> {args.out}/pairs.jsonl")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..pairs import BenchmarkError
+    from .compare import CompareError, compare_summary, run_compare
+
+    try:
+        summary = run_compare(args.runs, args.baseline, args.out, benchmark=args.benchmark)
+    except (CompareError, BenchmarkError) as exc:
+        return _fail(str(exc))
+    print(compare_summary(summary, Path(args.out)))
+    return 0
