@@ -57,14 +57,14 @@ class PairLoss:
 
 @dataclass
 class EncoderLora:
-    """LoRA on the vision tower's linears (``trainable: lora``)."""
+    """LoRA on the vision tower (``trainable: lora``)."""
 
     r: int = setting(8, "LoRA rank", min=1)
     alpha: int = setting(16, "LoRA alpha (scale = alpha / r)", min=1)
     dropout: float = setting(0.0, "LoRA dropout", min=0)
-    target_modules: str = setting(r"visual\..*\.(q_proj|k_proj|v_proj|c_proj|c_fc|out_proj)",
-                                  "regex of the open_clip module names to adapt (transformers CLIP: the vision "
-                                  "model's q/k/v/out projections and MLP)")
+    target_modules: str | None = setting(None, "regex (full match) over module names to adapt; default: every "
+                                               "linear layer and attention block of the vision tower (q, k and v "
+                                               "of nn.MultiheadAttention included)")
 
 
 @dataclass
@@ -84,6 +84,8 @@ class ClipHardNegConfig:
         max_steps=150, pairs_per_batch=16, learning_rate=1e-4, weight_decay=0.1, warmup_steps=10))
     report_to: Literal["wandb", "none"] = setting("wandb", "W&B logging (offline without an API key)")
     allow_leakage: bool = setting(False, "train even when training images appear in the val/test pairs")
+    allow_toy_data: bool = setting(False, "let a real model (not a tiny preset) train or test on the embedded "
+                                          "world's 64-px images")
     resume_from_checkpoint: str | None = setting(None, "a checkpoint folder, or latest")
     val_batch_pairs: int = setting(32, "pairs per batch when scoring val and test", min=1)
 
@@ -110,7 +112,8 @@ class TrainableEncoder:
     weights: torch.nn.Module  # the model whose weights are saved (open_clip CLIP / transformers CLIPModel)
     preprocess: Any  # PIL image -> pixel tensor
     tokenize: Any  # list[str] -> tensor, or dict of tensors
-    vision_prefixes: tuple[str, ...]
+    vision_prefixes: tuple[str, ...]  # of ``trained``'s parameter names
+    tower: str  # the vision tower's module name in ``weights`` (where LoRA goes)
     save_folder: Any  # (folder, state dict) -> None: the files eval loads
     model_id: Any  # (folder) -> model argument for load_model
     shapes: dict[str, torch.Size] = field(default_factory=dict)  # parameter shapes as loaded (DeepSpeed reshapes scalars)
@@ -162,7 +165,7 @@ def open_clip_encoder(adapter, spec) -> TrainableEncoder:
         (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
         save_file(state, str(folder / "open_clip_model.safetensors"))
 
-    return TrainableEncoder(adapter.model, adapter.model, adapter.preprocess, adapter.tokenizer, ("visual.",),
+    return TrainableEncoder(adapter.model, adapter.model, adapter.preprocess, adapter.tokenizer, ("visual.",), "visual",
                             save_folder, lambda folder: f"local-dir:{folder}", _shapes(adapter.model))
 
 
@@ -181,14 +184,32 @@ def hf_clip_encoder(adapter, spec) -> TrainableEncoder:
 
     return TrainableEncoder(HFClipForTraining(adapter.model), adapter.model, preprocess, tokenize,
                             ("clip.vision_model.", "clip.visual_projection", "vision_model.", "visual_projection"),
-                            save_folder, str, _shapes(adapter.model))
+                            "vision_model", save_folder, str, _shapes(adapter.model))
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-HF_LORA_TARGETS = r".*vision_model\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+def lora_targets(encoder: TrainableEncoder, pattern: str | None) -> list[str]:
+    """The exact module names LoRA adapts: those ``pattern`` fully matches, or by default every linear
+    layer and every ``nn.MultiheadAttention`` of the vision tower (open_clip's native ViT keeps q, k and v
+    in the attention block's ``in_proj_weight``, which only an adapter on the block itself reaches; its
+    ``out_proj`` is adapted with the block). An empty result is an error, never a silent no-op."""
+    import re
+
+    modules = dict(encoder.weights.named_modules())
+    attention = {name for name, m in modules.items() if isinstance(m, torch.nn.MultiheadAttention)}
+    if pattern is not None:
+        targets = [name for name in modules if name and re.fullmatch(pattern, name)]
+        where = f"lora.target_modules {pattern!r}"
+    else:
+        targets = [name for name, m in modules.items() if name.startswith(encoder.tower + ".")
+                   and (name in attention or (isinstance(m, torch.nn.Linear) and name.rpartition(".")[0] not in attention))]
+        where = f"the vision tower ({encoder.tower})"
+    if not targets:
+        raise ConfigError(f"trainable: lora: {where} has no module to adapt in {type(encoder.weights).__name__}")
+    return targets
 
 
 def freeze(encoder: TrainableEncoder, trainable: str, lora: EncoderLora) -> None:
@@ -198,8 +219,8 @@ def freeze(encoder: TrainableEncoder, trainable: str, lora: EncoderLora) -> None
     if trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
-        targets = lora.target_modules if open_clip_model else HF_LORA_TARGETS
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=lora_targets(encoder, lora.target_modules))
         # the layers are injected in place: encoder.trained keeps its names and now trains the adapters only
         encoder.peft_model = get_peft_model(encoder.weights, config)
     elif trainable == "locked_text" and open_clip_model:
@@ -260,7 +281,7 @@ def main(cfg: ClipHardNegConfig) -> RunResults:
     if not spec.is_encoder:
         raise ConfigError(f"model: clip_hardneg trains CLIP-style encoders; {cfg.model!r} is {spec.family}")
     spec = replace(spec, clip_prompt="question" if cfg.data.text == "question_option" else "default")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = lifecycle.process_device()
     torch.manual_seed(cfg.train.seed)
     adapter, spec = load_model(spec, device=device)
     encoder = (open_clip_encoder if spec.family == "open-clip" else hf_clip_encoder)(adapter, spec)

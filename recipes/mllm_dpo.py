@@ -60,6 +60,8 @@ class MllmDpoConfig:
                                          factory=lambda: ["greedy", "prefix", "mc"])
     report_to: Literal["wandb", "none"] = setting("wandb", "W&B logging (offline without an API key)")
     allow_leakage: bool = setting(False, "train even when training images appear in the val/test pairs")
+    allow_toy_data: bool = setting(False, "let a real model (not a tiny preset) train or test on the embedded "
+                                          "world's 64-px images")
     resume_from_checkpoint: str | None = setting(None, "a checkpoint folder, or latest")
     val_batch_pairs: int = setting(8, "pairs per batch when scoring val and test", min=1)
 

@@ -9,7 +9,7 @@ from unconfuse.eval.runner import EvalConfig, run_eval
 from unconfuse.eval.scorer import compare, read_predictions, resolve_answers
 from unconfuse.eval.world import default_world, prepare
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # pretraining: ~3.5 min alone on 2 cores
 
 
 @pytest.fixture(scope="module")

@@ -147,6 +147,19 @@ def test_two_process_launch_on_cpu(world, tmp_path, launch):
     # 26 training pairs in 7 batches of 4 pairs: one process needs 7 steps per epoch, two ranks
     # sharing whole batches need 4, so 4 steps make one epoch only if both processes trained
     assert state["log_history"][-1]["epoch"] == pytest.approx(1.0)
+    # scoring is split across the ranks and gathered: every question once, equal to one process
+    single = clip_hardneg.main(config(world, tmp_path / "single"))
+    for stage in ("base", "test"):
+        lines = (out / stage / "predictions.jsonl").read_text().splitlines()
+        keys = [(json.loads(l)["pair_id"], json.loads(l)["image"]) for l in lines]
+        assert len(keys) == len(set(keys)) == 2 * results["base"]["n_pairs"]
+    two = [json.loads(l) for l in (out / "base" / "predictions.jsonl").read_text().splitlines()]
+    one = [json.loads(l) for l in (tmp_path / "single" / "base" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["pair_id"], r["image"], r["answer"]) for r in two] == [(r["pair_id"], r["image"], r["answer"]) for r in one]
+    assert [r["scores"]["A"] for r in two] == pytest.approx([r["scores"]["A"] for r in one], abs=1e-5)
+    assert results["base"]["set_accuracy"] == single.base["set_accuracy"]
+    first_val = json.loads((out / "val_history.jsonl").read_text().splitlines()[0])
+    assert first_val == json.loads((tmp_path / "single" / "val_history.jsonl").read_text().splitlines()[0])
 
 
 def test_lora_changes_only_the_adapted_vision_linears(world, tmp_path, latest_checkpoint_wins):
@@ -159,10 +172,21 @@ def test_lora_changes_only_the_adapted_vision_linears(world, tmp_path, latest_ch
     assert set(after) == set(before)  # plain open_clip names: LoRA merged away
     import re
 
-    adapted = [k for k in before if re.match(r"visual\..*\.(c_proj|c_fc|out_proj)\.weight$", k)]
+    # every linear layer of the ViT tower, and q, k, v through the attention block's in_proj_weight
+    adapted = [k for k in before if re.match(r"visual\..*\.(attn\.in_proj_weight|attn\.out_proj\.weight|c_fc\.weight|c_proj\.weight)$", k)]
     others = [k for k in before if k not in adapted and not k.endswith("bias")]
     assert results.best_step == 3 and adapted and all(torch.equal(before[k], after[k]) for k in others)
-    assert any(not torch.equal(before[k], after[k]) for k in adapted)
+    for kind in ("in_proj_weight", "out_proj.weight", "c_fc.weight", "c_proj.weight"):
+        assert all(not torch.equal(before[k], after[k]) for k in adapted if k.endswith(kind)), kind
+
+
+def test_a_lora_target_that_matches_nothing_is_an_error(world, tmp_path):
+    from unconfuse.train.config import ConfigError
+
+    cfg = config(world, tmp_path / "run")
+    cfg.trainable, cfg.lora.target_modules = "lora", r"visual\..*\.qkv"  # timm naming on an open_clip ViT
+    with pytest.raises(ConfigError, match=r"lora.target_modules .* has no module to adapt in CLIP"):
+        clip_hardneg.main(cfg)
 
 
 def test_frozen_vision_tower_encodes_validation_images_once(world, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from .http_stub import StubServer
 
 MODEL_MODES = [("tiny-llava", "greedy"), ("tiny-llava", "prefix"), ("tiny-llava", "mc"),
                ("tiny-qwen2-vl", "greedy"), ("tiny-qwen2-vl", "prefix"), ("tiny-qwen2-vl", "mc"),
+               ("tiny-qwen2.5-vl", "prefix"), ("tiny-gemma3", "greedy"), ("tiny-gemma3", "prefix"), ("tiny-gemma3", "mc"),
                ("tiny-clip", "clip"), ("tiny-hf-clip", "clip")]
 
 

@@ -68,6 +68,11 @@ def test_mine_follows_the_rule_on_the_world_corpus(corpus, tmp_path, capsys):
     report = json.loads((out / "mining.json").read_text())
     bench = load_benchmark(out / "pairs.jsonl")
     assert report["pairs"] == len(bench.pairs) > 20
+    # the grouped train/val split of the mined pairs: disjoint in images, together all the pairs
+    train, val = load_benchmark(out / "train.jsonl"), load_benchmark(out / "val.jsonl")
+    assert sorted(p.id for p in train.pairs + val.pairs) == sorted(p.id for p in bench.pairs)
+    assert 0 < len(val.pairs) < len(train.pairs) and report["train_val"] == {"train": len(train.pairs), "val": len(val.pairs)}
+    assert not {i for p in train.pairs for i in (p.image_1, p.image_2)} & {i for p in val.pairs for i in (p.image_1, p.image_2)}
     items = load_corpus(str(corpus))
     paths = [str(item.path.resolve()) for item in items]
     caption = {str(item.path.resolve()): item.caption for item in items}

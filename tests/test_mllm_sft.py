@@ -133,6 +133,11 @@ def test_two_process_ddp_on_cpu(world, tmp_path):
     batches = -(-train_pairs // 2)  # whole-pair batches of 2 pairs
     per_rank = -(-batches // 2)  # two ranks share them
     assert state["log_history"][-1]["epoch"] == pytest.approx(4 / per_rank, rel=1e-3)
+    # each rank scored its share of the test pairs; gathered, every question is there exactly once
+    test_pairs = len(load_benchmark(str(world.root / "test")).pairs)
+    for stage in ("base", "test"):
+        keys = [(json.loads(l)["pair_id"], json.loads(l)["image"]) for l in (out / stage / "predictions.jsonl").read_text().splitlines()]
+        assert len(keys) == len(set(keys)) == 2 * test_pairs
 
 
 @pytest.mark.slow

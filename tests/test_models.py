@@ -14,7 +14,7 @@ def _images(n, size=48, seed=0):
     return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-@pytest.fixture(scope="module", params=["tiny-llava", "tiny-qwen2-vl"])
+@pytest.fixture(scope="module", params=["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-gemma3"])
 def vlm(request):
     adapter, _ = load_model(request.param, device="cpu")
     return adapter

@@ -96,3 +96,22 @@ def test_every_config_field_documents_itself(recipe, capsys):
     assert len(expected) > 20
     for key in expected:
         assert f"\n  {key} (" in printed or f"\n{key} (" in printed, key
+
+
+def test_real_model_configs_use_real_held_out_data_and_toy_data_is_refused(tmp_path):
+    from unconfuse.eval.models import find_preset
+    from unconfuse.recipes.clip_hardneg import ClipHardNegConfig
+    from unconfuse.train.run import check_toy_data
+
+    for recipe, cls in RECIPE_CONFIGS.items():
+        for path in sorted((CONFIGS / recipe).glob("*.yaml")):
+            cfg = load_config(cls, path)
+            preset = find_preset(cfg.model)
+            if preset is not None and preset.build:
+                continue  # a tiny preset: the embedded world is its data
+            assert not any(str(getattr(cfg.data, k)).startswith("world:") for k in ("train", "val", "test")), path
+            assert cfg.data.test == "mediconfusion", path
+    with pytest.raises(ConfigError, match="data.train, data.val, data.test: the embedded world's 64-px toy images, with the real model 'biomedclip'"):
+        check_toy_data(ClipHardNegConfig(model="biomedclip"))
+    check_toy_data(ClipHardNegConfig(model="biomedclip", allow_toy_data=True))  # forced
+    check_toy_data(ClipHardNegConfig(model="tiny-clip-base"))  # the world's own models

@@ -18,12 +18,21 @@ VAL_KEYS = ("set_accuracy", "confusion", "individual_accuracy", "invalid")
 
 
 def predict(adapter, spec, mode: str, bench: Benchmark, prompts, batch_pairs: int = 16, parser: str = "strict"):
-    """Prediction records for every pair of ``bench`` (the same code path as ``unconfuse eval``)."""
+    """Prediction records for every pair of ``bench`` (the same code path as ``unconfuse eval``).
+
+    Under a multi-process launch each process scores its contiguous share of the pairs and every
+    process gets all records back in pair order (accelerate's gather_object): N processes score each
+    pair once, not N times."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
     cfg = EvalConfig(model=spec.name, mode=mode, benchmark=bench.name, out="", parser=parser)
-    records = []
-    for start in range(0, len(bench.pairs), batch_pairs):
-        records += answer_pairs(adapter, spec, cfg, prompts, bench, bench.pairs[start:start + batch_pairs])
-    return records
+    state = PartialState()
+    with state.split_between_processes(bench.pairs) as share:
+        records = []
+        for start in range(0, len(share), batch_pairs):
+            records += answer_pairs(adapter, spec, cfg, prompts, bench, share[start:start + batch_pairs])
+    return gather_object(records) if state.num_processes > 1 else records
 
 
 def score_records(bench: Benchmark, records: list[dict[str, Any]], parser: str = "strict", prompt_version=None,

@@ -12,10 +12,13 @@ import torch
 from unconfuse.train.callbacks import predict, score_records
 from unconfuse.train.config import ConfigError, setting
 
-# LoRA targets by part, as regexes over module names (LLaVA / Qwen2-VL / Gemma3 naming)
-LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-PROJECTOR_TARGETS = r".*(multi_modal_projector\.linear_\d|merger\.mlp\.\d|mm_input_projection)"
-VISION_TARGETS = r".*(vision_tower|visual\.blocks).*\.(q_proj|k_proj|v_proj|out_proj|qkv|proj|fc1|fc2)"
+# Where image-text-to-text architectures keep their parts (module-name suffixes): LLaVA, LLaVA-NeXT and
+# Gemma 3 have a multi_modal_projector beside a vision_tower; Qwen2/2.5-VL keep the projector (merger)
+# inside their tower, `visual`.
+LANGUAGE_MODELS = ("language_model",)
+PROJECTORS = ("multi_modal_projector", "visual.merger")
+VISION_TOWERS = ("vision_tower", "visual")
+LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 EvalMode = Literal["greedy", "prefix", "mc"]
 Part = Literal["none", "lora", "full"]
@@ -45,20 +48,73 @@ class MllmLora:
     vision: Part = setting("none", "the vision tower: frozen, LoRA, or trained in full")
 
 
-def lora_config(settings: MllmLora):
-    """LoRA on the language model's attention and MLP projections, plus the parts asked for."""
+@dataclass
+class Placement:
+    """Where LoRA adapters go and what trains in full, as exact module names of one model."""
+
+    lora: dict[str, list[str]]  # part -> linear layers adapted
+    full: list[str]  # modules trained in full (peft modules_to_save)
+
+
+def _find(model, suffixes: tuple[str, ...]) -> str | None:
+    """The outermost module whose name ends with one of ``suffixes`` (whole name components)."""
+    names = [name for name, _ in model.named_modules() if any(name == s or name.endswith("." + s) for s in suffixes)]
+    return min(names, key=len) if names else None
+
+
+def lora_placement(model, settings: MllmLora) -> Placement:
+    """LoRA on the language model's attention and MLP projections, plus the parts ``settings`` asks
+    for, located on this architecture. A setting the architecture cannot take (no such part, a
+    projector without linear layers, a projector inside a fully trained tower) is a ConfigError
+    that names the architecture, never a silent no-op."""
+    import torch
+
+    arch = getattr(model.config, "model_type", type(model).__name__)
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    parts = {"language model": _find(model, LANGUAGE_MODELS), "projector": _find(model, PROJECTORS),
+             "vision": _find(model, VISION_TOWERS)}
+    if parts["language model"] is None:
+        raise ConfigError(f"{arch}: no language_model module found; LoRA cannot be placed on this architecture")
+
+    def under(part: str) -> list[str]:
+        return [n for n in linears if n.startswith(parts[part] + ".")]
+
+    projector = parts["projector"]
+    inside_tower = projector is not None and parts["vision"] is not None and projector.startswith(parts["vision"] + ".")
+    lora = {"language model": [n for n in under("language model") if n.rpartition(".")[2] in LM_LINEARS]}
+    full: list[str] = []
+    for part in ("projector", "vision"):
+        choice = getattr(settings, part)
+        if choice != "none" and parts[part] is None:
+            raise ConfigError(f"lora.{part}: {choice}: {arch} has no {part} module ({' or '.join(PROJECTORS if part == 'projector' else VISION_TOWERS)})")
+        if choice == "lora":
+            lora[part] = [n for n in under(part) if not (part == "vision" and projector and n.startswith(projector + "."))]
+            if not lora[part]:
+                raise ConfigError(f"lora.{part}: lora cannot apply to {arch}: {parts[part]} has no linear layer "
+                                  f"(use full or none)")
+        elif choice == "full":
+            full.append(parts[part])
+    if inside_tower and settings.vision == "full" and settings.projector != "full":
+        raise ConfigError(f"lora.vision: full also trains {arch}'s projector ({projector} lives in {parts['vision']}): "
+                          f"set lora.projector: full too")
+    if inside_tower and settings.vision == "full":
+        full.remove(projector)  # trained as part of the tower
+    if not lora["language model"]:
+        raise ConfigError(f"{arch}: its language model has none of {', '.join(LM_LINEARS)}")
+    return Placement(lora, full)
+
+
+def lora_config(model, settings: MllmLora):
+    """The peft LoraConfig of ``lora_placement``: adapters on exactly the named linear layers."""
+    import re
+
     from peft import LoraConfig
 
-    targets = [LM_TARGETS]
-    if settings.projector == "lora":
-        targets.append(PROJECTOR_TARGETS)
-    if settings.vision == "lora":
-        targets.append(VISION_TARGETS)
-    trainable = [name for part, name in (("projector", "multi_modal_projector"), ("vision", "vision_tower"))
-                 if getattr(settings, part) == "full"]
+    placement = lora_placement(model, settings)
+    targets = [name for names in placement.lora.values() for name in names]
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules="(" + "|".join(targets) + ")$", modules_to_save=trainable or None,
-                      task_type="CAUSAL_LM")
+                      target_modules="(" + "|".join(re.escape(t) for t in targets) + ")",
+                      modules_to_save=placement.full or None, task_type="CAUSAL_LM")
 
 
 def load_mllm(run, recipe: str):
@@ -68,16 +124,19 @@ def load_mllm(run, recipe: str):
     spec = resolve_model(run.cfg.model)
     if spec.family != "hf-vlm":
         raise ConfigError(f"model: {recipe} trains image-text-to-text models; {run.cfg.model!r} is {spec.family}")
+    from unconfuse.train.run import process_device
+
     torch.manual_seed(run.cfg.train.seed)
-    return load_model(spec, device="cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(spec, device=process_device())
 
 
 def attach_lora(adapter, settings: MllmLora, seed: int):
     """The model with LoRA adapters; the adapter (scorer) keeps seeing it (the layers live in its base model)."""
     from peft import get_peft_model
 
+    config = lora_config(adapter.model, settings)
     torch.manual_seed(seed)  # LoRA init must not depend on whether the base model was just built
-    model = get_peft_model(adapter.model, lora_config(settings))
+    model = get_peft_model(adapter.model, config)
     adapter.model = model.get_base_model()
     return model
 
@@ -100,11 +159,11 @@ def merged_best(run, spec, base_path: str):
     """The selected adapters (``checkpoints/best``) merged into the base, as ``unconfuse merge`` writes
     it, behind the eval adapter."""
     from unconfuse.eval.models.hf_vlm import HFVisionLanguageAdapter
+    from unconfuse.train.run import process_device
 
     merged, processor = merge_adapters(run.best_dir, base_path)
     return HFVisionLanguageAdapter(base_path, name=spec.name, model=merged, processor=processor,
-                                   device="cuda" if torch.cuda.is_available() else "cpu",
-                                   system_prompt=spec.system_prompt)
+                                   device=process_device(), system_prompt=spec.system_prompt)
 
 
 def merge_adapters(adapter_dir: Path, base: str | None = None):

@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -31,7 +30,7 @@ from unconfuse.eval.prompts import PromptSet, load_prompts
 from unconfuse.eval.runs import (RunResults, read_scored, scored_folder, write_run_results, write_scored)
 from unconfuse.eval.scorer import SCORER_VERSION
 from unconfuse.train.callbacks import PairValidationCallback
-from unconfuse.train.config import TrainSettings, dump_config, to_dict
+from unconfuse.train.config import ConfigError, TrainSettings, dump_config, to_dict
 
 Evaluate = Callable[[Benchmark, str], "tuple[list[dict[str, Any]], dict[str, Any]]"]
 
@@ -73,9 +72,8 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
     leakage audit (``leakage.json``; a leak aborts unless ``allow_leakage``)."""
     from unconfuse.eval.world import prepare
 
-    # TRL and peft still read transformers' old name; the warning is theirs, not something a user can change
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    launch = launch_settings()
+    check_toy_data(cfg)
+    launch = launch_settings()  # the distributed state exists before any model loads
     prepare(models=[cfg.model], benchmarks=[cfg.data.train, cfg.data.val, cfg.data.test])
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +84,19 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
     check_leakage(run_dir, train_bench, {"val": val_bench, "test": test_bench}, cfg.allow_leakage, write=is_main)
     return Run(recipe, cfg, strategy, run_dir, is_main, train_bench, val_bench, test_bench, load_prompts(), launch,
                list(dict.fromkeys(modes)))
+
+
+def check_toy_data(cfg: Any) -> None:
+    """A real model (anything but a preset built from config) on the embedded world's 64-px toy
+    images measures nothing about it: refused unless ``allow_toy_data``."""
+    from unconfuse.eval.models import find_preset
+
+    toy = [f"data.{k}" for k in ("train", "val", "test") if str(getattr(cfg.data, k)).startswith("world:")]
+    preset = find_preset(cfg.model)
+    if toy and not cfg.allow_toy_data and not (preset is not None and preset.build):
+        raise ConfigError(f"{', '.join(toy)}: the embedded world's 64-px toy images, with the real model {cfg.model!r}; "
+                          "point data.* at held-out real pairs (unconfuse mine, or unconfuse cv on MediConfusion) "
+                          "or set allow_toy_data: true")
 
 
 def default_output_dir(recipe: str) -> Path:
@@ -106,6 +117,14 @@ def launch_settings() -> dict[str, Any]:
         PartialState(backend="gloo")
     return {"deepspeed": deepspeed, "use_cpu": cpu,
             "accelerator_config": {"use_configured_state": True} if deepspeed and cpu else None}
+
+
+def process_device() -> str:
+    """This process's own device under any launch (``cuda:<local rank>`` with several GPUs, else
+    ``cuda`` or ``cpu``): each rank loads its model there, never all on GPU 0."""
+    from accelerate import PartialState
+
+    return str(PartialState().device)
 
 
 def trainer_arguments(run: Run, train: TrainSettings) -> dict[str, Any]:

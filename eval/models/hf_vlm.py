@@ -9,13 +9,19 @@ Efficiency, as the eval contract asks:
   image: it runs once per image and its KV cache is shared (``prefill``);
 - option scoring (``prefix`` mode) runs the shared prompt once, then scores every option from its
   KV cache, instead of one full forward per option.
+
+Models whose forward takes no pre-encoded images (no ``mm_encoder_outputs``), prompts with no image
+token before the reply, and batches whose padded layout would not be exact under the model's
+sliding-window attention take the plain path instead: scores from one unpadded forward per query
+(and per option) with its pixels, generation from the pixels of the batch (``plain_path`` forces
+it; tests/test_twins.py holds both paths to a naive forward per question).
 """
 from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -53,6 +59,8 @@ class HFVisionLanguageAdapter:
         self.base = self.model.model if hasattr(getattr(self.model, "model", None), "get_image_features") else self.model
         self.uses_mrope = hasattr(self.base, "rope_deltas")  # Qwen2-VL family: 3-D positions
         self.can_cache_features = "mm_encoder_outputs" in inspect.signature(self.model.forward).parameters
+        self.plain_path = not self.can_cache_features  # True: no cached features, no prefix sharing
+        self._stacked_features: bool | None = None  # get_image_features gives one tensor (Gemma 3) or one per image
         self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.max_cached_images = max_cached_images
         self.image_encoder_calls = 0  # images run through the vision tower (tests and benchmarks read it)
@@ -86,7 +94,14 @@ class HFVisionLanguageAdapter:
 
     def _inputs(self, queries: list[Query]) -> dict[str, Any]:
         texts = [self.render(q.prompt) for q in queries]
-        inputs = self.processor(text=texts, images=[q.image for q in queries], return_tensors="pt", padding=True)
+        # Templates that write BOS themselves (Gemma 3) must not get a second one from the tokenizer: the rule
+        # of transformers' own processor.apply_chat_template(tokenize=True).
+        bos = self.tokenizer.bos_token
+        add_special_tokens = not (bos and all(t.startswith(bos) for t in texts))
+        # one list of images per prompt: processors that take several images per prompt (Gemma 3) read a
+        # flat list as all of them belonging to one prompt
+        inputs = self.processor(text=texts, images=[[q.image] for q in queries], return_tensors="pt", padding=True,
+                                add_special_tokens=add_special_tokens)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     def _split_pixels(self, inputs: dict[str, Any], n: int) -> list[dict[str, torch.Tensor]]:
@@ -115,6 +130,7 @@ class HFVisionLanguageAdapter:
             batch = {key: torch.cat([p[key] for p in todo.values()]) for key in next(iter(todo.values()))}
             out = self.base.get_image_features(**batch, return_dict=True)
             feats = out.pooler_output if hasattr(out, "pooler_output") else out
+            self._stacked_features = torch.is_tensor(feats)
             for key, feat in zip(todo, feats):
                 self._features[key] = feat
             self.image_encoder_calls += len(todo)
@@ -129,16 +145,22 @@ class HFVisionLanguageAdapter:
     def clear_cache(self) -> None:
         self._features.clear()
 
+    def _encoder_outputs(self, features: list[torch.Tensor]) -> dict[str, Any]:
+        """Cached features as ``mm_encoder_outputs``, in the form the model's own ``get_image_features``
+        gives them: one stacked tensor (models that call ``.to()`` on it, Gemma 3) or one per image."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        pooled: Any = torch.stack(features) if self._stacked_features else list(features)
+        return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+
     def _model_kwargs(self, queries: list[Query], inputs: dict[str, Any]) -> dict[str, Any]:
         """Generation kwargs: text tensors plus the cached image features (or pixels as a fallback)."""
         kwargs = dict(inputs)
-        if self.can_cache_features:
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-
+        if not self.plain_path:
             features = self._image_features(queries, inputs)
             for key in ("pixel_values", "image_sizes"):
                 kwargs.pop(key, None)
-            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+            kwargs["mm_encoder_outputs"] = self._encoder_outputs(features)
         else:
             self.image_encoder_calls += len(queries)
         return kwargs
@@ -150,20 +172,44 @@ class HFVisionLanguageAdapter:
         config = self.model.config
         return getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
 
+    @property
+    def sliding_window(self) -> int | None:
+        """The language model's attention window, when some of its layers use one."""
+        config = self.model.config.get_text_config()
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None and "sliding_attention" not in layer_types:
+            return None
+        return window
+
+    def _fits_window(self, width: int) -> bool:
+        """Whether a padded layout ``width`` columns wide is exact under sliding-window attention: windows
+        count columns, holes included, so columns and real positions only agree while every pair of
+        tokens is inside the window."""
+        window = self.sliding_window
+        return window is None or width < window
+
     @torch.no_grad()
-    def prefill(self, queries: list[Query]) -> Prefill:
+    def prefill(self, queries: list[Query], extra_width: int = 0) -> Prefill | None:
         """Run every prompt up to where the reply starts, sharing the work of repeated images.
 
         A prompt is split after its image: the head (system text, image tokens) is the same for
         every question about an image, so each distinct head runs once and its KV cache is copied
         to the questions that use it; then the tails (question text, generation prompt) run on
         top. Heads and tails are each left-padded, so rows hold holes; positions count real
-        tokens, which keeps the numbers equal to one unpadded forward per question.
+        tokens, which keeps the numbers equal to one unpadded forward per question. The head runs
+        with the processor's token types (``mm_token_type_ids``, Gemma 3's ``token_type_ids``), so
+        models that attend bidirectionally within an image do so here as in a full forward.
+
+        Returns None where this cannot be exact (plain path, no image token before the reply, a
+        padded width of the prompts plus ``extra_width`` beyond the sliding window): the callers
+        then take the plain path.
         """
+        if self.plain_path or self.image_token_id is None:
+            return None
         inputs = self._inputs(queries)
-        features = self._image_features(queries, inputs) if self.can_cache_features else None
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
-        type_ids = inputs.get("mm_token_type_ids")
+        type_keys = [k for k in ("mm_token_type_ids", "token_type_ids") if k in inputs]
         image_id = self.image_token_id
         heads: dict[tuple, int] = {}
         head_rows: list[int] = []
@@ -171,30 +217,30 @@ class HFVisionLanguageAdapter:
         for r, q in enumerate(queries):
             real = ids[r][mask[r]]
             where = (real == image_id).nonzero()
-            if features is None or image_id is None or len(where) == 0 or int(where[-1]) + 1 >= len(real):
-                raise RuntimeError(f"{self.name}: cannot split the prompt after the image; prefix sharing needs "
-                                   "mm_encoder_outputs support and an image token before the reply")
+            if len(where) == 0 or int(where[-1]) + 1 >= len(real):
+                return None
             cut = int(where[-1]) + 1
             key = (q.image_key, tuple(real[:cut].tolist()))
             if key not in heads:
                 heads[key] = len(head_parts)
-                head_types = type_ids[r][mask[r]][:cut] if type_ids is not None else None
+                head_types = {k: inputs[k][r][mask[r]][:cut] for k in type_keys}
                 head_parts.append((real[:cut], head_types, r))
             head_rows.append(heads[key])
             tail_parts.append(real[cut:])
+        width = max(len(h) for h, _, _ in head_parts) + max(len(t) for t in tail_parts) + extra_width
+        if not self._fits_window(width):
+            return None
+        features = self._image_features(queries, inputs)
 
         # 1. distinct heads
         pad = self.tokenizer.pad_token_id
         head_ids, head_mask = _left_pad([h for h, _, _ in head_parts], pad, self.device)
-        kwargs: dict[str, Any] = {"input_ids": head_ids, "attention_mask": head_mask}
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
-            pooler_output=[features[r] for _, _, r in head_parts])}
+        kwargs: dict[str, Any] = {"input_ids": head_ids, "attention_mask": head_mask,
+                                  "mm_encoder_outputs": self._encoder_outputs([features[r] for _, _, r in head_parts])}
         if "image_grid_thw" in inputs:
             kwargs["image_grid_thw"] = inputs["image_grid_thw"][[r for _, _, r in head_parts]]
-        if type_ids is not None:
-            kwargs["mm_token_type_ids"], _ = _left_pad([t for _, t, _ in head_parts], 0, self.device)
+        for k in type_keys:
+            kwargs[k], _ = _left_pad([t[k] for _, t, _ in head_parts], 0, self.device)
         if not self.uses_mrope:
             kwargs["position_ids"] = (head_mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(**kwargs, use_cache=True, logits_to_keep=1)
@@ -211,6 +257,22 @@ class HFVisionLanguageAdapter:
                          use_cache=True, logits_to_keep=1)
         return Prefill(cache=cache, mask=full_mask, next_position=full_mask.sum(-1), deltas=deltas,
                        last_logprobs=torch.log_softmax(out.logits[:, -1, :].float(), dim=-1))
+
+    @torch.no_grad()
+    def _plain_logprobs(self, query: Query, continuation: Sequence[int] = ()) -> torch.Tensor:
+        """The plain path: one unpadded forward of ``query``'s prompt (plus ``continuation``) with its
+        pixels. Row t holds the log-probabilities of the token after prompt + continuation[:t]."""
+        inputs = self._inputs([query])
+        n = inputs["input_ids"].shape[1]
+        if continuation:
+            extra = torch.tensor([list(continuation)], dtype=torch.long, device=self.device)
+            for key, fill in (("input_ids", extra), ("attention_mask", torch.ones_like(extra)),
+                              ("mm_token_type_ids", torch.zeros_like(extra)), ("token_type_ids", torch.zeros_like(extra))):
+                if key in inputs:
+                    inputs[key] = torch.cat([inputs[key], fill], dim=1)
+        self.image_encoder_calls += 1
+        logits = self.model(**inputs).logits[0, n - 1:]
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def _positions(self, positions: torch.Tensor, deltas: torch.Tensor | None) -> torch.Tensor:
         """Text positions; 3-D M-RoPE ones (shifted by each row's rope delta) for the Qwen2-VL family."""
@@ -233,7 +295,11 @@ class HFVisionLanguageAdapter:
 
     @torch.no_grad()
     def next_token_scores(self, queries: list[Query], candidates: tuple[str, ...] = ("A", "B")) -> list[list[float]]:
-        logprobs = self.prefill(queries).last_logprobs
+        state = self.prefill(queries)
+        if state is not None:
+            logprobs = state.last_logprobs
+        else:
+            logprobs = torch.stack([self._plain_logprobs(q)[0] for q in queries])
         return logprobs[:, self.letter_token_ids(candidates, queries[0])].tolist()
 
     def continuation_ids(self, queries: list[Query], continuations: list[tuple[str, ...]]) -> list[list[list[int]]]:
@@ -258,12 +324,15 @@ class HFVisionLanguageAdapter:
         if any(len(c) != k for c in continuations):
             raise ValueError("every query needs the same number of continuations")
         cont_ids = self.continuation_ids(queries, continuations)
-        state = self.prefill(queries)
+        length = max(len(ids) for rows in cont_ids for ids in rows)
+        state = self.prefill(queries, extra_width=length)
+        if state is None:
+            return [[_token_logprobs(self._plain_logprobs(q, ids), ids).mean().item() for ids in rows]
+                    for q, rows in zip(queries, cont_ids)]
         state.cache.batch_repeat_interleave(k)
         first_logprobs = state.last_logprobs.repeat_interleave(k, dim=0)
 
         flat = [ids for rows in cont_ids for ids in rows]
-        length = max(len(ids) for ids in flat)
         cont = torch.full((len(flat), length), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
         cont_mask = torch.zeros_like(cont)
         for i, ids in enumerate(flat):
@@ -304,6 +373,12 @@ class Prefill:
     next_position: torch.Tensor
     deltas: torch.Tensor | None
     last_logprobs: torch.Tensor
+
+
+def _token_logprobs(logprobs: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+    """Row t's log-probability of ``ids[t]``."""
+    index = torch.tensor(list(ids), device=logprobs.device)
+    return logprobs[torch.arange(len(index), device=logprobs.device), index]
 
 
 def _left_pad(rows: list[torch.Tensor], value: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

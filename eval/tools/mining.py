@@ -390,8 +390,27 @@ def ask_question(cfg: MiningConfig, prompts: dict[str, Any], caption_1: str, cap
 
 # -- the job ----------------------------------------------------------------------------------------
 
+def write_train_val(pairs: list[Pair], out: Path, seed: int, val_folds: int = 10) -> dict[str, int] | None:
+    """``train.jsonl`` and ``val.jsonl`` beside ``pairs.jsonl``: a grouped split (about 1/val_folds of
+    the pairs to val; pairs that share an image stay on one side), so a recipe can train on the mined
+    pairs, select its checkpoint on held-out mined pairs, and test on the benchmark. None when the
+    pairs form fewer than two image-sharing components."""
+    from unconfuse.eval.benchmarks import Benchmark
+    from unconfuse.eval.splits import grouped_folds, image_components
+
+    bench = Benchmark(pairs, out, "mined")
+    components = image_components(bench) if pairs else []
+    if len(components) < 2:
+        return None
+    assignment = grouped_folds(bench, min(val_folds, len(components)), seed, components)
+    write_jsonl([p for p, a in zip(pairs, assignment) if a != 0], out / "train.jsonl")
+    write_jsonl([p for p, a in zip(pairs, assignment) if a == 0], out / "val.jsonl")
+    return {"train": sum(a != 0 for a in assignment), "val": sum(a == 0 for a in assignment)}
+
+
 def mine(cfg: MiningConfig) -> dict[str, Any]:
-    """Mine confusing pairs from ``cfg.corpus`` into ``cfg.out`` (pairs.jsonl, mining.json)."""
+    """Mine confusing pairs from ``cfg.corpus`` into ``cfg.out`` (pairs.jsonl, its grouped
+    train.jsonl/val.jsonl split, mining.json)."""
     import yaml
 
     start = time.time()
@@ -468,7 +487,8 @@ def mine(cfg: MiningConfig) -> dict[str, Any]:
                           sims={"a": round(float(sim_a[k]), 6), "b": round(float(sim_b[k]), 6)}, **record))
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(pairs, out / "pairs.jsonl")
-    report = {"config": asdict(cfg), "corpus_images": len(items), "duplicate_images": int(duplicate.sum()),
+    split = write_train_val(pairs, out, cfg.seed)
+    report = {"config": asdict(cfg), "train_val": split, "corpus_images": len(items), "duplicate_images": int(duplicate.sum()),
               "leakage": leakage, "searched_images": int(len(keep_idx)), "search_backend": backend,
               "candidates_sim_a": int(len(cand)), "candidates_rule": int(rule.sum()),
               "dropped_same_caption": int((rule & same_caption).sum()),

@@ -130,6 +130,16 @@ def build_llava(out: Path, image_size: int = 32, patch_size: int = 8, vision_hid
     processor.save_pretrained(out)
 
 
+def _qwen_text_config(vocab: int, ids: dict[str, int], hidden: int, layers: int, heads: int, rope_theta: float) -> dict:
+    """The text model of the Qwen2-VL family: 3-D rotary positions (M-RoPE) split over time, height, width."""
+    head_dim = hidden // heads
+    return {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": hidden * 2, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2), "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta,
+                                "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]},
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+
+
 def build_qwen2_vl(out: Path, image_size: int = 56, patch_size: int = 14, vision_hidden: int = 32,
                    text_hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> None:
     """A tiny Qwen2VLForConditionalGeneration with its processor (needs ``image_grid_thw``)."""
@@ -141,17 +151,10 @@ def build_qwen2_vl(out: Path, image_size: int = 56, patch_size: int = 14, vision
     tok = build_tokenizer(specials, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
                           QWEN_CHAT_TEMPLATE, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
     ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
-    head_dim = text_hidden // heads
     config = Qwen2VLConfig(
         vision_config={"depth": layers, "embed_dim": vision_hidden, "hidden_size": text_hidden, "num_heads": heads,
                        "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2, "mlp_ratio": 2},
-        text_config={"vocab_size": len(tok), "hidden_size": text_hidden, "intermediate_size": text_hidden * 2,
-                     "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2),
-                     "max_position_embeddings": 4096,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                         "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]},
-                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-                     "pad_token_id": ids["<|endoftext|>"]},
+        text_config=_qwen_text_config(len(tok), ids, text_hidden, layers, heads, rope_theta=10000.0),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
@@ -168,6 +171,113 @@ def build_qwen2_vl(out: Path, image_size: int = 56, patch_size: int = 14, vision
                                             temporal_patch_size=2)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
                                  chat_template=QWEN_CHAT_TEMPLATE)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _trl_chat_template(name: str) -> str:
+    """A chat template as TRL ships it (verbatim copies of the checkpoints' templates, and training variants
+    that only add ``{% generation %}`` markers around assistant turns and render the same text)."""
+    from importlib.resources import files
+
+    return (files("trl") / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def build_qwen2_5_vl(out: Path, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112, patch_size: int = 14,
+                     vision_hidden: int = 32, text_hidden: int = 64, layers: int = 2, vision_layers: int = 4,
+                     fullatt_block_indexes: tuple[int, ...] = (1, 3), window_size: int = 56, heads: int = 4,
+                     seed: int = 0) -> None:
+    """A tiny Qwen2_5_VLForConditionalGeneration with the real processor classes and chat template.
+
+    Dynamic resolution as in the real model (images are resized to multiples of 28 px between
+    ``min_pixels`` and ``max_pixels``: 56-112 px images give 4-16 image tokens); the vision tower
+    has windowed blocks (``window_size`` px windows: 2x2 merged tokens) and full-attention blocks
+    (``fullatt_block_indexes``), as the real one does every eighth block.
+    """
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+
+    # TRL's training variant of the Qwen2.5-VL template: the real template's text, with {% generation %} markers
+    template = _trl_chat_template("qwen2_5_vl_training")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tok = build_tokenizer(specials, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                     "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+                          template, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    config = Qwen2_5_VLConfig(
+        vision_config={"depth": vision_layers, "hidden_size": vision_hidden, "intermediate_size": vision_hidden * 2,
+                       "num_heads": heads, "out_hidden_size": text_hidden, "patch_size": patch_size,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": window_size,
+                       "fullatt_block_indexes": list(fullatt_block_indexes)},
+        text_config=_qwen_text_config(len(tok), ids, text_hidden, layers, heads, rope_theta=1000000.0),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, ids["<|endoftext|>"]]
+    kwargs = {"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": patch_size, "merge_size": 2,
+              "temporal_patch_size": 2}
+    image_processor = _image_processor_class("Qwen2VLImageProcessor")(**kwargs)
+    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok,
+                                    video_processor=Qwen2VLVideoProcessor(**kwargs), chat_template=template)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def build_gemma3(out: Path, image_size: int = 64, patch_size: int = 8, mm_tokens_per_image: int = 16,
+                 vision_hidden: int = 32, text_hidden: int = 64, layers: int = 2, vision_layers: int = 2, heads: int = 4,
+                 sliding_window: int = 512, projector_std: float = 0.5, initializer_range: float = 0.1,
+                 seed: int = 0) -> None:
+    """A tiny Gemma3ForConditionalGeneration (MedGemma's architecture: SigLIP tower, pooled projector,
+    Gemma 3 text model with sliding and full attention layers) with the real processor classes,
+    Gemma 3's special tokens and chat template (which writes ``<bos>`` itself).
+
+    Gemma 3 initialises its projector to zero, so a random twin would ignore images: the projector
+    and its norm are drawn at ``projector_std`` instead, and the text model at ``initializer_range``
+    0.1 (not 0.02), so that what image tokens see of each other (Gemma 3 attends bidirectionally
+    within an image) moves the scores by more than float noise.
+    """
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+
+    template = _trl_chat_template("gemma3_training")  # the real template's text with {% generation %} markers
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                "<end_of_image>", "<image_soft_token>"]
+    tok = build_tokenizer(specials, {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                     "image_token": "<image_soft_token>"},
+                          template, bos="<bos>", eos="<eos>", pad="<pad>")
+    tok.unk_token = "<unk>"
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    config = Gemma3Config(
+        vision_config={"model_type": "siglip_vision_model", "image_size": image_size, "patch_size": patch_size,
+                       "hidden_size": vision_hidden, "intermediate_size": vision_hidden * 2,
+                       "num_hidden_layers": vision_layers, "num_attention_heads": heads, "vision_use_head": False},
+        text_config={"vocab_size": len(tok), "hidden_size": text_hidden, "intermediate_size": text_hidden * 2,
+                     "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2),
+                     "head_dim": text_hidden // heads, "query_pre_attn_scalar": text_hidden // heads,
+                     "max_position_embeddings": 4096, "sliding_window": sliding_window,
+                     "initializer_range": initializer_range,
+                     "layer_types": ["sliding_attention"] * (layers - 1) + ["full_attention"],
+                     "bos_token_id": ids["<bos>"], "eos_token_id": ids["<eos>"], "pad_token_id": ids["<pad>"]},
+        mm_tokens_per_image=mm_tokens_per_image, boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"], image_token_index=ids["<image_soft_token>"],
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    projector = model.model.multi_modal_projector
+    with torch.no_grad():
+        projector.mm_input_projection_weight.normal_(0.0, projector_std)
+        projector.mm_soft_emb_norm.weight.normal_(0.0, projector_std)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, ids["<end_of_turn>"]]
+    image_processor = _image_processor_class("Gemma3ImageProcessor")(
+        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, chat_template=template,
+                                image_seq_length=mm_tokens_per_image)
     model.save_pretrained(out)
     processor.save_pretrained(out)
 
@@ -248,7 +358,8 @@ def build_dinov2(out: Path, image_size: int = 32, patch_size: int = 8, hidden: i
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(out)
 
 
-BUILDERS = {"dinov2": build_dinov2, "llava": build_llava, "qwen2_vl": build_qwen2_vl, "open_clip": build_open_clip, "hf_clip": build_hf_clip}
+BUILDERS = {"dinov2": build_dinov2, "llava": build_llava, "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl,
+            "gemma3": build_gemma3, "open_clip": build_open_clip, "hf_clip": build_hf_clip}
 
 
 def materialize(name: str, build: dict[str, Any]) -> Path:
