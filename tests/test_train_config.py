@@ -115,3 +115,14 @@ def test_real_model_configs_use_real_held_out_data_and_toy_data_is_refused(tmp_p
         check_toy_data(ClipHardNegConfig(model="biomedclip"))
     check_toy_data(ClipHardNegConfig(model="biomedclip", allow_toy_data=True))  # forced
     check_toy_data(ClipHardNegConfig(model="tiny-clip-base"))  # the world's own models
+
+
+def test_train_help_without_a_recipe_lists_recipes_and_launch(capsys):
+    from unconfuse.train.commands.cli import main
+
+    assert main(["train", "--help"]) == 0
+    printed = capsys.readouterr().out
+    assert "--launch" in printed and all(name in printed for name in RECIPES)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])
+    assert exit_info.value.code == 2 and "a recipe is required" in capsys.readouterr().err

@@ -316,7 +316,8 @@ def recipe_cli(recipe: str, argv: list[str] | None = None) -> int:
     module = recipe_module(recipe)
     parser = argparse.ArgumentParser(prog=f"unconfuse train {recipe}", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description=(module.__doc__ or "").split("\n\n")[0],
-                                     epilog="config fields (YAML keys, or key=value overrides):\n" + describe(module.CONFIG_CLASS))
+                                     epilog="config fields (YAML keys, or key=value overrides):\n" + describe(module.CONFIG_CLASS)
+                                     + "\n\nunconfuse train also takes --launch ACCELERATE_YAML: the same run under accelerate launch")
     parser.add_argument("--config", help=f"recipe YAML (configs/{recipe}/*.yaml)")
     parser.add_argument("--output-dir", help="the run directory (the same as the override output_dir=DIR)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")

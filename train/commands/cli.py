@@ -17,13 +17,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(sub)
     p = sub.add_parser("train", add_help=False, help="run a mitigation recipe (in-process, or through accelerate "
                        "launch with --launch); `unconfuse train RECIPE --help` lists its config fields")
-    p.add_argument("recipe", choices=RECIPES, help="recipe name (recipes/<name>.py)")
-    p.add_argument("-h", "--help", action="store_true", help="the recipe's options and every config field")
+    p.add_argument("recipe", nargs="?", choices=RECIPES, help="recipe name (recipes/<name>.py)")
+    p.add_argument("-h", "--help", action="store_true", help="this help; with a recipe, every config field of it")
     p.add_argument("--config", help="recipe YAML, e.g. configs/clip_hardneg/tiny.yaml (default: the recipe's defaults)")
     p.add_argument("--output-dir", help="the run directory (the same as the override output_dir=DIR)")
     p.add_argument("--launch", help="accelerate config YAML (configs/accelerate/*.yaml): run under accelerate launch")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10 loss.hardneg_weight=0")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train, train_parser=p)
 
     p = sub.add_parser("cv", help="grouped K-fold cross-validation of a recipe: train on K-1 folds, test on the held-out one")
     p.add_argument("recipe", choices=RECIPES)
@@ -61,6 +61,11 @@ def quiet_cpu_deepspeed() -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ..run import recipe_cli
 
+    if args.recipe is None:
+        if args.help:
+            args.train_parser.print_help()
+            return 0
+        args.train_parser.error(f"a recipe is required: {', '.join(RECIPES)}")
     argv = [*(["--help"] if args.help else []), *(["--config", args.config] if args.config else []),
             *(["--output-dir", args.output_dir] if args.output_dir else []), *args.overrides]
     if args.launch and not args.help:
