@@ -108,12 +108,6 @@ def _check_range(value: Any, metadata: Any, key: str) -> None:
         raise ConfigError(f"{key}: must be above {metadata['gt']}, got {value!r}")
 
 
-def check(config: T) -> T:
-    """Check a config built in Python (not loaded from YAML) as ``load_config`` checks a loaded one."""
-    from_dict(type(config), to_dict(config))
-    return config
-
-
 def describe(config: Any, prefix: str = "") -> str:
     """Every field of a config class (or instance) with its type, default and help, one per line (``--help``)."""
     instance = config() if isinstance(config, type) else config
