@@ -1,6 +1,6 @@
 """GPU smoke test: every MLLM twin at a realistic width, in bf16 on CUDA, through the real code paths.
 
-For each architecture (LLaVA-1.5, Qwen2-VL, and Qwen2.5-VL / Gemma 3 when their builders are there),
+For each architecture (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Gemma 3, LLaVA-NeXT-Mistral, LLaVA-Med as converted),
 a random-weight twin of a few hundred million parameters is built from config, then:
 - batching parity: the adapter's batched ``next_token_scores`` (8 queries, images of varied sizes)
   against the same queries one at a time (max |delta log-prob|, bf16 weights);
@@ -45,6 +45,10 @@ def twin_settings(width: int, layers: int) -> dict[str, dict]:
                        "layers": layers, "heads": heads},
         "gemma3": {"image_size": 224, "patch_size": 14, "mm_tokens_per_image": 64, "vision_hidden": 512,
                    "text_hidden": width, "layers": layers, "heads": heads},
+        "llava_next": {"image_size": 112, "patch_size": 14, "vision_hidden": 512, "vision_layers": 4, "text_hidden": width,
+                       "layers": layers, "heads": heads},
+        "llava_med": {"image_size": 224, "patch_size": 14, "vision_hidden": 512, "vision_layers": 4, "text_hidden": width,
+                      "layers": layers, "heads": heads},
     }
     return {arch: s for arch, s in settings.items() if arch in BUILDERS}
 

@@ -164,6 +164,11 @@ def open_clip_encoder(adapter, spec) -> TrainableEncoder:
 
         (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
         save_file(state, str(folder / "open_clip_model.safetensors"))
+        if config["model_cfg"]["text_cfg"].get("hf_tokenizer_name"):
+            # a local-dir: model with a Hugging Face tokenizer reads it from the folder itself (open_clip's
+            # get_tokenizer), not from hf_tokenizer_name; hf_model_name (BERT's config: architecture only,
+            # the weights are in the safetensors above) stays what the base model names
+            adapter.tokenizer.save_pretrained(folder)
 
     return TrainableEncoder(adapter.model, adapter.model, adapter.preprocess, adapter.tokenizer, ("visual.",), "visual",
                             save_folder, lambda folder: f"local-dir:{folder}", _shapes(adapter.model))
@@ -213,9 +218,8 @@ def lora_targets(encoder: TrainableEncoder, pattern: str | None) -> list[str]:
 
 
 def freeze(encoder: TrainableEncoder, trainable: str, lora: EncoderLora) -> None:
-    """Make only the chosen parts trainable: open_clip's own tower locks where they apply, peft's
-    LoRA (which freezes everything else) for ``lora``."""
-    open_clip_model = encoder.vision_prefixes[0] == "visual."
+    """Make only the chosen parts trainable: peft's LoRA (which freezes everything else) for ``lora``;
+    for a locked tower, open_clip's own lock where it applies, then every parameter of that tower by name."""
     if trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -223,11 +227,15 @@ def freeze(encoder: TrainableEncoder, trainable: str, lora: EncoderLora) -> None
                             target_modules=lora_targets(encoder, lora.target_modules))
         # the layers are injected in place: encoder.trained keeps its names and now trains the adapters only
         encoder.peft_model = get_peft_model(encoder.weights, config)
-    elif trainable == "locked_text" and open_clip_model:
-        encoder.weights.lock_text_tower()
-    elif trainable == "locked_vision" and open_clip_model:
-        encoder.weights.lock_image_tower()
-    elif trainable != "full":  # transformers CLIP: by parameter name
+    elif trainable != "full":
+        open_clip_model = encoder.vision_prefixes[0] == "visual."
+        if open_clip_model and trainable == "locked_text":
+            encoder.weights.lock_text_tower()
+        elif open_clip_model:
+            encoder.weights.lock_image_tower()
+        # by name: all a transformers CLIP/SigLIP has, and what open_clip's locks leave trainable (an HF text
+        # tower's proj: HFTextEncoder.lock freezes the transformer only; a timm tower's head: TimmModel.lock
+        # freezes the trunk only). The logit scale (and SigLIP's bias) belongs to neither tower.
         for name, param in encoder.trained.named_parameters():
             vision = encoder.is_vision(name)
             if (trainable == "locked_text" and not vision and "logit" not in name) or (trainable == "locked_vision" and vision):
@@ -294,25 +302,29 @@ def main(cfg: ClipHardNegConfig) -> RunResults:
     vision_trains = any(p.requires_grad for n, p in model.named_parameters() if encoder.is_vision(n))
     text_trains = any(p.requires_grad for n, p in model.named_parameters() if not encoder.is_vision(n) and "logit" not in n)
 
-    def evaluate(bench, mode, scorer=adapter):
-        model.eval()
-        # embeddings of a frozen tower stay valid between evaluations: only recompute what trains
-        if vision_trains or scorer is not adapter:
-            scorer._image_emb.clear()
-        if text_trains or scorer is not adapter:
-            scorer._text_emb.clear()
-        records = predict(scorer, spec, mode, bench, run.prompts, cfg.val_batch_pairs)
-        model.train()
+    def evaluate(bench, mode, scorer=adapter, trainer=None):
+        with lifecycle.whole_weights(trainer):  # under ZeRO-3, gathered for the pass
+            model.eval()
+            # embeddings of a frozen tower stay valid between evaluations: only recompute what trains
+            if vision_trains or scorer is not adapter:
+                scorer._image_emb.clear()
+            if text_trains or scorer is not adapter:
+                scorer._text_emb.clear()
+            records = predict(scorer, spec, mode, bench, run.prompts, cfg.val_batch_pairs)
+            model.train()
         return records, score_records(bench, records, prompt_version=run.prompts.version)
 
     base = lifecycle.score_stage(run, "base", evaluate, spec.name)
 
-    # trainer
-    callback = lifecycle.validation(run, evaluate, encoder.save, val_mode="clip")
-    args = TrainingArguments(**lifecycle.trainer_arguments(run, cfg.train), remove_unused_columns=False)
+    # trainer (the encoder is loaded whole: encoders are small; ZeRO-3 partitions it when training starts)
+    width = max(p.shape[-1] for p in model.parameters() if p.dim() == 2)  # for DeepSpeed's auto bucket sizes
+    args = TrainingArguments(**lifecycle.trainer_arguments(run, cfg.train, model_width=width), remove_unused_columns=False)
     trainer = ClipHardNegTrainer(model=model, args=args, train_dataset=PairItems(run.train, encoder.preprocess, cfg.data.text),
-                                 data_collator=ClipCollator(encoder.tokenize), callbacks=[callback],
+                                 data_collator=ClipCollator(encoder.tokenize),
                                  pairs_per_batch=cfg.train.pairs_per_batch, loss_config=cfg.loss)
+    callback = lifecycle.validation(run, lambda bench, mode: evaluate(bench, mode, trainer=trainer), encoder.save,
+                                    val_mode="clip", saved_parameters=lambda: list(model.parameters()))
+    trainer.add_callback(callback)
 
     # train, then test the selected checkpoint loaded the way `unconfuse eval` loads it
     lifecycle.train(run, trainer)

@@ -9,9 +9,10 @@ needs the opposite answer. ``image_contrast_weight: 0`` is plain DPO, the baseli
 
     unconfuse train mllm_dpo --config configs/mllm_dpo/tiny.yaml [key=value ...]
 
-Story: data (run directory, pairs, leakage audit) -> model (+ LoRA) -> base test scores -> trainer
-(DPOTrainer + image-contrast term, whole-pair batches, validation callback) -> train -> test scores
-of the selected adapters. Shares its data and LoRA settings with mllm_sft.
+Story: data (run directory, pairs, leakage audit) -> trainer arguments (before the model: ZeRO-3 partitions
+it as it loads) -> model (+ LoRA) -> trainer (DPOTrainer + image-contrast term, whole-pair batches) -> base test scores (adapters
+disabled) -> validation callback -> train -> test scores of the selected adapters, loaded in place.
+Shares its data and LoRA settings with mllm_sft.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from unconfuse.train import run as lifecycle
 from unconfuse.train.config import TrainSettings, setting, to_dict
 from unconfuse.train.data import PairBatches
 from unconfuse.train.losses import image_contrast_loss
-from unconfuse.train.mllm import (EvalMode, MllmData, MllmLora, attach_lora, letter_examples, load_mllm, merged_best,
-                                  scorer)
+from unconfuse.train.mllm import (EvalMode, MllmData, MllmLora, attach_lora, letter_examples, load_best_adapters,
+                                  load_mllm, scorer, with_eval_bos)
 
 RECIPE = "mllm_dpo"
 
@@ -69,28 +70,66 @@ class MllmDpoConfig:
 CONFIG_CLASS = MllmDpoConfig
 
 
-def preference_examples(bench: Benchmark, prompts, cfg: MllmData, seed: int) -> list[dict[str, Any]]:
-    """Two preference examples per pair (rows 2k, 2k+1): chosen = the correct letter, rejected = the other."""
+def preference_examples(bench: Benchmark, prompts, cfg: MllmData, seed: int, same_size_pairs: bool = False) -> list[dict[str, Any]]:
+    """Two preference examples per pair (rows 2k, 2k+1): chosen = the correct letter, rejected = the other.
+    ``same_size_pairs`` pads the two images of each pair onto one black canvas (no resizing), for models
+    whose image-token count follows the image size (see ``image_tokens_vary``)."""
+    examples = letter_examples(bench, prompts, cfg, seed)
+    if same_size_pairs:
+        for first, second in zip(examples[0::2], examples[1::2]):
+            first["image"], second["image"] = same_canvas(first["image"], second["image"])
     return [{"images": [ex["image"]], "prompt": [{"role": "user", "content": ex["prompt"]}],
              "chosen": [{"role": "assistant", "content": ex["correct"]}],
              "rejected": [{"role": "assistant", "content": ex["other"]}]}
-            for ex in letter_examples(bench, prompts, cfg, seed)]
+            for ex in examples]
+
+
+def same_canvas(first, second):
+    """Both images centred on a black canvas of their largest width and height (content unscaled)."""
+    from PIL import ImageOps
+
+    width, height = max(first.width, second.width), max(first.height, second.height)
+
+    def pad(image):
+        left, top = (width - image.width) // 2, (height - image.height) // 2
+        return ImageOps.expand(image, (left, top, width - image.width - left, height - image.height - top), fill=0)
+
+    return pad(first), pad(second)
+
+
+def image_tokens_vary(processor) -> bool:
+    """Whether the processor gives images of different sizes different numbers of image tokens (Qwen2/2.5-VL's
+    dynamic resolution, LLaVA-NeXT's tiles). The image-contrast term puts a row's pair-partner image into the
+    row's own prompt, so such models need both images of a pair at one size."""
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    lengths = {len(processor(text=[text], images=[[Image.new("RGB", size)]], return_tensors="pt")["input_ids"][0])
+               for size in ((64, 64), (128, 64))}
+    return len(lengths) > 1
 
 
 def partner_pixels(inputs: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
     """The image inputs of the first ``rows`` rows, each row's image swapped with its pair partner's
-    (rows 2k and 2k+1 of a whole-pair batch)."""
+    (rows 2k and 2k+1 of a whole-pair batch). The two images of a pair must give the same number of
+    image tokens (equal ``image_grid_thw`` / ``image_sizes`` where the count depends on them)."""
     partner = torch.arange(rows, device=inputs["input_ids"].device) ^ 1
     pixels = inputs["pixel_values"]
-    if "image_grid_thw" in inputs:  # Qwen2-VL: patches of all images concatenated; equal grids only
+    if "image_grid_thw" in inputs:  # Qwen2-VL family: the patches of all images concatenated, per-image sizes
         grids = inputs["image_grid_thw"][:rows]
-        if not bool((grids == grids[0]).all()):
-            raise ValueError("the image-contrast term needs images of one size in a batch (equal image_grid_thw)")
-        per_image = pixels.view(-1, int(grids[0].prod()), pixels.shape[-1])[:rows]
-        return {"pixel_values": per_image[partner].reshape(-1, pixels.shape[-1]), "image_grid_thw": grids[partner]}
-    out = {"pixel_values": pixels[:rows][partner]}
-    if "image_sizes" in inputs:
-        out["image_sizes"] = inputs["image_sizes"][:rows][partner]
+        if not torch.equal(grids, grids[partner]):
+            raise ValueError("the image-contrast term needs the two images of a pair at one size (equal image_grid_thw); "
+                             "mllm_dpo pads them onto one canvas for such models")
+        chunks = torch.split(pixels[: int(grids.prod(-1).sum())], grids.prod(-1).tolist())
+        return {"pixel_values": torch.cat([chunks[i] for i in partner.tolist()]), "image_grid_thw": grids[partner]}
+    out = {"pixel_values": pixels[:rows][partner]}  # LLaVA-NeXT: (rows, tiles padded to the batch's most, C, H, W)
+    if "image_sizes" in inputs:  # LLaVA-NeXT: tiles and image tokens follow the size; the model reads tiles by it
+        sizes = inputs["image_sizes"][:rows]
+        if not torch.equal(sizes, sizes[partner]):  # the model would scatter features into the wrong rows silently
+            raise ValueError("the image-contrast term needs the two images of a pair at one size (equal image_sizes); "
+                             "mllm_dpo pads them onto one canvas for such models")
+        out["image_sizes"] = sizes[partner]
     return out
 
 
@@ -151,36 +190,36 @@ def main(cfg: MllmDpoConfig) -> RunResults:
     # data: run directory, pairs, leakage audit
     strategy = cfg.strategy or ("dpo+image-contrast" if cfg.preference.image_contrast_weight else "dpo")
     run = lifecycle.open_run(RECIPE, cfg, strategy, modes=[cfg.val_mode, *cfg.test_modes])
+    sft = cfg.preference.sft_weight
+    args = DPOConfig(**lifecycle.trainer_arguments(run, cfg.train), max_length=None,  # never cut image tokens
+                     beta=cfg.preference.beta, loss_type=["sigmoid", "sft"] if sft else ["sigmoid"],
+                     loss_weights=[1.0, sft] if sft else None)  # made before the model (ZeRO-3)
 
-    # model: base scores first, then LoRA (disabling it gives the reference model)
+    # model + LoRA (disabling it gives the reference model), trainer, then the base scores
     adapter, spec = load_mllm(run, RECIPE)
-    base_path = adapter.model.name_or_path
     lifecycle.start_wandb(run, spec.name)
-    evaluate = scorer(run, spec, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
-    base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, adapter), spec.name)
     model = attach_lora(adapter, cfg.lora, cfg.train.seed)
+    examples = preference_examples(run.train, run.prompts, cfg.data, cfg.train.seed,
+                                   same_size_pairs=bool(cfg.preference.image_contrast_weight)
+                                   and image_tokens_vary(adapter.processor))
+    trainer = make_trainer_class()(model=model, args=args, processing_class=with_eval_bos(adapter.processor),
+                                   train_dataset=Dataset.from_list(examples), pairs_per_batch=cfg.train.pairs_per_batch,
+                                   image_contrast_weight=cfg.preference.image_contrast_weight)
+    evaluate = scorer(run, spec, adapter, trainer, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
+    base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, base=True), spec.name)
 
-    # trainer
     def save_adapters(folder):
         model.save_pretrained(str(folder))
         adapter.processor.save_pretrained(str(folder))
 
-    callback = lifecycle.validation(run, lambda bench, mode: evaluate(bench, mode, adapter), save_adapters,
-                                    val_mode=cfg.val_mode)
-    sft = cfg.preference.sft_weight
-    args = DPOConfig(**lifecycle.trainer_arguments(run, cfg.train), max_length=None,  # never cut image tokens
-                     beta=cfg.preference.beta, loss_type=["sigmoid", "sft"] if sft else ["sigmoid"],
-                     loss_weights=[1.0, sft] if sft else None)
-    trainer = make_trainer_class()(model=model, args=args, processing_class=adapter.processor, callbacks=[callback],
-                                   train_dataset=Dataset.from_list(preference_examples(run.train, run.prompts, cfg.data,
-                                                                                       cfg.train.seed)),
-                                   pairs_per_batch=cfg.train.pairs_per_batch,
-                                   image_contrast_weight=cfg.preference.image_contrast_weight)
+    callback = lifecycle.validation(run, evaluate, save_adapters, val_mode=cfg.val_mode,
+                                    saved_parameters=lambda: [p for p in model.parameters() if p.requires_grad])
+    trainer.add_callback(callback)
 
-    # train, then test the selected adapters
+    # train, then test the selected adapters (loaded into the trained model in place)
     lifecycle.train(run, trainer)
-    best = merged_best(run, spec, base_path)
-    final = lifecycle.score_stage(run, "test", lambda bench, mode: evaluate(bench, mode, best), spec.name)
+    load_best_adapters(run, model)
+    final = lifecycle.score_stage(run, "test", evaluate, spec.name)
     return lifecycle.finish(run, spec.name, base, final, trainer, callback,
                             details={"preference": to_dict(cfg.preference)})
 

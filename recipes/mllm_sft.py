@@ -8,9 +8,9 @@ answer) for half of the pairs, so no letter prior can be learned.
 
     unconfuse train mllm_sft --config configs/mllm_sft/tiny.yaml [key=value ...]
 
-Story: data (run directory, pairs, leakage audit) -> model (+ LoRA) -> base test scores -> trainer
-(SFTTrainer, whole-pair batches, validation callback) -> train -> test scores of the selected
-adapters, merged as ``unconfuse merge`` writes them.
+Story: data (run directory, pairs, leakage audit) -> trainer arguments (before the model: ZeRO-3 partitions
+it as it loads) -> model (+ LoRA) -> trainer (SFTTrainer, whole-pair batches) -> base test scores (adapters
+disabled) -> validation callback -> train -> test scores of the selected adapters, loaded in place.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from unconfuse.eval.runs import RunResults
 from unconfuse.train import run as lifecycle
 from unconfuse.train.config import TrainSettings, setting
 from unconfuse.train.data import PairBatches
-from unconfuse.train.mllm import (EvalMode, MllmData, MllmLora, attach_lora, letter_examples, load_mllm, merged_best,
-                                  scorer)
+from unconfuse.train.mllm import (EvalMode, MllmData, MllmLora, attach_lora, letter_examples, load_best_adapters,
+                                  load_mllm, scorer, with_eval_bos)
 
 RECIPE = "mllm_sft"
 
@@ -71,32 +71,31 @@ def main(cfg: MllmSftConfig) -> RunResults:
 
     # data: run directory, pairs, leakage audit
     run = lifecycle.open_run(RECIPE, cfg, cfg.strategy or "sft", modes=[cfg.val_mode, *cfg.test_modes])
+    args = SFTConfig(**lifecycle.trainer_arguments(run, cfg.train), assistant_only_loss=True,
+                     max_length=None)  # never truncate: it could cut image tokens. Made before the model (ZeRO-3)
 
-    # model: base scores first, then LoRA
+    # model + LoRA, trainer, then the base scores (adapters disabled)
     adapter, spec = load_mllm(run, RECIPE)
-    base_path = adapter.model.name_or_path
     lifecycle.start_wandb(run, spec.name)
-    evaluate = scorer(run, spec, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
-    base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, adapter), spec.name)
     model = attach_lora(adapter, cfg.lora, cfg.train.seed)
+    trainer = PairSFTTrainer(model=model, args=args, processing_class=with_eval_bos(adapter.processor),
+                             train_dataset=Dataset.from_list(sft_examples(run.train, run.prompts, cfg.data, cfg.train.seed)),
+                             pairs_per_batch=cfg.train.pairs_per_batch)
+    evaluate = scorer(run, spec, adapter, trainer, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
+    base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, base=True), spec.name)
 
-    # trainer
     def save_adapters(folder):
         model.save_pretrained(str(folder))
         adapter.processor.save_pretrained(str(folder))
 
-    callback = lifecycle.validation(run, lambda bench, mode: evaluate(bench, mode, adapter), save_adapters,
-                                    val_mode=cfg.val_mode)
-    args = SFTConfig(**lifecycle.trainer_arguments(run, cfg.train), assistant_only_loss=True,
-                     max_length=None)  # never truncate: it could cut image tokens
-    trainer = PairSFTTrainer(model=model, args=args, processing_class=adapter.processor, callbacks=[callback],
-                             train_dataset=Dataset.from_list(sft_examples(run.train, run.prompts, cfg.data, cfg.train.seed)),
-                             pairs_per_batch=cfg.train.pairs_per_batch)
+    callback = lifecycle.validation(run, evaluate, save_adapters, val_mode=cfg.val_mode,
+                                    saved_parameters=lambda: [p for p in model.parameters() if p.requires_grad])
+    trainer.add_callback(callback)
 
-    # train, then test the selected adapters
+    # train, then test the selected adapters (loaded into the trained model in place)
     lifecycle.train(run, trainer)
-    best = merged_best(run, spec, base_path)
-    final = lifecycle.score_stage(run, "test", lambda bench, mode: evaluate(bench, mode, best), spec.name)
+    load_best_adapters(run, model)
+    final = lifecycle.score_stage(run, "test", evaluate, spec.name)
     return lifecycle.finish(run, spec.name, base, final, trainer, callback)
 
 

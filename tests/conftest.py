@@ -23,7 +23,8 @@ def unconfuse_home(tmp_path_factory) -> Path:
     return home
 
 
-TINY_PRESETS = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-gemma3", "tiny-clip", "tiny-hf-clip", "tiny-dinov2")
+TINY_PRESETS = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-gemma3", "tiny-llava-next", "tiny-llava-med", "tiny-clip", "tiny-hf-clip", "tiny-dinov2",
+                "tiny-biomedclip", "tiny-pmc-clip", "tiny-siglip")
 
 
 @pytest.fixture(scope="session", autouse=True)

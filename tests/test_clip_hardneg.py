@@ -130,7 +130,7 @@ def test_wandb_runs_offline_without_a_key(world, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["ddp", "zero2"])
+@pytest.mark.parametrize("launch", ["ddp", "zero2", "zero3"])
 def test_two_process_launch_on_cpu(world, tmp_path, launch):
     out = tmp_path / launch
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}

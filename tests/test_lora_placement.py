@@ -13,6 +13,8 @@ PARTS = {
     "tiny-qwen2-vl": ("model.language_model", "model.visual.merger", "model.visual", 2, 8),
     # gated vision MLPs (gate/up/down_proj) adapted too; the merger's mlp.1 is a GELU, not adapted
     "tiny-qwen2.5-vl": ("model.language_model", "model.visual.merger", "model.visual", 2, 20),
+    # CLIP tower as LLaVA's; image_newline (a raw parameter beside them) is neither part: see test below
+    "tiny-llava-next": ("model.language_model", "model.multi_modal_projector", "model.vision_tower", 2, 12),
 }
 
 
@@ -82,3 +84,18 @@ def test_settings_an_architecture_cannot_take_are_errors():
         lora_placement(NoProjector(), MllmLora(projector="lora"))
     with pytest.raises(ConfigError, match="lora.vision: full: text-only has no vision module"):
         lora_placement(NoProjector(), MllmLora(vision="full"))
+
+
+def test_llava_next_image_newline_stays_with_the_frozen_language_model():
+    """LLaVA-NeXT's image_newline (the learned embedding that ends each row of image features) is a raw
+    parameter beside the projector and the tower, in the language model's input space. LLaVA-NeXT's own
+    training unfreezes it with the language model (mm_language_model), not with the projector (mm_mlp_adapter);
+    here the language model trains through LoRA only, so it stays frozen whatever the projector and tower do
+    (peft's modules_to_save takes modules, so a trained raw parameter would not be saved either)."""
+    adapter, _ = load_model("tiny-llava-next", device="cpu")
+    settings = MllmLora(projector="full", vision="full")
+    assert lora_placement(adapter.model, settings).full == ["model.multi_modal_projector", "model.vision_tower"]
+    peft_model = attach_lora(adapter, settings, seed=0)
+    newline = {n: p for n, p in peft_model.named_parameters() if "image_newline" in n}
+    assert list(newline) == ["base_model.model.model.image_newline"]
+    assert not any(p.requires_grad for p in newline.values())

@@ -12,7 +12,8 @@ from unconfuse.recipes import mllm_sft
 from unconfuse.recipes.mllm_sft import MllmSftConfig, sft_examples
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.train.config import TrainSettings
-from unconfuse.train.mllm import MllmData, MllmLora, merge_adapters
+from unconfuse.eval.models.hf_vlm import merge_adapters
+from unconfuse.train.mllm import MllmData, MllmLora
 
 from .interrupt import killed_at_step
 
@@ -46,6 +47,16 @@ def test_examples_swap_options_with_the_answer(world):
     assert 0 < swapped < len(bench.pairs)
     letters = [ex["messages"][1]["content"] for ex in examples]
     assert abs(letters.count("A") - letters.count("B")) < len(letters) // 2
+
+
+@pytest.mark.parametrize("bf16,dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_the_model_loads_in_the_runs_dtype(world, tmp_path, bf16, dtype):
+    from types import SimpleNamespace
+
+    from unconfuse.train.mllm import load_mllm
+
+    adapter, spec = load_mllm(SimpleNamespace(cfg=config(world, tmp_path, bf16=bf16), is_main=True), "mllm_sft")
+    assert {p.dtype for p in adapter.model.parameters()} == {dtype} and spec.dtype == ("bfloat16" if bf16 else "auto")
 
 
 @pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2-vl"])
@@ -112,22 +123,34 @@ def test_killed_and_resumed_sft_ends_like_an_uninterrupted_one(world, tmp_path, 
     assert last[0] == pytest.approx(last[1], rel=1e-4)
 
 
-@pytest.mark.slow
-def test_two_process_ddp_on_cpu(world, tmp_path):
+def launch_sft(world, launch: str, out: Path, *extra: str) -> str:
+    """``unconfuse train mllm_sft --launch configs/accelerate/<launch>.yaml`` on tiny-llava, 2 CPU processes,
+    checkpoints every 2 steps; its stdout."""
     import os
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "unconfuse.train.commands.cli", "train", "mllm_sft", "--config", str(repo / "configs/mllm_sft/tiny.yaml"),
-           "--launch", str(repo / "configs/accelerate/ddp.yaml"), "model=tiny-llava", f"output_dir={out}", "report_to=none",
-           "train.max_steps=4", "train.eval_steps=2", "train.save_steps=2", "train.logging_steps=1", "train.pairs_per_batch=2",
+           "--launch", str(repo / "configs/accelerate" / f"{launch}.yaml"), "model=tiny-llava", f"output_dir={out}", "report_to=none",
+           "train.eval_steps=2", "train.save_steps=2", "train.logging_steps=1", "train.pairs_per_batch=2",
            "test_modes=[greedy]", "lora.vision=none", "lora.projector=none", f"data.train={world.root / 'train'}",
-           f"data.val={world.root / 'val'}", f"data.test={world.root / 'test'}"]
+           f"data.val={world.root / 'val'}", f"data.test={world.root / 'test'}", *extra]
     proc = subprocess.run(cmd, cwd=repo, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def logged_losses(run: Path, step: int) -> dict[int, float]:
+    state = json.loads((run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(world, tmp_path):
+    out = tmp_path / "ddp"
+    launch_sft(world, "ddp", out, "train.max_steps=4")
     state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     train_pairs = len(load_benchmark(str(world.root / "train")).pairs)
     batches = -(-train_pairs // 2)  # whole-pair batches of 2 pairs
@@ -144,30 +167,53 @@ def test_two_process_ddp_on_cpu(world, tmp_path):
 def test_lora_under_deepspeed_zero2_resumes_exactly(world, tmp_path):
     """Two CPU processes under DeepSpeed ZeRO-2: a run resumed from checkpoint-4 logs the same
     losses at steps 5 and 6 as the uninterrupted run (adapters, optimizer shards and RNG restored)."""
-    import os
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-
-    def launch(out, *extra):
-        cmd = [sys.executable, "-m", "unconfuse.train.commands.cli", "train", "mllm_sft", "--config", str(repo / "configs/mllm_sft/tiny.yaml"),
-               "--launch", str(repo / "configs/accelerate/zero2.yaml"), "model=tiny-llava", f"output_dir={out}", "report_to=none",
-               "train.max_steps=6", "train.eval_steps=2", "train.save_steps=2", "train.logging_steps=1", "train.pairs_per_batch=2",
-               "test_modes=[greedy]", "lora.vision=none", "lora.projector=none", f"data.train={world.root / 'train'}",
-               f"data.val={world.root / 'val'}", f"data.test={world.root / 'test'}", *extra]
-        proc = subprocess.run(cmd, cwd=repo, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True,
-                              timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
-        return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
-
-    full = launch(tmp_path / "full")
+    launch_sft(world, "zero2", tmp_path / "full", "train.max_steps=6")
     assert (tmp_path / "full" / "checkpoints" / "checkpoint-4" / "global_step4").is_dir()  # a DeepSpeed checkpoint
-    resumed = launch(tmp_path / "resumed", f"resume_from_checkpoint={tmp_path / 'full' / 'checkpoints' / 'checkpoint-4'}")
+    launch_sft(world, "zero2", tmp_path / "resumed", "train.max_steps=6",
+               f"resume_from_checkpoint={tmp_path / 'full' / 'checkpoints' / 'checkpoint-4'}")
+    full, resumed = logged_losses(tmp_path / "full", 6), logged_losses(tmp_path / "resumed", 6)
     assert full[6] != full[4]  # it trained
     # it started at step 4 (a fresh run with the same seed would have saved checkpoint-2 too)
     assert not (tmp_path / "resumed" / "checkpoints" / "checkpoint-2").exists()
     assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-6").is_dir()
     for step in (5, 6):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5)
+
+
+def _predictions(folder: Path) -> dict:
+    return {(r["pair_id"], r["image"]): r for r in map(json.loads, (folder / "predictions.jsonl").read_text().splitlines())}
+
+
+def _same_predictions(a: Path, b: Path) -> None:
+    first, second = _predictions(a), _predictions(b)
+    assert first.keys() == second.keys()
+    for key, row in first.items():
+        assert row["answer"] == second[key]["answer"]
+        assert row["scores"] == pytest.approx(second[key]["scores"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_lora_under_deepspeed_zero3(world, tmp_path):
+    """Two CPU processes under ZeRO-3: the model is partitioned as it loads (the trainer arguments exist
+    first); base, validation and test scoring run on gathered weights, each process its share; the run
+    resumes with the uninterrupted run's losses; its best adapters load in ``unconfuse eval`` and score
+    what the run's final test scored (they were loaded into the trained model in place)."""
+    from unconfuse.train.commands.cli import main
+
+    stdout = launch_sft(world, "zero3", tmp_path / "full", "train.max_steps=4", "train.learning_rate=0.03", "train.warmup_steps=0")
+    assert "partitioned across processes as they loaded" in stdout
+    assert (tmp_path / "full" / "checkpoints" / "checkpoint-2" / "global_step2").is_dir()
+    launch_sft(world, "zero3", tmp_path / "resumed", "train.max_steps=4", "train.learning_rate=0.03", "train.warmup_steps=0",
+               f"resume_from_checkpoint={tmp_path / 'full' / 'checkpoints' / 'checkpoint-2'}")
+    full, resumed = logged_losses(tmp_path / "full", 4), logged_losses(tmp_path / "resumed", 4)
+    assert full[4] != full[2] and not (tmp_path / "resumed" / "checkpoints" / "checkpoint-2").exists()
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5)
+    # the base, scored by two ZeRO-3 processes with the adapters disabled, is what one eval process scores
+    test = str(world.root / "test")
+    assert main(["eval", "--model", "tiny-llava", "--mode", "greedy", "--benchmark", test, "--out", str(tmp_path / "base")]) == 0
+    _same_predictions(tmp_path / "full" / "base", tmp_path / "base")
+    best = tmp_path / "full" / "checkpoints" / "best"
+    assert int((best / "step.txt").read_text()) > 0  # trained adapters were selected (measured: step 4)
+    assert main(["eval", "--model", str(best), "--mode", "greedy", "--benchmark", test, "--out", str(tmp_path / "best")]) == 0
+    _same_predictions(tmp_path / "full" / "test", tmp_path / "best")

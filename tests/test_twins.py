@@ -4,12 +4,13 @@ naive forward of one prompt and one image gives, images must matter, and prompts
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from unconfuse.eval.models import Query, load_model
 from unconfuse.eval.prompts import load_prompts
 
-TWINS = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-gemma3"]
+from .twin_inputs import question_rows
+
+TWINS = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-gemma3", "tiny-llava-next", "tiny-llava-med"]
 TOL = 1e-4  # parity (measured: <= 1e-6 on CPU float32)
 TEETH = 1e-3  # what swapping the image must move
 MAX_NEW_TOKENS = 6
@@ -33,23 +34,11 @@ def fast(twin):
     return twin
 
 
-def _image(width, height, seed):
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (height // 4 + 1, width // 4 + 1, 3), dtype=np.uint8)  # blocky: survives resizing
-    return Image.fromarray(base).resize((width, height), Image.NEAREST)
-
-
 def _queries(swap=False):
     """As eval's runner builds them: two images of different sizes and aspect ratios, two questions on one."""
-    first, second = ("wide", _image(112, 84, 0)), ("tall", _image(64, 96, 1))
-    if swap:
-        first, second = second, first
     prompts = load_prompts()
-    rows = [(*first, "Which side is the lesion on?", ("left", "right")),
-            (*second, "What imaging modality is shown?", ("CT", "MRI")),
-            (*first, "Is there a fracture?", ("yes", "no"))]
     return [Query(key, image, prompts.render("greedy", question, options), options, {"pair_id": f"p{i}", "image": 1})
-            for i, (key, image, question, options) in enumerate(rows)]
+            for i, (key, image, question, options) in enumerate(question_rows(swap))]
 
 
 def _messages(query, reply=None):
@@ -162,7 +151,8 @@ def test_an_eval_prompt_carries_one_bos(twin):
     assert _naive_inputs(twin, _queries()[0])["input_ids"][0].tolist().count(bos) == 1
 
 
-REAL_TEMPLATES = {"tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-gemma3": "gemma3"}  # TRL's verbatim copies
+# TRL's verbatim copies (llava_next: llava-hf/llava-v1.6-mistral-7b-hf's [INST] template)
+REAL_TEMPLATES = {"tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-gemma3": "gemma3", "tiny-llava-next": "llava_next"}
 
 
 def test_the_chat_template_renders_as_the_real_one(twin):

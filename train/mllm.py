@@ -2,8 +2,7 @@
 with LoRA placed per part, scoring (with the image cache kept honest), and adapter merging."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -14,7 +13,8 @@ from unconfuse.train.config import ConfigError, setting
 
 # Where image-text-to-text architectures keep their parts (module-name suffixes): LLaVA, LLaVA-NeXT and
 # Gemma 3 have a multi_modal_projector beside a vision_tower; Qwen2/2.5-VL keep the projector (merger)
-# inside their tower, `visual`.
+# inside their tower, `visual`. LLaVA-NeXT's raw `image_newline` parameter is neither: LLaVA-NeXT trains it
+# with the language model, so it stays frozen here (the language model only gets LoRA).
 LANGUAGE_MODELS = ("language_model",)
 PROJECTORS = ("multi_modal_projector", "visual.merger")
 VISION_TOWERS = ("vision_tower", "visual")
@@ -118,16 +118,23 @@ def lora_config(model, settings: MllmLora):
 
 
 def load_mllm(run, recipe: str):
-    """The run's image-text-to-text model on this process's device, seeded: ``(adapter, spec)``."""
+    """The run's image-text-to-text model on this process's device, in the run's dtype (bf16 when
+    ``train.bf16``, else the preset's), seeded: ``(adapter, spec)``. Create the trainer arguments
+    first: under ZeRO-3 the weights are then partitioned across processes as they load."""
     from unconfuse.eval.models import load_model, resolve_model
+    from unconfuse.train.run import process_device
 
     spec = resolve_model(run.cfg.model)
     if spec.family != "hf-vlm":
         raise ConfigError(f"model: {recipe} trains image-text-to-text models; {run.cfg.model!r} is {spec.family}")
-    from unconfuse.train.run import process_device
-
+    if run.cfg.train.bf16:
+        spec = replace(spec, dtype="bfloat16")
     torch.manual_seed(run.cfg.train.seed)
-    return load_model(spec, device=process_device())
+    adapter, spec = load_model(spec, device=process_device())
+    sharded = [p for p in adapter.model.parameters() if hasattr(p, "ds_id")]
+    if sharded and run.is_main:
+        print(f"ZeRO-3: {len(sharded)} parameter tensors of {spec.name} partitioned across processes as they loaded", flush=True)
+    return adapter, spec
 
 
 def attach_lora(adapter, settings: MllmLora, seed: int):
@@ -141,42 +148,70 @@ def attach_lora(adapter, settings: MllmLora, seed: int):
     return model
 
 
-def scorer(run, spec, vision_trains: bool):
-    """``evaluate(bench, mode, adapter)`` for the lifecycle: the eval code path on ``adapter``. Cached
-    image features are dropped when the vision side trains (they would be stale)."""
-    def evaluate(bench, mode: str, adapter):
-        adapter.model.eval()
+def with_eval_bos(processor):
+    """The processor TRL tokenizes with, giving training rows the BOS eval prompts carry.
+
+    TRL tokenizes rendered chats with ``add_special_tokens=False`` (it expects templates to write BOS);
+    templates that do not (LLaVA-1.5/NeXT, LLaVA-Med's Mistral) would train without the BOS that eval,
+    transformers' ``apply_chat_template`` and the models' own training code put first. Here, text that
+    comes with its images and does not start with BOS is tokenized with the tokenizer's BOS, as eval
+    does; completions (no images) and templates that write BOS are untouched. A copy: the adapter's
+    processor, which eval uses and checkpoints save, is not changed."""
+    import copy
+
+    bos = getattr(getattr(processor, "tokenizer", processor), "bos_token", None)
+    if not bos:
+        return processor
+    base = type(processor)
+
+    def __call__(self, images=None, text=None, *args, **kwargs):
+        texts = [text] if isinstance(text, str) else text
+        if images is not None and texts and not all(t.startswith(bos) for t in texts):
+            kwargs["add_special_tokens"] = True
+        return base.__call__(self, images=images, text=text, *args, **kwargs)
+
+    # same class name: the checkpoints' processor_config.json must still name the real processor class
+    trained = copy.copy(processor)
+    trained.__class__ = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__})
+    return trained
+
+
+def scorer(run, spec, adapter, trainer, vision_trains: bool):
+    """``evaluate(bench, mode, base=False)`` for the lifecycle: the eval code path on the model being
+    trained (``base``: with its adapters disabled, i.e. the base model). Every process scores its share
+    of the pairs on whole weights (under ZeRO-3 they are gathered for the pass, as TRL does for
+    generation). Cached image features are dropped when the vision side trains (they would be stale)."""
+    from contextlib import nullcontext
+
+    from unconfuse.train.run import whole_weights
+
+    def evaluate(bench, mode: str, base: bool = False):
+        with whole_weights(trainer), (trainer.model.disable_adapter() if base else nullcontext()):
+            adapter.model.eval()
+            if vision_trains:
+                adapter.clear_cache()
+            records = predict(adapter, spec, mode, bench, run.prompts, run.cfg.val_batch_pairs)
+            adapter.model.train()
         if vision_trains:
             adapter.clear_cache()
-        records = predict(adapter, spec, mode, bench, run.prompts, run.cfg.val_batch_pairs)
-        adapter.model.train()
         return records, score_records(bench, records, prompt_version=run.prompts.version)
 
     return evaluate
 
 
-def merged_best(run, spec, base_path: str):
-    """The selected adapters (``checkpoints/best``) merged into the base, as ``unconfuse merge`` writes
-    it, behind the eval adapter."""
-    from unconfuse.eval.models.hf_vlm import HFVisionLanguageAdapter
-    from unconfuse.train.run import process_device
+def load_best_adapters(run, model) -> None:
+    """Put the selected adapters (``checkpoints/best``) into ``model`` in place, for the final test: no
+    second copy of the base model is loaded (under ZeRO-3 the adapters are written into their shards)."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
 
-    merged, processor = merge_adapters(run.best_dir, base_path)
-    return HFVisionLanguageAdapter(base_path, name=spec.name, model=merged, processor=processor,
-                                   device=process_device(), system_prompt=spec.system_prompt)
+    from unconfuse.train.run import gathered
 
-
-def merge_adapters(adapter_dir: Path, base: str | None = None):
-    """The base model with the LoRA adapters of ``adapter_dir`` merged in (peft's merge_and_unload),
-    and its processor."""
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    base = base or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
-    model = AutoModelForImageTextToText.from_pretrained(base, use_safetensors=True)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    processor = AutoProcessor.from_pretrained(str(adapter_dir) if (adapter_dir / "processor_config.json").exists() else base)
-    return model, processor
+    weights = load_peft_weights(str(run.best_dir), device="cpu")
+    with gathered([p for p in model.parameters() if p.requires_grad], modifier_rank=0):
+        result = set_peft_model_state_dict(model, weights)
+    if result.unexpected_keys:
+        raise RuntimeError(f"{run.best_dir}: adapter weights this model does not have: {result.unexpected_keys[:3]}")
 
 
 def letter_examples(bench, prompts, cfg: MllmData, seed: int) -> list[dict[str, Any]]:

@@ -2,11 +2,13 @@
 class, no mixins; each recipe file reads top to bottom)::
 
     run = open_run(RECIPE, cfg, strategy)          # launch state, run directory, config.yaml, data, leakage.json
-    adapter, spec = load_model(...)                # the recipe's own model code
+    args = XConfig(**trainer_arguments(run, cfg.train))  # before the model: under ZeRO-3 it loads partitioned
+    adapter, spec = load_model(...)                # the recipe's own model code (+ LoRA), on this process's device
     start_wandb(run, spec.name)
+    trainer = ...                                  # transformers/TRL Trainer: checkpoints, resume, DDP, DeepSpeed
     base = score_stage(run, "base", evaluate)      # base/ (+ base-<mode>/): the test split before training
-    callback = validation(run, evaluate_val, save_weights)
-    train(run, trainer)                            # transformers/TRL Trainer: checkpoints, resume, DDP, DeepSpeed
+    callback = validation(run, evaluate, save_weights, val_mode, saved_parameters)
+    train(run, trainer)
     final = score_stage(run, "test", evaluate)     # test/ (+ test-<mode>/): the selected checkpoint
     return finish(run, spec.name, base, final, trainer, callback, details)
 
@@ -19,6 +21,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -74,7 +77,10 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
 
     check_toy_data(cfg)
     launch = launch_settings()  # the distributed state exists before any model loads
-    prepare(models=[cfg.model], benchmarks=[cfg.data.train, cfg.data.val, cfg.data.test])
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():  # one process builds the world and tiny models, the others wait
+        prepare(models=[cfg.model], benchmarks=[cfg.data.train, cfg.data.val, cfg.data.test])
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = int(os.environ.get("RANK", "0")) == 0  # set by torchrun/accelerate for every process
@@ -127,15 +133,32 @@ def process_device() -> str:
     return str(PartialState().device)
 
 
-def trainer_arguments(run: Run, train: TrainSettings) -> dict[str, Any]:
-    """TrainingArguments keywords from the shared training settings, the run directory and the launch."""
+def trainer_arguments(run: Run, train: TrainSettings, model_width: int | None = None) -> dict[str, Any]:
+    """TrainingArguments keywords from the shared training settings, the run directory and the launch.
+    ``model_width``: for models without a transformers config (open_clip), the width DeepSpeed's ``auto``
+    bucket sizes are computed from, as transformers computes them from ``config.hidden_size``."""
+    launch = dict(run.launch)
+    if launch["deepspeed"] and model_width:
+        launch["deepspeed"] = deepspeed_config_for_width(launch["deepspeed"], model_width)
     return dict(output_dir=str(run.dir / "checkpoints"), max_steps=train.max_steps,
                 per_device_train_batch_size=2 * train.pairs_per_batch, learning_rate=train.learning_rate,
                 weight_decay=train.weight_decay, warmup_steps=train.warmup_steps, lr_scheduler_type=train.lr_scheduler,
                 gradient_accumulation_steps=train.gradient_accumulation_steps, max_grad_norm=train.max_grad_norm,
                 logging_steps=train.logging_steps, save_strategy="steps", save_steps=train.save_steps, seed=train.seed,
                 data_seed=train.seed, bf16=train.bf16, activation_checkpointing=train.activation_checkpointing, report_to=["wandb"] if run.wandb is not None else [],
-                dataloader_num_workers=0, disable_tqdm=True, **run.launch)  # ConsoleLog shows progress
+                dataloader_num_workers=0, disable_tqdm=True, **launch)  # ConsoleLog shows progress
+
+
+def deepspeed_config_for_width(path: str, width: int) -> dict[str, Any]:
+    """The DeepSpeed config at ``path`` with its width-based ``auto`` ZeRO settings filled in (transformers'
+    own rule: reduce bucket width^2, ZeRO-3 prefetch bucket 0.9 width^2, persistence threshold 10 width)."""
+    config = json.loads(Path(path).read_text())
+    zero = config.get("zero_optimization", {})
+    for key, value in (("reduce_bucket_size", width * width), ("stage3_prefetch_bucket_size", int(0.9 * width * width)),
+                       ("stage3_param_persistence_threshold", 10 * width)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,20 +218,59 @@ def score_stage(run: Run, stage: Literal["base", "test"], evaluate: Evaluate, mo
     return scores
 
 
-def validation(run: Run, evaluate: Evaluate, save_weights: Callable[[Path], None], val_mode: str) -> PairValidationCallback:
+def validation(run: Run, evaluate: Evaluate, save_weights: Callable[[Path], None], val_mode: str,
+               saved_parameters: Callable[[], Any] = list) -> PairValidationCallback:
     """The validation loop: scores ``run.val`` in ``val_mode`` at step 0 and every ``eval_steps``, keeps
     the best checkpoint in ``checkpoints/best`` (written atomically, with the config and step), logs
-    ``val/*`` to W&B, stops after ``patience`` evaluations without improvement."""
+    ``val/*`` to W&B, stops after ``patience`` evaluations without improvement. ``saved_parameters()``
+    are the parameters ``save_weights`` writes: under ZeRO-3 every process gathers them, the main one writes."""
     def save_best(step: int) -> None:
-        if run.is_main:
-            with atomic_folder(run.best_dir) as tmp:
-                save_weights(tmp)
-                dump_config(run.cfg, tmp / "config.yaml")
-                (tmp / "step.txt").write_text(str(step))
+        with gathered(saved_parameters()):
+            if run.is_main:
+                with atomic_folder(run.best_dir) as tmp:
+                    save_weights(tmp)
+                    dump_config(run.cfg, tmp / "config.yaml")
+                    (tmp / "step.txt").write_text(str(step))
 
     return PairValidationCallback(run.dir, lambda: evaluate(run.val, val_mode)[1], save_best, run.cfg.train.eval_steps,
                                   run.cfg.train.patience, is_main=run.is_main,
                                   log=(lambda row: run.wandb.log(row)) if run.wandb else None)
+
+
+@contextmanager
+def gathered(parameters, modifier_rank: int | None = None):
+    """Whole ``parameters`` on every process for the block, where DeepSpeed ZeRO-3 shards them (with
+    ``modifier_rank``, that process's changes are written back to the shards); nothing otherwise.
+    Every process must enter it: gathering is collective."""
+    sharded = [p for p in parameters if hasattr(p, "ds_id")]
+    if not sharded:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=modifier_rank):
+        yield
+
+
+@contextmanager
+def whole_weights(trainer=None):
+    """Whole weights on every process for a scoring pass, so that each process can score its own share
+    of the pairs: under ZeRO-3 the trainer's shards are gathered and DeepSpeed's hooks lifted for the pass
+    (what TRL's ``unwrap_model_for_generation`` does for generation, with TRL's hook helpers); nothing otherwise."""
+    plugin = trainer.accelerator.state.deepspeed_plugin if trainer is not None and trainer.is_deepspeed_enabled else None
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
+
+    engine = trainer.model_wrapped  # the DeepSpeed engine once training started, else the model (no hooks yet)
+    with deepspeed.zero.GatheredParameters(list(engine.parameters())):
+        remove_hooks(engine)
+        try:
+            yield
+        finally:
+            add_hooks(engine)
 
 
 def train(run: Run, trainer) -> None:

@@ -75,6 +75,8 @@ def load_preset(path: Path) -> ModelSpec:
 
 
 def _family_of_folder(path: Path) -> str:
+    if (path / "adapter_config.json").exists():  # LoRA adapters of an image-text-to-text model (a run's checkpoints/best)
+        return "hf-vlm"
     if (path / "open_clip_config.json").exists():
         return "open-clip"
     config = path / "config.json"
@@ -153,11 +155,14 @@ def load_model(arg: str | ModelSpec, device: str | None = None, trust_remote_cod
         _hub_config(model_id)  # fail fast offline, before the slow loaders try
     remote = spec.trust_remote_code if trust_remote_code is None else trust_remote_code
     if spec.family == "hf-vlm":
-        from .hf_vlm import HFVisionLanguageAdapter
+        from .hf_vlm import HFVisionLanguageAdapter, merge_adapters
 
+        model = processor = None
+        if model_id and (Path(model_id) / "adapter_config.json").exists():  # adapters: merged into their base
+            model, processor = merge_adapters(model_id, dtype=None if spec.dtype == "auto" else spec.dtype)
         adapter: Any = HFVisionLanguageAdapter(model_id, name=spec.name, dtype=spec.dtype, device=device,
                                                trust_remote_code=remote, system_prompt=spec.system_prompt,
-                                               revision=spec.revision)
+                                               revision=spec.revision, model=model, processor=processor)
     elif spec.family == "open-clip":
         from .clip import OpenClipAdapter
 

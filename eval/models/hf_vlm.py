@@ -47,6 +47,10 @@ class HFVisionLanguageAdapter:
                                           "use_safetensors": True}
                 if dtype != "auto" or self.device.type != "cpu":
                     kwargs["dtype"] = getattr(torch, dtype) if dtype != "auto" else "auto"
+                from transformers.integrations import is_deepspeed_zero3_enabled
+
+                if self.device.type == "cuda" and not is_deepspeed_zero3_enabled():
+                    kwargs["device_map"] = {"": str(self.device)}  # straight onto this process's GPU
                 model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load model {self.name!r} from {model_path!r}: {exc}. If it is a hub id, "
@@ -105,7 +109,9 @@ class HFVisionLanguageAdapter:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     def _split_pixels(self, inputs: dict[str, Any], n: int) -> list[dict[str, torch.Tensor]]:
-        """Per-image slices of the processor's image tensors."""
+        """Per-image slices of the processor's image tensors. LLaVA-NeXT's rows hold each image's tiles padded
+        to the batch's most, with ``image_sizes`` saying how many are real (its features differ in length per
+        image; they are cached per image, so a later batch's padding never matters)."""
         pixels = inputs["pixel_values"]
         if "image_grid_thw" in inputs:  # patches of all images are concatenated along dim 0
             grids = inputs["image_grid_thw"]
@@ -390,3 +396,20 @@ def _left_pad(rows: list[torch.Tensor], value: int, device: torch.device) -> tup
             ids[i, length - len(row):] = row
             mask[i, length - len(row):] = 1
     return ids, mask
+
+
+def merge_adapters(adapter_dir, base: str | None = None, dtype: Any = None):
+    """The base model with the LoRA adapters of ``adapter_dir`` (a run's ``checkpoints/best``) merged in
+    (peft's merge_and_unload), and the processor saved beside them (else the base's)."""
+    from pathlib import Path
+
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    adapter_dir = Path(adapter_dir)
+    base = base or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForImageTextToText.from_pretrained(base, use_safetensors=True, **kwargs)
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    processor = AutoProcessor.from_pretrained(str(adapter_dir) if (adapter_dir / "processor_config.json").exists() else base)
+    return model, processor

@@ -1,4 +1,4 @@
-"""The subcommands of ``unconfuse`` that need no training: eval, score, splits, mine, compare, data."""
+"""The subcommands of ``unconfuse`` that need no training: eval, score, splits, mine, compare, data, convert."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +51,18 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for comparison.md, comparison.csv, comparison.png")
     p.add_argument("--benchmark", help="test benchmark (default: the one the runs name)")
     p.set_defaults(func=cmd_compare)
+
+    convert = sub.add_parser("convert", help="convert a checkpoint in its authors' format into one eval loads").add_subparsers(
+        dest="convert_command", required=True)
+    p = convert.add_parser("llava-med", help="LLaVA-Med v1.5 (LLaVA's llava_mistral format) -> transformers "
+                           "LlavaForConditionalGeneration with LLaVA-Med's prompt format and image padding")
+    p.add_argument("src", help="LLaVA-Med's checkpoint folder, e.g. a local snapshot of microsoft/llava-med-v1.5-mistral-7b")
+    p.add_argument("--vision-tower", required=True,
+                   help="the CLIP tower its config names (mm_vision_tower): hub id or local CLIPModel/CLIPVisionModel folder")
+    p.add_argument("--tokenizer", help="LLaVA-Med's tokenizer, hub id or folder (default: the one in SRC)")
+    p.add_argument("--out", required=True, help="folder for the converted model, e.g. {home}/models/llava-med-v1.5-mistral-7b-hf")
+    p.add_argument("--seed", type=int, default=0, help="draws the embedding rows of the added <image> and <pad> tokens")
+    p.set_defaults(func=cmd_convert_llava_med)
 
     data = sub.add_parser("data", help="benchmark data").add_subparsers(dest="data_command", required=True)
     from ..download import DownloadConfig
@@ -203,4 +215,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except (CompareError, BenchmarkError) as exc:
         return _fail(str(exc))
     print(compare_summary(summary, Path(args.out)))
+    return 0
+
+
+def cmd_convert_llava_med(args: argparse.Namespace) -> int:
+    from ..convert import ConvertError, convert_llava_med
+    from ..home import unconfuse_home
+
+    out = args.out.replace("{home}", str(unconfuse_home()))
+    try:
+        convert_llava_med(args.src, args.vision_tower, args.tokenizer, out, seed=args.seed)
+    except ConvertError as exc:
+        return _fail(str(exc))
+    print(f"converted {args.src} -> {out} (LlavaForConditionalGeneration; eval it with --model {out})")
     return 0

@@ -117,7 +117,7 @@ def _cmd_cv(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from unconfuse.train.mllm import merge_adapters
+    from unconfuse.eval.models.hf_vlm import merge_adapters
 
     model, processor = merge_adapters(Path(args.adapters), args.base)
     model.save_pretrained(args.out)
