@@ -15,6 +15,7 @@ PARTS = {
     "tiny-qwen2.5-vl": ("model.language_model", "model.visual.merger", "model.visual", 2, 20),
     # CLIP tower as LLaVA's; image_newline (a raw parameter beside them) is neither part: see test below
     "tiny-llava-next": ("model.language_model", "model.multi_modal_projector", "model.vision_tower", 2, 12),
+    "tiny-llava-med": ("model.language_model", "model.multi_modal_projector", "model.vision_tower", 2, 12),  # as converted
 }
 
 
