@@ -1,6 +1,9 @@
 """Image loading: JPEG/PNG through PIL, DICOM through pydicom (LUTs, windowing, MONOCHROME1)."""
 from __future__ import annotations
 
+import os
+import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +13,11 @@ from PIL import Image
 from .pairs import Benchmark
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+DECODE_TIMEOUT_S = 60.0  # per image: a stalled network mount or a pathological file must not hang the check
+
+
+class UnreadableImage(ValueError):
+    """An image file that cannot be used; the message says why (missing, not a regular file, ...)."""
 
 
 def is_dicom(path: str | Path) -> bool:
@@ -84,33 +92,65 @@ class ImageProblem:
         return f"pair {self.pair_id} image {self.side}: {self.path}: {self.reason}"
 
 
-def check_images(benchmark: Benchmark) -> list[ImageProblem]:
-    """Every missing or unreadable image of the benchmark, all at once (cheap header checks)."""
+def decode_image(path: str | Path, timeout_s: float = DECODE_TIMEOUT_S) -> Image.Image:
+    """``load_image``, fully decoded, for files that may be bad: special files (a FIFO named ``x.png``
+    would block) are refused before opening, and decoding gives up after ``timeout_s``. Raises
+    ``UnreadableImage`` with the reason."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UnreadableImage("missing") from None
+    except OSError as exc:
+        raise UnreadableImage(f"unreadable ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise UnreadableImage("not a regular file")
+    outcome: list = []
+
+    def decode() -> None:
+        try:
+            outcome.append(load_image(path))  # convert("RGB") decodes every pixel: truncated files fail here
+        except Exception as exc:  # any decoder error means unreadable; say which
+            outcome.append(UnreadableImage(f"unreadable ({type(exc).__name__}: {exc})"))
+
+    # a daemon thread: one that never returns is abandoned, and does not keep the process alive
+    worker = threading.Thread(target=decode, daemon=True, name=f"decode {Path(path).name}")
+    worker.start()
+    worker.join(timeout_s)
+    if not outcome:
+        raise UnreadableImage(f"not decoded within {timeout_s:g} s")
+    if isinstance(outcome[0], UnreadableImage):
+        raise outcome[0]
+    return outcome[0]
+
+
+def check_images(benchmark: Benchmark, timeout_s: float = DECODE_TIMEOUT_S) -> list[ImageProblem]:
+    """Every missing, special or undecodable image of the benchmark, all at once. Each image is
+    decoded in full (header checks pass truncated files), so bad input fails before any model loads."""
     problems: list[ImageProblem] = []
     status: dict[str, str | None] = {}
     for pair in benchmark.pairs:
         for side in (1, 2):
             ref = pair.image(side)
             if ref not in status:
-                status[ref] = _readable(benchmark.resolve_image(ref))
+                status[ref] = image_problem(benchmark.resolve_image(ref), timeout_s)
             if status[ref] is not None:
                 problems.append(ImageProblem(pair.id, side, str(benchmark.resolve_image(ref)), status[ref]))
     return problems
 
 
-def _readable(path: Path) -> str | None:
-    if not path.exists():
-        return "missing"
+def image_problem(path: str | Path, timeout_s: float = DECODE_TIMEOUT_S) -> str | None:
+    """Why ``path`` cannot be used as an image, or None when it decodes."""
     try:
-        if is_dicom(path):
-            import pydicom
-
-            ds = pydicom.dcmread(str(path), stop_before_pixels=False, defer_size="1 KB")
-            if "PixelData" not in ds:
-                return "DICOM file without pixel data"
-        else:
-            with Image.open(path) as img:
-                img.verify()
-    except Exception as exc:  # any decoder error means unreadable; say which
-        return f"unreadable ({type(exc).__name__}: {exc})"
+        decode_image(path, timeout_s)
+    except UnreadableImage as exc:
+        return str(exc)
     return None
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """sha256 of the decoded RGB pixels and the size: equal for re-encoded copies (PNG <-> lossless
+    formats, other metadata), unlike a hash of the file's bytes."""
+    import hashlib
+
+    rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    return hashlib.sha256(f"{rgb.shape}".encode() + rgb.tobytes()).hexdigest()

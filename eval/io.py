@@ -69,3 +69,84 @@ def atomic_folder(folder: str | Path, keep_existing: bool = False) -> Iterator[P
         os.replace(tmp, folder)
     except OSError:  # another process swapped its copy in between: keep that one
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class RunDirError(ValueError):
+    """A folder a command would write holds something else, or another process is writing it."""
+
+
+FINGERPRINT = "fingerprint.json"
+LOCK = ".unconfuse.lock"
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(new) + [k for k in old if k not in new]  # in the fingerprint's order: settings first
+        return [d for key in keys for d in _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))]
+    return [] if old == new else [f"{prefix or 'value'}: {json.dumps(old)[:60]} then {json.dumps(new)[:60]}"]
+
+
+@contextlib.contextmanager
+def owned_folder(folder: str | Path, fingerprint: dict[str, Any], *, force: bool = False, what: str = "run",
+                 writer: bool = True) -> Iterator[Path]:
+    """Own ``folder`` for a command's whole run.
+
+    The writer holds an exclusive lock on it (a second writer is refused, naming the holder) and
+    records ``fingerprint`` (what the run computes: resolved settings, model identity, data content)
+    in ``fingerprint.json``. A folder holding the same fingerprint is resumed; one holding another, or
+    files of something else, is refused, unless ``force``: then its contents are moved aside into a
+    sibling ``<name>.replaced-<time>`` (nothing is deleted) and the run starts afresh. Processes of a
+    multi-process launch other than the writer (``writer=False``) take the same decision without
+    writing. Raises ``RunDirError`` with a one-line message.
+    """
+    import fcntl
+    import sys
+    import time
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunDirError(f"{folder} is a file; give a folder (new or holding this same run)")
+    record = folder / FINGERPRINT
+    if not writer:
+        old = json.loads(record.read_text()) if record.exists() else None
+        if old is not None and old != fingerprint and not force:
+            raise RunDirError(f"{folder} holds another {what}; use another folder, or --force")
+        yield folder
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise RunDirError(f"cannot write to {folder}: {exc.strerror or exc}") from exc
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunDirError(f"{folder} is being written by {holder}; wait for it to finish or use another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} ({' '.join(sys.argv[:3])}, since {time.strftime('%H:%M:%S')})")
+        handle.flush()
+        old = json.loads(record.read_text()) if record.exists() else None
+        others = [p for p in folder.iterdir() if p.name != LOCK]
+        if (old is not None and old != fingerprint) or (old is None and others):
+            if old is not None:
+                changed = _differences(old, fingerprint)
+                reason = f"holds another {what} ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})"
+            else:
+                reason = f"is not empty and holds no unconfuse {what} ({len(others)} entries, e.g. {others[0].name})"
+            if not force:
+                raise RunDirError(f"{folder} {reason}; rerun with the same settings to resume it, use another folder, "
+                                  "or --force to start afresh (the old contents are moved aside, not deleted)")
+            aside = folder.parent / f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir()
+            for path in others:
+                os.replace(path, aside / path.name)
+            print(f"--force: the old contents of {folder} are in {aside}", file=sys.stderr)
+        atomic_write_json(record, fingerprint)
+        try:
+            yield folder
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

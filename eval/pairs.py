@@ -13,6 +13,7 @@ import ast
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,14 +151,34 @@ def _check_unique(pairs: list[Pair], where: str) -> list[Pair]:
     return pairs
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; anything else is an error naming the line of the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise BenchmarkError(f"{path}: line {line}: not UTF-8 text (byte {data[exc.start]:#04x})") from None
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BenchmarkError(f"{where}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def load_upstream_json(path: str | Path) -> list[Pair]:
     """The upstream ``dataset.json``: {pair id: {im_1, im_1_local, question, option_A, ...}}."""
     path = Path(path)
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise BenchmarkError(f"{path}: line {exc.lineno}: not JSON ({exc.msg})") from None
     if isinstance(data, list):  # a JSON list of records in our schema
-        return _check_unique([make_pair(r, f"{path}: item {i}") for i, r in enumerate(data)], str(path))
-    pairs = [_from_upstream(k, v, f"{path}: pair {k}") for k, v in data.items()]
+        return _check_unique([make_pair(_object(r, f"{path}: item {i}"), f"{path}: item {i}") for i, r in enumerate(data)],
+                             str(path))
+    data = _object(data, f"{path}: the top level (pair id -> pair object, or a list of pair objects)")
+    pairs = [_from_upstream(k, _object(v, f"{path}: pair {k}"), f"{path}: pair {k}") for k, v in data.items()]
     return _check_unique(pairs, str(path))
 
 
@@ -165,7 +186,7 @@ def load_upstream_csv(path: str | Path) -> list[Pair]:
     """The upstream ``dataset.csv`` (list fields written as Python list literals)."""
     path = Path(path)
     pairs = []
-    with open(path, encoding="utf-8", newline="") as fh:
+    with io.StringIO(_read_text(path), newline="") as fh:
         reader = csv.DictReader(fh)
         for lineno, row in enumerate(reader, start=2):
             where = f"{path}: row {lineno}"
@@ -182,18 +203,17 @@ def load_jsonl(path: str | Path) -> list[Pair]:
     """JSONL of records in our pair schema, one per line."""
     path = Path(path)
     pairs = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BenchmarkError(f"{where}: not JSON ({exc.msg})") from exc
-            if not isinstance(rec, dict):
-                raise BenchmarkError(f"{where}: expected a JSON object")
-            pairs.append(make_pair(rec, where))
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BenchmarkError(f"{where}: not JSON ({exc.msg})") from exc
+        if not isinstance(rec, dict):
+            raise BenchmarkError(f"{where}: expected a JSON object")
+        pairs.append(make_pair(rec, where))
     return _check_unique(pairs, str(path))
 
 
@@ -285,6 +305,18 @@ class Benchmark:
             seen.setdefault(pair.image_1)
             seen.setdefault(pair.image_2)
         return list(seen)
+
+    def fingerprint(self) -> str:
+        """A hash of what this benchmark holds: every pair record and the bytes of every image, so an
+        edited row or a replaced image gives another fingerprint (names and folders do not matter)."""
+        digest = hashlib.sha256()
+        for pair in self.pairs:
+            digest.update(json.dumps(dataclasses.asdict(pair), sort_keys=True, default=str).encode())
+        for ref in self.unique_images():
+            path = self.resolve_image(ref)
+            digest.update(ref.encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"missing")
+        return digest.hexdigest()[:16]
 
     def category_counts(self) -> dict[str, int]:
         """Image-side category label counts: the reference per-category denominators."""

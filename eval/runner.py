@@ -7,13 +7,14 @@ same batches as an uninterrupted one and its results are equal.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from .images import ImageProblem, check_images, load_image
-from .io import atomic_write_json
+from .io import atomic_write_json, owned_folder
 from .benchmarks import load_benchmark
 from .pairs import Benchmark, Pair
 from .prompts import DEFAULT_PROMPTS, MODES, load_prompts
@@ -57,6 +58,8 @@ class EvalConfig:
         "help": "allow model code from the hub (off by default)"})
     split: str | None = field(default=None, metadata={"help": "split of a Hugging Face dataset benchmark"})
     progress: bool = field(default=True, metadata={"help": "progress bars on stderr; --quiet turns them off"})
+    force: bool = field(default=False, metadata={
+        "help": "start afresh in an --out that holds another evaluation (its contents are moved aside, not deleted)"})
 
 
 def _chunks(pairs: list[Pair], size: int) -> Iterator[list[Pair]]:
@@ -88,23 +91,15 @@ def _run_meta(cfg: EvalConfig, bench: Benchmark, prompt_version: str) -> dict[st
             "prompt_version": prompt_version, "judge_model": cfg.judge_model, "tr": cfg.tr}
 
 
-def _check_resume_meta(out: Path, meta: dict[str, Any]) -> None:
-    path = out / "run.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        clash = {k: (old.get(k), v) for k, v in meta.items() if k in old and old.get(k) != v and k != "n_pairs"}
-        if clash:
-            detail = "; ".join(f"{k}: {a!r} then {b!r}" for k, (a, b) in clash.items())
-            raise EvalInputError(f"{out} holds predictions of another run ({detail}); use a new --out")
-    atomic_write_json(path, meta)
-
-
 def check_inputs(cfg: EvalConfig):
     """Everything that can fail on bad input, before any model loads: benchmark, images, mode."""
     from .models import resolve_model
 
     if cfg.mode not in MODES:
         raise EvalInputError(f"unknown mode {cfg.mode!r}; modes: {', '.join(MODES)}")
+    for option, value in (("--limit", cfg.limit), ("--batch-size", cfg.batch_size)):
+        if value is not None and value < 1:  # 0 used to mean "all pairs" / "the default batch": silently
+            raise EvalInputError(f"{option} must be at least 1, got {value}")
     bench = load_benchmark(cfg.benchmark, split=cfg.split).limit(cfg.limit)
     problems = check_images(bench)
     if problems:
@@ -120,16 +115,25 @@ def check_inputs(cfg: EvalConfig):
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Run (or resume) an evaluation; returns the results written to ``out/results.json``."""
-    from tqdm import tqdm
-
-    from .models import load_model
+    from .models import model_identity
 
     bench, spec = check_inputs(cfg)
     prompts = load_prompts(cfg.prompts)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = _run_meta(cfg, bench, prompts.version)
-    _check_resume_meta(out, meta)
+    fingerprint = {"command": "eval", "settings": {k: v for k, v in meta.items() if k != "benchmark_path"},
+                   "model": model_identity(spec), "data": bench.fingerprint()}  # the parser only rescores
+    # owned for the whole run: a second writer is refused, other inputs are refused (or moved aside with --force)
+    with owned_folder(out, fingerprint, force=cfg.force, what="evaluation"):
+        atomic_write_json(out / "run.json", meta)  # what `unconfuse score` reads: model, mode, prompt version
+        return _answer_and_score(cfg, out, bench, spec, prompts, meta)
+
+
+def _answer_and_score(cfg: EvalConfig, out: Path, bench: Benchmark, spec, prompts, meta: dict[str, Any]) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from .models import load_model
+
     pred_path = out / "predictions.jsonl"
     done = read_done(pred_path)
     batch_pairs = cfg.batch_size or spec.batch_size or DEFAULT_BATCH_PAIRS
@@ -151,7 +155,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         with open(pred_path, "a", encoding="utf-8") as fh:
             for chunk in todo:
                 records = answer_pairs(adapter, spec, cfg, prompts, bench, chunk, judge)
-                fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                # a chunk torn by a kill is recomputed whole: write only the questions not on disk yet
+                fresh = [r for r in records if (str(r["pair_id"]), int(r["image"])) not in done]
+                fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh))
                 fh.flush()
                 os.fsync(fh.fileno())
                 bar.update(len(chunk))
@@ -168,13 +174,15 @@ def score_run(out: Path, bench: Benchmark, parser: str, meta: dict[str, Any] | N
     meta = meta or {}
     own = out / "predictions.jsonl"
     source = Path(predictions_path or own)
-    predictions = read_predictions(source)
+    copy = source.resolve() != own.resolve()
+    # predictions from elsewhere must be of this benchmark; a run's own may hold pairs past a --limit
+    predictions = read_predictions(source, pair_ids={p.id for p in bench.pairs} if copy else None)
     answers = resolve_answers(bench.pairs, predictions, parser=parser)
     results = score(bench.pairs, answers, parser=parser, prompt_version=meta.get("prompt_version"))
-    copy = source.resolve() != own.resolve()
     return write_scored(out, results, records=list(predictions.values()) if copy else None,
                         model=meta.get("model") or "predictions", mode=meta.get("mode") or "unknown",
                         benchmark=meta.get("benchmark_path") or meta.get("benchmark") or bench.name,
+                        benchmark_fingerprint=bench.fingerprint(),
                         title=f"MediConfusion scores: {meta.get('model') or source}")
 
 
@@ -218,8 +226,10 @@ def answer_pairs(adapter, spec, cfg: EvalConfig, prompts, bench: Benchmark, pair
         rec: dict[str, Any] = {"pair_id": q.meta["pair_id"], "image": q.meta["image"]}
         if mode in ("clip", "greedy", "prefix"):
             a, b = scores[i]
-            # ties: the reference picks A for greedy (argmax) and B for prefix (strict >)
-            letter = "A" if (a >= b if mode == "greedy" else a > b) else "B"
+            if not (math.isfinite(a) and math.isfinite(b)):
+                letter = None  # a NaN or infinite score is no answer (invalid), never B; the scores stay in the record
+            else:  # ties: the reference picks A for greedy (argmax) and B for prefix (strict >)
+                letter = "A" if (a >= b if mode == "greedy" else a > b) else "B"
             rec.update(answer=letter, raw=letter, scores={"A": a, "B": b})
         elif mode == "mc":
             rec.update(raw=texts[i], parsed=PARSERS[cfg.parser](texts[i], q.options), parser=cfg.parser)

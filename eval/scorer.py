@@ -15,13 +15,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping
 
 import numpy as np
 
 from .pairs import MEDICONFUSION_CATEGORIES, Pair
 
-SCORER_VERSION = "1.0.0"
+SCORER_VERSION = "1.1.0"  # 1.1: an undefined metric (zero denominator) is null with a note, not 0
 HEADLINE = ("set_accuracy", "individual_accuracy", "confusion")
 BOOTSTRAP_SAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -123,10 +123,12 @@ class PredictionsError(ValueError):
     """A predictions file is malformed or does not cover the benchmark; names the line or pair."""
 
 
-def read_predictions(path: str | Path) -> dict[tuple[str, int], dict[str, Any]]:
-    """``predictions.jsonl`` -> {(pair_id, image side): record}. Later lines win (reruns)."""
+def read_predictions(path: str | Path, pair_ids: Collection[str] | None = None) -> dict[tuple[str, int], dict[str, Any]]:
+    """``predictions.jsonl`` -> {(pair_id, image side): record}. A second line for one question is an
+    error (which one counts would be a guess), and so is a pair id not in ``pair_ids`` when given."""
     path = Path(path)
     records: dict[tuple[str, int], dict[str, Any]] = {}
+    first_line: dict[tuple[str, int], int] = {}
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -142,7 +144,14 @@ def read_predictions(path: str | Path) -> dict[tuple[str, int], dict[str, Any]]:
                 raise PredictionsError(f"{where}: answer must be \"A\", \"B\" or null, got {rec['answer']!r}")
             if "answer" not in rec and "raw" not in rec:
                 raise PredictionsError(f"{where}: needs answer or raw")
-            records[(str(rec["pair_id"]), int(rec["image"]))] = rec
+            key = (str(rec["pair_id"]), int(rec["image"]))
+            if key in first_line:
+                raise PredictionsError(f"{where}: second prediction for pair {key[0]!r} image {key[1]} "
+                                       f"(first on line {first_line[key]})")
+            if pair_ids is not None and key[0] not in pair_ids:
+                raise PredictionsError(f"{where}: pair id {key[0]!r} is not in the benchmark")
+            first_line[key] = lineno
+            records[key] = rec
     return records
 
 
@@ -204,8 +213,33 @@ def outcomes(pairs: list[Pair], answers: Mapping[tuple[str, int], Answer]) -> Ou
     )
 
 
-def _pct(num: float, den: float) -> float:
-    return 100.0 * num / den if den > 0 else 0.0
+def _pct(num: float, den: float) -> float | None:
+    """A percentage; None (JSON null) when undefined: the reference writes 0, which reads as perfect confusion."""
+    return 100.0 * num / den if den > 0 else None
+
+
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    """A metric for a table: ``n/a`` when it is undefined (None)."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def fmt_ci(bounds: list[float] | None) -> str:
+    """A CI as ``[lo, hi]``; ``[n/a]`` when undefined (None)."""
+    return "[n/a]" if bounds is None else f"[{bounds[0]:.1f}, {bounds[1]:.1f}]"
+
+
+def undefined_notes(results: Mapping[str, Any]) -> list[str]:
+    """Why metrics of ``results`` are null: no pair with two valid answers, or none of them unconfused."""
+    notes = []
+    if results["confusion"] is None:
+        notes.append("confusion and precision are undefined (null): no pair has two valid answers")
+    elif results["precision"] is None:
+        notes.append("precision is undefined (null): every pair with two valid answers is confused")
+    cats = [c for c, row in results.get("per_category", {}).items() if row["precision"] is None]
+    if cats and results["precision"] is not None:
+        notes.append(f"per-category confusion or precision is undefined (null) in {', '.join(cats)}: "
+                     "no pair with two valid answers, or none unconfused")
+    return notes
 
 
 def category_order(pairs: Iterable[Pair]) -> list[str]:
@@ -252,6 +286,9 @@ def score(pairs: list[Pair], answers: Mapping[tuple[str, int], Answer], *, parse
         }
     results["ci"] = bootstrap_ci(out, samples=bootstrap_samples)
     results["ci_level"] = 95
+    notes = undefined_notes(results)
+    if notes:
+        results["notes"] = notes
     results["scorer_version"] = SCORER_VERSION
     results["parser"] = parser
     if prompt_version is not None:
@@ -278,7 +315,7 @@ def bootstrap_ci(out: Outcomes, samples: int = BOOTSTRAP_SAMPLES, seed: int = BO
     ci = {}
     for name, values in _metric_samples(out, idx).items():
         values = values[~np.isnan(values)]
-        ci[name] = [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))] if len(values) else [0.0, 0.0]
+        ci[name] = [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))] if len(values) else None
     return ci
 
 
@@ -314,8 +351,8 @@ def compare(pairs: list[Pair], answers_a: Mapping[tuple[str, int], Answer], answ
         "set_accuracy_b": res_b,
         "set_accuracy_diff": res_b - res_a,
         "set_accuracy_diff_ci": [float(np.percentile(diff_samples, 2.5)), float(np.percentile(diff_samples, 97.5))],
-        "confusion_diff": cb - ca,
-        "confusion_diff_ci": [float(np.percentile(conf_diff, 2.5)), float(np.percentile(conf_diff, 97.5))] if len(conf_diff) else [0.0, 0.0],
+        "confusion_diff": None if ca is None or cb is None else cb - ca,
+        "confusion_diff_ci": [float(np.percentile(conf_diff, 2.5)), float(np.percentile(conf_diff, 97.5))] if len(conf_diff) else None,
         "mcnemar_only_a": only_a,
         "mcnemar_only_b": only_b,
         "mcnemar_p": p_value,
@@ -339,16 +376,17 @@ def render_report(results: Mapping[str, Any], title: str = "MediConfusion scores
     lines.append("| category | total | set acc. | individual acc. | confusion | valid pairs | invalid | precision |")
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for cat, row in results.get("per_category", {}).items():
-        lines.append(f"| {cat} | {row['total']} | {row['set_accuracy']:.2f} | {row['individual_accuracy']:.2f} | "
-                     f"{row['confusion']:.2f} | {row['valid_pairs']} | {row['invalid']:.2f} | {row['precision']:.2f} |")
-    lines.append(f"| **All** | {results['n_pairs']} | {results['set_accuracy']:.2f} | {results['individual_accuracy']:.2f} | "
-                 f"{results['confusion']:.2f} | {results['valid_pairs']} | {results['invalid']:.2f} | {results['precision']:.2f} |")
+        lines.append(f"| {cat} | {row['total']} | {fmt(row['set_accuracy'], '.2f')} | {fmt(row['individual_accuracy'], '.2f')} | "
+                     f"{fmt(row['confusion'], '.2f')} | {row['valid_pairs']} | {fmt(row['invalid'], '.2f')} | {fmt(row['precision'], '.2f')} |")
+    lines.append(f"| **All** | {results['n_pairs']} | {fmt(results['set_accuracy'], '.2f')} | {fmt(results['individual_accuracy'], '.2f')} | "
+                 f"{fmt(results['confusion'], '.2f')} | {results['valid_pairs']} | {fmt(results['invalid'], '.2f')} | {fmt(results['precision'], '.2f')} |")
     lines.append("")
     ci = results.get("ci", {})
     if ci:
         lines.append(f"{results.get('ci_level', 95)}% bootstrap CI over pairs: " + "; ".join(
-            f"{name.replace('_', ' ')} [{lo:.1f}, {hi:.1f}]" for name, (lo, hi) in ci.items()))
+            f"{name.replace('_', ' ')} {fmt_ci(bounds)}" for name, bounds in ci.items()))
         lines.append("")
+    lines += [f"Note: {note}." for note in results.get("notes", [])] + ([""] if results.get("notes") else [])
     lines.append("Random guessing scores 25% set accuracy and 50% confusion.")
     return "\n".join(lines) + "\n"
 
@@ -358,8 +396,7 @@ def score_table(rows: list[tuple[str, Mapping[str, Any]]]) -> str:
     header = f"{'model':<28} {'set acc.':>16} {'individual':>10} {'confusion':>16} {'invalid':>8}"
     lines = [header, "-" * len(header)]
     for name, res in rows:
-        lo, hi = res["ci"]["set_accuracy"]
-        clo, chi = res["ci"]["confusion"]
-        lines.append(f"{name:<28} {res['set_accuracy']:5.1f} [{lo:4.1f},{hi:5.1f}] {res['individual_accuracy']:10.1f} "
-                     f"{res['confusion']:5.1f} [{clo:4.1f},{chi:5.1f}] {res['invalid']:8.1f}")
+        lines.append(f"{name:<28} {fmt(res['set_accuracy'], '5.1f')} {fmt_ci(res['ci']['set_accuracy']):>10} "
+                     f"{fmt(res['individual_accuracy'], '10.1f'):>10} {fmt(res['confusion'], '5.1f'):>5} "
+                     f"{fmt_ci(res['ci']['confusion']):>10} {fmt(res['invalid'], '8.1f'):>8}")
     return "\n".join(lines)

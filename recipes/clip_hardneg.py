@@ -87,6 +87,8 @@ class ClipHardNegConfig:
     allow_toy_data: bool = setting(False, "let a real model (not a tiny preset) train or test on the embedded "
                                           "world's 64-px images")
     resume_from_checkpoint: str | None = setting(None, "a checkpoint folder, or latest")
+    force: bool = setting(False, "start afresh in an output_dir that holds another run (its contents are moved "
+                                 "aside, not deleted); without it such a run is refused")
     val_batch_pairs: int = setting(32, "pairs per batch when scoring val and test", min=1)
 
 

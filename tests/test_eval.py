@@ -121,7 +121,8 @@ def test_resuming_into_another_runs_folder_is_refused(tmp_path, sample_bench, ca
                  "--quiet", "--limit", "2"]) == 0
     assert main(["eval", "--model", "tiny-hf-clip", "--mode", "clip", "--benchmark", str(sample_bench), "--out", str(out),
                  "--quiet"]) == 2
-    assert "holds predictions of another run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds another evaluation (settings.model: \"tiny-clip\" then \"tiny-hf-clip\"" in err and "--force" in err
 
 
 def test_freeform_mode_with_a_loopback_judge(tmp_path, sample_bench, monkeypatch):

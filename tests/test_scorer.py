@@ -79,8 +79,9 @@ def reference_style_table(pairs, answers):
             "set_accuracy": 100 * t["set"][c] / denominator,
             "individual_accuracy": 100 * t["indiv"][c] / denominator / sides,
             "invalid": 100 * t["invalid"][c] / denominator / sides,
-            "confusion": 100 * t["confused"][c] / t["valids"][c] if t["valids"][c] else 0,
-            "precision": 100 * t["set"][c] / t["valid_pairs"][c] if t["valid_pairs"][c] else 0,
+            # the reference writes 0 where the denominator is 0; the scorer writes null (undefined) there
+            "confusion": 100 * t["confused"][c] / t["valids"][c] if t["valids"][c] else None,
+            "precision": 100 * t["set"][c] / t["valid_pairs"][c] if t["valid_pairs"][c] else None,
         }
     return out
 
@@ -181,7 +182,7 @@ def test_score_command_writes_results_and_report(tmp_path, mediconfusion_dir, ca
     assert main(["score", "--benchmark", str(mediconfusion_dir / "dataset.json"), "--predictions",
                  str(tmp_path / "preds.jsonl"), "--out", str(tmp_path / "ref"), "--parser", "reference"]) == 0
     ref = json.loads((tmp_path / "ref" / "results.json").read_text())
-    assert ref["invalid"] == 50.0 and ref["parser"] == "reference" and ref["confusion"] == 0.0
+    assert ref["invalid"] == 50.0 and ref["parser"] == "reference" and ref["confusion"] is None  # no pair has two valid answers
     assert main(["score", "--benchmark", str(mediconfusion_dir / "dataset.json"), "--predictions",
                  str(tmp_path / "preds.jsonl"), "--out", str(tmp_path / "strict")]) == 0
     strict = json.loads((tmp_path / "strict" / "results.json").read_text())

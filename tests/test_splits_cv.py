@@ -60,12 +60,12 @@ def test_cv_on_the_world_pools_folds_into_one_scored_run(tmp_path, capsys):
     assert main(args) == 0
     bench = load_benchmark("world:test")
     cv = json.loads((out / "results.json").read_text())
-    fold_tests = [load_benchmark(out / f"fold-{k}" / "data" / "test.jsonl") for k in range(2)]
+    fold_tests = [load_benchmark(out / "splits" / f"fold-{k}" / "test.jsonl") for k in range(2)]
     for k in range(2):
         run = out / f"fold-{k}"
         assert json.loads((run / "leakage.json").read_text())["leak"] is False
-        train = load_benchmark(run / "data" / "train.jsonl")
-        val = load_benchmark(run / "data" / "val.jsonl")
+        train = load_benchmark(out / "splits" / f"fold-{k}" / "train.jsonl")
+        val = load_benchmark(out / "splits" / f"fold-{k}" / "val.jsonl")
         assert not {p.image_1 for p in train.pairs} & {p.image_1 for p in fold_tests[k].pairs}
         assert len(train.pairs) + len(val.pairs) == len(fold_tests[1 - k].pairs)
     assert sorted(p.id for f in fold_tests for p in f.pairs) == sorted(p.id for p in bench.pairs)

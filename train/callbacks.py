@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from transformers import TrainerCallback
 from unconfuse.eval.io import atomic_write_text
 from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.runner import EvalConfig, answer_pairs
-from unconfuse.eval.scorer import resolve_answers, score
+from unconfuse.eval.scorer import fmt, resolve_answers, score
 
 VAL_KEYS = ("set_accuracy", "confusion", "individual_accuracy", "invalid")
 
@@ -43,10 +44,15 @@ def score_records(bench: Benchmark, records: list[dict[str, Any]], parser: str =
 
 
 def better(new: dict[str, float], old: dict[str, float] | None) -> bool:
-    """Higher set accuracy wins; ties go to lower confusion."""
+    """Higher set accuracy wins; ties go to lower confusion (undefined confusion, no pair with two valid
+    answers, counts as the worst)."""
     if old is None:
         return True
-    return (new["set_accuracy"], -new["confusion"]) > (old["set_accuracy"], -old["confusion"])
+
+    def rank(row):
+        return row["set_accuracy"], -(math.inf if row["confusion"] is None else row["confusion"])
+
+    return rank(new) > rank(old)
 
 
 @dataclass
@@ -105,7 +111,7 @@ class PairValidationCallback(TrainerCallback):
         if self.log:
             self.log({f"val/{k}": row[k] for k in VAL_KEYS} | {"val/step": step})
         if self.is_main:
-            print(f"validation at step {step}: set accuracy {row['set_accuracy']:.1f}, confusion {row['confusion']:.1f}"
+            print(f"validation at step {step}: set accuracy {row['set_accuracy']:.1f}, confusion {fmt(row['confusion'])}"
                   + (" (best so far)" if improved else ""), flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -129,6 +135,37 @@ class ConfigInCheckpoints(TrainerCallback):
             from unconfuse.train.config import dump_config
 
             dump_config(self.config, folder / "config.yaml")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient (exit code 3); names the step and the last good checkpoint."""
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops training at the first step whose loss or gradients are NaN or infinite, before the
+    optimizer applies them and before any checkpoint of that step is saved (the Trainer's own
+    ``logging_nan_inf_filter`` would hide the loss and train on). ``loss`` returns the loss
+    accumulated since the last log (non-finite once any step's loss was); ``hint`` ends the message."""
+
+    def __init__(self, loss: Callable[[], Any] | None = None, hint: str = ""):
+        self.loss, self.hint = loss, hint
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        loss = self.loss() if self.loss is not None else None
+        if loss is not None and not torch.isfinite(torch.as_tensor(loss)).all():
+            self._stop("loss", state.global_step + 1, args.output_dir)
+        grads = [p.grad for p in (model.parameters() if model is not None else []) if p.grad is not None]
+        if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+            self._stop("gradient", state.global_step + 1, args.output_dir)
+
+    def _stop(self, what: str, step: int, output_dir: str):
+        done = [p for p in Path(output_dir).glob("checkpoint-*")
+                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
+        last = max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+        raise NonFiniteError(f"non-finite {what} at step {step}{f' ({self.hint})' if self.hint else ''}; "
+                             + (f"last good checkpoint: {last}" if last else "no checkpoint was saved before it"))
 
 
 class ConsoleLog(TrainerCallback):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from unconfuse.eval.benchmarks import load_benchmark
-from unconfuse.eval.io import atomic_folder, atomic_write_json, sha256_file
+from unconfuse.eval.io import atomic_folder, atomic_write_json, owned_folder, sha256_file
 from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.prompts import PromptSet, load_prompts
 from unconfuse.eval.runs import (RunResults, read_scored, scored_folder, write_run_results, write_scored)
@@ -82,14 +82,42 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
     with PartialState().main_process_first():  # one process builds the world and tiny models, the others wait
         prepare(models=[cfg.model], benchmarks=[cfg.data.train, cfg.data.val, cfg.data.test])
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(recipe)
-    run_dir.mkdir(parents=True, exist_ok=True)
     is_main = int(os.environ.get("RANK", "0")) == 0  # set by torchrun/accelerate for every process
+    train_bench, val_bench, test_bench = (load_benchmark(a) for a in (cfg.data.train, cfg.data.val, cfg.data.test))
+    own_run_dir(recipe, cfg, run_dir, (train_bench, val_bench, test_bench), is_main)
     if is_main:
         dump_config(cfg, run_dir / "config.yaml")
-    train_bench, val_bench, test_bench = (load_benchmark(a) for a in (cfg.data.train, cfg.data.val, cfg.data.test))
     check_leakage(run_dir, train_bench, {"val": val_bench, "test": test_bench}, cfg.allow_leakage, write=is_main)
     return Run(recipe, cfg, strategy, run_dir, is_main, train_bench, val_bench, test_bench, load_prompts(), launch,
                list(dict.fromkeys(modes)))
+
+
+def own_run_dir(recipe: str, cfg: Any, run_dir: Path, benches: tuple[Benchmark, ...], is_main: bool) -> None:
+    """Take ``run_dir`` for this run until the process ends (``unconfuse.eval.io.owned_folder``): a
+    second writer is refused; a folder holding another run (other settings, model or data content) is
+    refused unless ``force``; the same run resumes. Settings that do not change what is computed
+    (where it is written, resuming, logging, forcing) are not part of the fingerprint."""
+    from contextlib import ExitStack
+
+    from unconfuse.eval.models import model_identity, resolve_model
+
+    settings = {k: v for k, v in to_dict(cfg).items()
+                if k not in ("output_dir", "resume_from_checkpoint", "report_to", "force")}
+    fingerprint = {"command": f"train {recipe}", "settings": settings, "model": model_identity(resolve_model(cfg.model)),
+                   "data": {split: bench.fingerprint() for split, bench in zip(("train", "val", "test"), benches)}}
+    release_run_dir(run_dir)  # this process ran here before (an in-process retry): own it afresh
+    stack = ExitStack()  # held until finish() or the process ends: the run owns its folder for its whole life
+    stack.enter_context(owned_folder(run_dir, fingerprint, force=cfg.force, what=f"{recipe} run", writer=is_main))
+    _OWNED[str(run_dir.resolve())] = stack
+
+
+_OWNED: dict[str, Any] = {}  # run directories this process owns -> the open lock
+
+
+def release_run_dir(run_dir: Path) -> None:
+    stack = _OWNED.pop(str(run_dir.resolve()), None)
+    if stack is not None:
+        stack.close()
 
 
 def check_toy_data(cfg: Any) -> None:
@@ -146,7 +174,8 @@ def trainer_arguments(run: Run, train: TrainSettings, model_width: int | None = 
                 gradient_accumulation_steps=train.gradient_accumulation_steps, max_grad_norm=train.max_grad_norm,
                 logging_steps=train.logging_steps, save_strategy="steps", save_steps=train.save_steps, seed=train.seed,
                 data_seed=train.seed, bf16=train.bf16, activation_checkpointing=train.activation_checkpointing, report_to=["wandb"] if run.wandb is not None else [],
-                dataloader_num_workers=0, disable_tqdm=True, **launch)  # ConsoleLog shows progress
+                dataloader_num_workers=0, disable_tqdm=True, logging_nan_inf_filter=False,  # NonFiniteGuard stops instead
+                **launch)  # ConsoleLog shows progress
 
 
 def deepspeed_config_for_width(path: str, width: int) -> dict[str, Any]:
@@ -165,20 +194,60 @@ def deepspeed_config_for_width(path: str, width: int) -> dict[str, Any]:
 # Leakage
 
 
-def leakage_audit(train: Benchmark, others: dict[str, Benchmark]) -> dict[str, Any]:
-    """Training images (by resolved path and by content sha256) found in the other splits."""
+def leakage_audit(train: Benchmark, others: dict[str, Benchmark], phash_distance: int = 4) -> dict[str, Any]:
+    """Training images found in the other splits: by resolved path, by file bytes (sha256) and by decoded
+    pixels (a re-encoded copy has other bytes, the same pixels): each one a leak. Near-duplicates by
+    perceptual hash (Hamming distance <= ``phash_distance``, as mining uses) are reported, not a leak:
+    similar scans of different patients are common."""
+    import imagehash
+    import numpy as np
+
+    from unconfuse.eval.images import UnreadableImage, decode_image, pixel_digest
+
     def images(bench: Benchmark) -> dict[str, str]:
         return {str(bench.resolve_image(ref).resolve()): ref for ref in bench.unique_images()}
 
+    decoded: dict[str, tuple[str, np.ndarray] | None] = {}
+
+    def pixels(path: str) -> tuple[str, np.ndarray] | None:
+        """(pixel digest, packed 64-bit phash), or None for a file that does not decode (the image check names it)."""
+        if path not in decoded:
+            try:
+                image = decode_image(path)
+                decoded[path] = (pixel_digest(image), np.packbits(imagehash.phash(image).hash.flatten()))
+            except UnreadableImage:
+                decoded[path] = None
+        return decoded[path]
+
+    def file_hash(path: str) -> str | None:
+        return sha256_file(path) if Path(path).is_file() else None  # a FIFO would block the read
+
     train_paths = images(train)
-    train_hashes = {sha256_file(p): p for p in train_paths}
-    report: dict[str, Any] = {"train_images": len(train_paths), "splits": {}}
+    train_hashes = {file_hash(p) for p in train_paths} - {None}
+    train_pixels = {d[0]: p for p in train_paths if (d := pixels(p)) is not None}
+    phash_paths = [p for p in train_paths if pixels(p) is not None]
+    train_phash = np.stack([pixels(p)[1] for p in phash_paths]) if phash_paths else np.zeros((0, 8), np.uint8)
+    report: dict[str, Any] = {"train_images": len(train_paths), "phash_distance": phash_distance, "splits": {}}
     for name, bench in others.items():
         paths = images(bench)
         by_id = sorted(set(paths) & set(train_paths))
-        by_hash = sorted(p for p in paths if sha256_file(p) in train_hashes and p not in train_paths)
-        report["splits"][name] = {"images": len(paths), "shared_by_id": by_id, "shared_by_content": by_hash}
-    report["leak"] = any(v["shared_by_id"] or v["shared_by_content"] for v in report["splits"].values())
+        by_hash = sorted(p for p in paths if p not in train_paths and file_hash(p) in train_hashes)
+        by_pixels, near = [], []
+        for p in sorted(set(paths) - set(train_paths) - set(by_hash)):
+            d = pixels(p)
+            if d is None:
+                continue
+            if d[0] in train_pixels:
+                by_pixels.append(p)
+            elif len(train_phash):
+                distances = np.bitwise_count(np.bitwise_xor(train_phash, d[1])).sum(axis=1)
+                nearest = int(distances.argmin())
+                if distances[nearest] <= phash_distance:
+                    near.append({"image": p, "train_image": phash_paths[nearest], "distance": int(distances[nearest])})
+        report["splits"][name] = {"images": len(paths), "shared_by_id": by_id, "shared_by_content": by_hash,
+                                  "shared_by_pixels": by_pixels, "near_duplicates_phash": near}
+    report["leak"] = any(v["shared_by_id"] or v["shared_by_content"] or v["shared_by_pixels"]
+                         for v in report["splits"].values())
     return report
 
 
@@ -190,7 +259,8 @@ def check_leakage(run_dir: Path, train: Benchmark, others: dict[str, Benchmark],
     if write:
         atomic_write_json(run_dir / "leakage.json", report)
     if report["leak"] and not allow:
-        shared = {k: len(v["shared_by_id"]) + len(v["shared_by_content"]) for k, v in report["splits"].items()}
+        shared = {k: len(v["shared_by_id"]) + len(v["shared_by_content"]) + len(v["shared_by_pixels"])
+                  for k, v in report["splits"].items()}
         raise LeakageError(f"training images appear in other splits {shared}; see {run_dir / 'leakage.json'} "
                            "(set allow_leakage: true to train anyway)")
     return report
@@ -214,7 +284,8 @@ def score_stage(run: Run, stage: Literal["base", "test"], evaluate: Evaluate, mo
         if run.is_main:
             scores[mode] = write_scored(folder, scores[mode], records=records, model=model, mode=mode,
                                         benchmark=run.cfg.data.test, strategy="base" if stage == "base" else run.strategy,
-                                        seed=run.cfg.train.seed, title=f"{run.recipe} {stage}: {model} / {mode}")
+                                        seed=run.cfg.train.seed, benchmark_fingerprint=run.test.fingerprint(),
+                                        title=f"{run.recipe} {stage}: {model} / {mode}")
     return scores
 
 
@@ -277,15 +348,52 @@ def train(run: Run, trainer) -> None:
     """``trainer.train``, resuming from ``resume_from_checkpoint`` (a folder or ``latest``)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from unconfuse.train.callbacks import ConfigInCheckpoints, ConsoleLog
+    from unconfuse.train.callbacks import ConfigInCheckpoints, ConsoleLog, NonFiniteGuard
 
+    trainer.add_callback(NonFiniteGuard(lambda: getattr(trainer, "_tr_loss", None),  # the loss summed since the last log
+                                        hint=f"train.learning_rate={run.cfg.train.learning_rate:g} too high?"))
     trainer.add_callback(ConfigInCheckpoints(run.cfg, run.is_main))
     for raw in (PrinterCallback, ProgressCallback):  # raw-dict printers: ConsoleLog prints readable lines
         trainer.remove_callback(raw)
     trainer.add_callback(ConsoleLog())
     resume = run.cfg.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    trainer.train(resume_from_checkpoint=latest_complete_checkpoint(run.dir / "checkpoints") if resume == "latest" else resume)
     trainer.accelerator.wait_for_everyone()  # rank 0 may still be writing the best weights
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """Whether a save of ``folder`` finished: trainer_state.json (the Trainer writes it last) parses, and
+    the weights are there (a weights file, every shard of an index, or DeepSpeed's ``global_step*``)."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if any((folder / name).is_file() for name in WEIGHT_FILES) or any(p.is_dir() for p in folder.glob("global_step*")):
+        return True
+    for index in folder.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+        if shards and all((folder / shard).is_file() for shard in shards):
+            return True
+    return False
+
+
+def latest_complete_checkpoint(folder: Path) -> str | None:
+    """``resume_from_checkpoint: latest``: the newest complete ``checkpoint-N`` of ``folder`` (a save killed
+    half-way leaves an incomplete one, skipped with a note); None, training from the start, when there is none."""
+    numbered = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                      key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for candidate in numbered:
+        if checkpoint_complete(candidate):
+            return str(candidate)
+        print(f"resume_from_checkpoint: latest: skipping {candidate} (incomplete: a save did not finish)", file=sys.stderr)
+    print(f"resume_from_checkpoint: latest: no complete checkpoint in {folder}; training from the start", file=sys.stderr)
+    return None
 
 
 def finish(run: Run, model: str, base: dict[str, dict[str, Any]], final: dict[str, dict[str, Any]], trainer,
@@ -301,6 +409,7 @@ def finish(run: Run, model: str, base: dict[str, dict[str, Any]], final: dict[st
     if run.is_main:
         write_run_results(run.dir, results)
         log_final_to_wandb(run.wandb, results, run.dir / "test" / "predictions.jsonl")
+    release_run_dir(run.dir)
     return results
 
 
@@ -371,8 +480,10 @@ def recipe_cli(recipe: str, argv: list[str] | None = None) -> int:
     import argparse
 
     from unconfuse.eval.benchmarks import BenchmarkError
+    from unconfuse.eval.io import RunDirError
     from unconfuse.eval.models import ModelLoadError
     from unconfuse.recipes import recipe_module
+    from unconfuse.train.callbacks import NonFiniteError
     from unconfuse.train.config import ConfigError, describe
 
     module = recipe_module(recipe)
@@ -382,12 +493,18 @@ def recipe_cli(recipe: str, argv: list[str] | None = None) -> int:
                                      + "\n\nunconfuse train also takes --launch ACCELERATE_YAML: the same run under accelerate launch")
     parser.add_argument("--config", help=f"recipe YAML (configs/{recipe}/*.yaml)")
     parser.add_argument("--output-dir", help="the run directory (the same as the override output_dir=DIR)")
+    parser.add_argument("--force", action="store_true", help="start afresh in an output dir holding another run "
+                        "(the same as force=true; its contents are moved aside, not deleted)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
     args = parser.parse_intermixed_args(argv)
-    overrides = [*args.overrides, *([f"output_dir={args.output_dir}"] if args.output_dir else [])]
+    overrides = [*args.overrides, *([f"output_dir={args.output_dir}"] if args.output_dir else []),
+                 *(["force=true"] if args.force else [])]
     try:
         print(summary(run_recipe(recipe, args.config, overrides)))
-    except (ConfigError, LeakageError, BenchmarkError, ModelLoadError) as exc:
+    except (ConfigError, LeakageError, BenchmarkError, ModelLoadError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:  # exit 3: the run diverged (not a bad input)
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     return 0

@@ -12,7 +12,7 @@ import yaml
 from ..home import built_model_dir, unconfuse_home
 from .base import EncoderAdapter, GenerativeAdapter, ModelLoadError, Query
 
-__all__ = ["ModelSpec", "load_model", "resolve_model", "find_preset", "list_presets", "ModelLoadError", "Query",
+__all__ = ["ModelSpec", "load_model", "model_identity", "resolve_model", "find_preset", "list_presets", "ModelLoadError", "Query",
            "GenerativeAdapter", "EncoderAdapter", "PRESET_DIR"]
 
 PRESET_DIR = Path(__file__).resolve().parents[1].parent / "configs" / "models"
@@ -134,10 +134,36 @@ def resolve_model(arg: str) -> ModelSpec:
         family = _family_of_folder(path)
         model_id = f"local-dir:{path}" if family == "open-clip" else str(path)
         return ModelSpec(name=path.name, family=family, model_id=model_id)
+    if arg.startswith(("./", "../", "/", "~")) or arg in (".", "..") or arg.count("/") > 1:
+        # a path, not a hub id (``owner/name``): never sent to the hub
+        raise ModelLoadError(f"model path {arg} does not exist" if not path.exists() else
+                             f"model path {arg} is not a model folder")
     if "/" in arg and not path.exists():
         model_type = _hub_config(arg).get("model_type", "")
         return ModelSpec(name=arg, family=_family_of_type(model_type), model_id=arg)
     raise ModelLoadError(f"unknown model {arg!r}: not a preset ({', '.join(list_presets())}), not a folder, not a hub id")
+
+
+def model_identity(spec: ModelSpec) -> dict[str, Any]:
+    """What names the weights ``spec`` loads, for run fingerprints: its name, the model id (a built
+    preset's folder, ``{home}`` expanded) and revision, and for a local folder the sha256 of its small
+    files (configs, tokenizers, adapters, tiny weights) and the size of its large ones (hashing a 15 GB
+    checkpoint on every run would cost minutes)."""
+    import hashlib
+
+    model_id = spec.model_id.replace("{home}", str(unconfuse_home())) if spec.model_id else None
+    if spec.build:
+        model_id = str(built_model_dir(spec.name))
+    identity: dict[str, Any] = {"name": spec.name, "model_id": model_id, "revision": spec.revision, "dtype": spec.dtype}
+    folder = Path(model_id.removeprefix("local-dir:")) if model_id else None
+    if folder is not None and folder.is_dir():
+        files = {}
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            size = path.stat().st_size
+            files[str(path.relative_to(folder))] = (hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+                                                    if size < 64 << 20 else size)
+        identity["files"] = files
+    return identity
 
 
 def load_model(arg: str | ModelSpec, device: str | None = None, trust_remote_code: bool | None = None):

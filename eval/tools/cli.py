@@ -50,6 +50,8 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", required=True, help="the run to compare against, e.g. RUN/base or an eval directory")
     p.add_argument("--out", required=True, help="folder for comparison.md, comparison.csv, comparison.png")
     p.add_argument("--benchmark", help="test benchmark (default: the one the runs name)")
+    p.add_argument("--force", action="store_true", help="write into an --out holding another comparison "
+                   "(its contents are moved aside, not deleted)")
     p.set_defaults(func=cmd_compare)
 
     convert = sub.add_parser("convert", help="convert a checkpoint in its authors' format into one eval loads").add_subparsers(
@@ -91,6 +93,7 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..models import ModelLoadError
     from ..pairs import BenchmarkError
+    from ..io import RunDirError
     from ..runner import EvalConfig, EvalInputError, check_inputs, run_eval
     from ..scorer import PredictionsError, render_report
 
@@ -104,7 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return _fail(str(exc))
-    except (BenchmarkError, PredictionsError, ModelLoadError, FileNotFoundError) as exc:
+    except (BenchmarkError, PredictionsError, ModelLoadError, FileNotFoundError, RunDirError) as exc:
         return _fail(str(exc))
     print(render_report(results))
     print(f"wrote {Path(args.out) / 'results.json'}")
@@ -120,7 +123,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     try:
         bench = load_benchmark(args.benchmark, split=args.split)
         predictions = Path(args.predictions)
-        meta = {"benchmark": bench.name}
+        where = Path(args.benchmark)  # recorded as the argument that loads these pairs again (compare does)
+        meta = {"benchmark": bench.name, "benchmark_path": str(where.resolve()) if where.exists() else args.benchmark}
         run_meta = predictions.parent / "run.json"  # written by `unconfuse eval`: model, mode, prompt version
         if run_meta.exists():
             meta = {**json.loads(run_meta.read_text()), **meta}
@@ -187,6 +191,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
+    from ..io import RunDirError
     from ..judge import JudgeError
     from ..models.base import ModelLoadError
     from ..pairs import BenchmarkError
@@ -195,11 +200,12 @@ def cmd_mine(args: argparse.Namespace) -> int:
     cfg = config_from_args(MiningConfig, args, exclude=[] if args.no_exclude else args.exclude)
     try:
         report = mine(cfg)
-    except (MiningError, BenchmarkError, ModelLoadError) as exc:
+    except (MiningError, BenchmarkError, ModelLoadError, RunDirError) as exc:
         return _fail(str(exc))
     except JudgeError as exc:
         return _fail(str(exc), 1)
-    print(f"{report['corpus_images']} corpus images, {report['leakage']['excluded_images']} excluded as benchmark "
+    unreadable = f", {report['unreadable_images']} unreadable (skipped, listed in mining.json)" if report["unreadable_images"] else ""
+    print(f"{report['corpus_images']} corpus images{unreadable}, {report['leakage']['excluded_images']} excluded as benchmark "
           f"images or near-duplicates; {report['candidates_sim_a']} pairs with cos(A) >= {cfg.min_sim_a}, "
           f"{report['candidates_rule']} of them with cos(B) <= {cfg.max_sim_b}; kept {report['pairs']} "
           f"({report['search_backend']} search, {report['wall_time_s']:.1f} s) -> {args.out}/pairs.jsonl")
@@ -207,12 +213,13 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from ..io import RunDirError
     from ..pairs import BenchmarkError
     from .compare import CompareError, compare_summary, run_compare
 
     try:
-        summary = run_compare(args.runs, args.baseline, args.out, benchmark=args.benchmark)
-    except (CompareError, BenchmarkError) as exc:
+        summary = run_compare(args.runs, args.baseline, args.out, benchmark=args.benchmark, force=args.force)
+    except (CompareError, BenchmarkError, RunDirError) as exc:
         return _fail(str(exc))
     print(compare_summary(summary, Path(args.out)))
     return 0

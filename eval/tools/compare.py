@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from unconfuse.eval.benchmarks import Benchmark, load_benchmark
-from unconfuse.eval.io import atomic_write_text
+from unconfuse.eval.io import atomic_write_text, owned_folder
 from unconfuse.eval.runs import RunFormatError, read_kind, read_run_results, read_scored
-from unconfuse.eval.scorer import PredictionsError, compare, read_predictions, resolve_answers, score
+from unconfuse.eval.scorer import PredictionsError, compare, fmt, fmt_ci, read_predictions, resolve_answers, score
 
 METRICS = ("set_accuracy", "confusion", "individual_accuracy")
 
@@ -41,6 +41,7 @@ class RunEntry:
     seed: int | None
     predictions: Path
     test_data: str | None
+    fingerprint: str | None = None  # of the benchmark its predictions were scored on, when recorded
     answers: Any = None
     results: dict[str, Any] | None = None
 
@@ -55,12 +56,14 @@ def load_run(path: str | Path) -> RunEntry:
             res = read_scored(path)
             strategy = res.get("strategy") or res["model"]
             entry = RunEntry(path, "", strategy, f"{res['model']} / {res['mode']}", res.get("train_data") or res["benchmark"],
-                             res.get("seed"), path / "predictions.jsonl", res["benchmark"])
+                             res.get("seed"), path / "predictions.jsonl", res["benchmark"], res.get("benchmark_fingerprint"))
         else:
             run = read_run_results(path)
             strategy = f"{run.strategy} (cv {run.details['folds']} folds)" if run.kind == "cv" else run.strategy
+            test = path / "test" / "results.json"
+            recorded = json.loads(test.read_text()).get("benchmark_fingerprint") if test.is_file() else None
             entry = RunEntry(path, "", strategy, run.model, run.train_data, run.seed, path / "test" / "predictions.jsonl",
-                             run.test_data)
+                             run.test_data, recorded)
     except RunFormatError as exc:
         raise CompareError(str(exc)) from exc
     if not entry.predictions.exists():
@@ -76,19 +79,41 @@ def _benchmark(arg: str | None, entries: list[RunEntry]) -> Benchmark:
     return load_benchmark(candidates[0])
 
 
+def _check_same_benchmark(bench: Benchmark, arg: str | None, base: RunEntry, entries: list[RunEntry]) -> None:
+    """Every run scored on the benchmark compared on, by content (pair records and images), not only by
+    pair ids: two benchmarks may share ids. Runs that did not record a fingerprint are checked by loading
+    the benchmark they name now."""
+    expected = bench.fingerprint()
+    reference = f"--benchmark {arg}" if arg else f"the baseline {base.path} ({base.test_data})"
+    for entry in [base, *entries]:
+        found = entry.fingerprint
+        if found is None and entry.test_data and entry.test_data != (arg or base.test_data):
+            found = load_benchmark(entry.test_data).fingerprint()
+        if found is not None and found != expected and entry.test_data == (arg or base.test_data):
+            raise CompareError(f"{entry.path} was scored on {entry.test_data} as it was then (fingerprint {found}); "
+                               f"it has changed since (fingerprint {expected}): rescore the run on it first")
+        if found is not None and found != expected:
+            raise CompareError(f"{entry.path} was scored on benchmark {entry.test_data} (fingerprint {found}), "
+                               f"{reference} is another (fingerprint {expected}); compare needs runs of one benchmark")
+
+
 def _fmt_ci(res: dict[str, Any], key: str) -> str:
-    lo, hi = res["ci"][key]
-    return f"{res[key]:.1f} [{lo:.1f}, {hi:.1f}]"
+    return f"{fmt(res[key])} {fmt_ci(res['ci'][key])}"
+
+
+def _csv_number(value: float | None, spec: str = ".4f") -> str:
+    return "" if value is None else format(value, spec)  # undefined (null): an empty cell
 
 
 def run_compare(runs: list[str | Path], baseline: str | Path, out: str | Path, benchmark: str | None = None,
-                title: str = "Mitigation strategies compared") -> dict[str, Any]:
+                title: str = "Mitigation strategies compared", force: bool = False) -> dict[str, Any]:
     """Score every run against the baseline on the same pairs; write comparison.{md,csv,png}."""
     out = Path(out)
     base = load_run(baseline)
     base.label = f"{base.label} [baseline]"
     entries = [load_run(r) for r in runs]
     bench = _benchmark(benchmark, [base, *entries])
+    _check_same_benchmark(bench, benchmark, base, entries)
     ids = {p.id for p in bench.pairs}
     for entry in [base, *entries]:
         try:
@@ -108,10 +133,12 @@ def run_compare(runs: list[str | Path], baseline: str | Path, out: str | Path, b
                      "data": entry.data, "seed": entry.seed, "results": entry.results, "vs_baseline": diff})
     groups = _groups(rows[1:])
     categories = sorted({c for row in rows for c in row["results"].get("per_category", {})})
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "comparison.md", _markdown(title, bench, rows, groups, categories))
-    atomic_write_text(out / "comparison.csv", _csv(rows, groups, categories))
-    _plot(out / "comparison.png", rows, groups)
+    fingerprint = {"command": "compare", "baseline": str(Path(baseline).resolve()),
+                   "runs": [str(Path(r).resolve()) for r in runs], "data": bench.fingerprint()}
+    with owned_folder(out, fingerprint, force=force, what="comparison"):
+        atomic_write_text(out / "comparison.md", _markdown(title, bench, rows, groups, categories))
+        atomic_write_text(out / "comparison.csv", _csv(rows, groups, categories))
+        _plot(out / "comparison.png", rows, groups)
     summary = {"benchmark": bench.name, "n_pairs": len(bench.pairs), "rows": rows, "groups": groups}
     summary["wandb"] = _log_wandb(rows, groups, [Path(r) for r in runs], out)
     return summary
@@ -129,9 +156,9 @@ def _groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         group = {"strategy": strategy, "model": model, "data": data, "n_runs": len(members),
                  "seeds": [m["seed"] for m in members]}
         for key in METRICS:
-            values = [m["results"][key] for m in members]
-            group[f"{key}_mean"] = float(np.mean(values))
-            group[f"{key}_std"] = float(np.std(values, ddof=1))
+            values = [m["results"][key] for m in members if m["results"][key] is not None]  # undefined ones left out
+            group[f"{key}_mean"] = float(np.mean(values)) if values else None
+            group[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
         diffs = [m["vs_baseline"]["set_accuracy_diff"] for m in members]
         group["set_accuracy_diff_mean"] = float(np.mean(diffs))
         groups.append(group)
@@ -157,7 +184,7 @@ def _markdown(title: str, bench: Benchmark, rows, groups, categories) -> str:
                   "|---|---|---|---|---|---|---|"]
         for g in groups:
             lines.append(f"| {g['strategy']} | {g['model']} | {g['n_runs']} | "
-                         + " | ".join(f"{g[f'{k}_mean']:.1f} ± {g[f'{k}_std']:.1f}" for k in METRICS)
+                         + " | ".join(f"{fmt(g[f'{k}_mean'])} ± {fmt(g[f'{k}_std'])}" for k in METRICS)
                          + f" | {g['set_accuracy_diff_mean']:+.1f} |")
     if categories:
         lines += ["", "Set accuracy per category:", "", "| run | " + " | ".join(categories) + " |",
@@ -184,7 +211,8 @@ def _csv(rows, groups, categories) -> str:
         line = ["baseline" if diff is None else "run", row["label"], row["strategy"], row["model"], row["data"],
                 "" if row["seed"] is None else row["seed"], 1]
         for key in METRICS:
-            line += [f"{res[key]:.4f}", f"{res['ci'][key][0]:.4f}", f"{res['ci'][key][1]:.4f}", ""]
+            bounds = res["ci"][key] or (None, None)
+            line += [_csv_number(res[key]), _csv_number(bounds[0]), _csv_number(bounds[1]), ""]
         line += ([f"{diff['set_accuracy_diff']:.4f}", f"{diff['set_accuracy_diff_ci'][0]:.4f}",
                   f"{diff['set_accuracy_diff_ci'][1]:.4f}", f"{diff['mcnemar_p']:.6g}"] if diff else ["", "", "", ""])
         line.append(row["path"])
@@ -195,7 +223,7 @@ def _csv(rows, groups, categories) -> str:
         line = ["group", f"{g['strategy']} ({g['n_runs']} seeds)", g["strategy"], g["model"], g["data"],
                 " ".join(str(s) for s in g["seeds"]), g["n_runs"]]
         for key in METRICS:
-            line += [f"{g[f'{key}_mean']:.4f}", "", "", f"{g[f'{key}_std']:.4f}"]
+            line += [_csv_number(g[f"{key}_mean"]), "", "", _csv_number(g[f"{key}_std"])]
         line += [f"{g['set_accuracy_diff_mean']:.4f}", "", "", "", ""] + [""] * len(categories)
         writer.writerow(line)
     return buffer.getvalue()
@@ -210,13 +238,15 @@ def _plot(path: Path, rows, groups) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     for row in rows:
         res = row["results"]
+        if res["confusion"] is None:  # undefined: no point to place
+            continue
         x, y = res["confusion"], res["set_accuracy"]
         xerr = [[x - res["ci"]["confusion"][0]], [res["ci"]["confusion"][1] - x]]
         yerr = [[y - res["ci"]["set_accuracy"][0]], [res["ci"]["set_accuracy"][1] - y]]
         marker = "s" if row["vs_baseline"] is None else "o"
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, capsize=3, alpha=0.8, label=row["label"])
         ax.annotate(row["strategy"], (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
-    for g in groups:
+    for g in (g for g in groups if g["confusion_mean"] is not None and g["confusion_std"] is not None):
         ax.errorbar(g["confusion_mean"], g["set_accuracy_mean"], xerr=g["confusion_std"], yerr=g["set_accuracy_std"],
                     fmt="D", ms=9, capsize=5, mfc="none", label=f"{g['strategy']} (mean ± std, {g['n_runs']} seeds)")
     ax.axhline(25, color="red", ls=":", lw=1, label="random guessing (25%)")
@@ -254,12 +284,12 @@ def compare_summary(summary: dict[str, Any], out: Path) -> str:
     lines = [f"{'run':<44} {'set acc [95% CI]':>22} {'confusion':>10} {'vs baseline':>12} {'McNemar p':>10}"]
     for row in summary["rows"]:
         res, diff = row["results"], row["vs_baseline"]
-        lo, hi = res["ci"]["set_accuracy"]
-        lines.append(f"{row['label'][:44]:<44} {res['set_accuracy']:>6.1f} [{lo:5.1f}, {hi:5.1f}] {res['confusion']:>10.1f} "
+        lines.append(f"{row['label'][:44]:<44} {res['set_accuracy']:>6.1f} {fmt_ci(res['ci']['set_accuracy']):>14} "
+                     f"{fmt(res['confusion']):>10} "
                      + (f"{diff['set_accuracy_diff']:>+12.1f} {diff['mcnemar_p']:>10.2g}" if diff else f"{'':>12} {'':>10}"))
     for g in summary["groups"]:
-        lines.append(f"{g['strategy']} over {g['n_runs']} seeds: set accuracy {g['set_accuracy_mean']:.1f} ± "
-                     f"{g['set_accuracy_std']:.1f}, confusion {g['confusion_mean']:.1f} ± {g['confusion_std']:.1f}")
+        lines.append(f"{g['strategy']} over {g['n_runs']} seeds: set accuracy {fmt(g['set_accuracy_mean'])} ± "
+                     f"{fmt(g['set_accuracy_std'])}, confusion {fmt(g['confusion_mean'])} ± {fmt(g['confusion_std'])}")
     wb = summary["wandb"]
     if wb["logged"]:
         lines.append(f"logged to W&B: {wb['url']}")

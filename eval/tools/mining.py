@@ -29,7 +29,7 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
-from unconfuse.eval.io import atomic_write_json, sha256_file
+from unconfuse.eval.io import atomic_write_json, owned_folder, sha256_file
 from unconfuse.eval.home import unconfuse_home
 from unconfuse.eval.pairs import Pair, write_jsonl
 
@@ -70,6 +70,8 @@ class MiningConfig:
     llm_model: str | None = field(default=None, metadata={"help": "LLM model name for --make-questions"})
     seed: int = field(default=0, metadata={"help": "seed of the option order"})
     device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu (default: cuda when available)"})
+    force: bool = field(default=False, metadata={
+        "help": "start afresh in an --out that holds another mining run (its contents are moved aside, not deleted)"})
 
 
 @dataclass
@@ -182,29 +184,51 @@ class EmbeddingCache:
             with np.load(chunk) as data:
                 self.vectors.update(zip(data["hashes"].tolist(), data["vectors"]))
 
-    def embed(self, adapter, hashes: list[str], paths: list[Path], batch_size: int) -> np.ndarray:
-        from unconfuse.eval.images import load_image
+    def embed(self, adapter, hashes: list[str], paths: list[Path], batch_size: int,
+              unreadable: dict[str, str] | None = None) -> np.ndarray:
+        """Rows of ``hashes``' embeddings. With ``unreadable``, an image that does not decode is recorded
+        there (path -> reason) and its row is zeros; without, it is an error. Embeddings computed before
+        any failure are saved (a crash or Ctrl-C does not lose them)."""
+        from unconfuse.eval.images import UnreadableImage, decode_image
 
         todo = [i for i, h in enumerate(hashes) if h not in self.vectors]
         new_hashes, new_vectors = [], []
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            vectors = adapter.encode_images([load_image(paths[i]) for i in batch]).numpy().astype(np.float32)
-            for i, vector in zip(batch, vectors):
-                if hashes[i] not in self.vectors:
-                    self.vectors[hashes[i]] = vector
-                    new_hashes.append(hashes[i])
-                    new_vectors.append(vector)
-        if new_hashes:
-            import os
-            import tempfile
+        try:
+            for start in range(0, len(todo), batch_size):
+                batch, images = [], []
+                for i in todo[start:start + batch_size]:
+                    try:
+                        images.append(decode_image(paths[i]))
+                        batch.append(i)
+                    except UnreadableImage as exc:
+                        if unreadable is None:
+                            raise MiningError(f"{paths[i]}: {exc}") from None
+                        unreadable[str(paths[i])] = str(exc)
+                if not batch:
+                    continue
+                vectors = adapter.encode_images(images).numpy().astype(np.float32)
+                for i, vector in zip(batch, vectors):
+                    if hashes[i] not in self.vectors:
+                        self.vectors[hashes[i]] = vector
+                        new_hashes.append(hashes[i])
+                        new_vectors.append(vector)
+        finally:
+            if new_hashes:
+                self._save_chunk(new_hashes, new_vectors)
+        if not self.vectors:
+            return np.zeros((len(hashes), 0), np.float32)
+        blank = np.zeros_like(next(iter(self.vectors.values())))
+        return np.stack([self.vectors.get(h, blank) for h in hashes]) if hashes else np.zeros((0, 0), np.float32)
 
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".npz.tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, hashes=np.array(new_hashes), vectors=np.stack(new_vectors))
-            os.replace(tmp, self.folder / f"chunk-{time.time_ns()}.npz")
-        return np.stack([self.vectors[h] for h in hashes]) if hashes else np.zeros((0, 0), np.float32)
+    def _save_chunk(self, hashes: list[str], vectors: list[np.ndarray]) -> None:
+        import os
+        import tempfile
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, hashes=np.array(hashes), vectors=np.stack(vectors))
+        os.replace(tmp, self.folder / f"chunk-{time.time_ns()}.npz")
 
 
 def model_key(adapter, spec) -> str:
@@ -226,8 +250,8 @@ class Encoder:
         self.cache = EmbeddingCache(unconfuse_home() / "embeddings", model_key(self.adapter, spec))
         self.batch_size = batch_size
 
-    def embed(self, hashes: list[str], paths: list[Path]) -> np.ndarray:
-        return self.cache.embed(self.adapter, hashes, paths, self.batch_size)
+    def embed(self, hashes: list[str], paths: list[Path], unreadable: dict[str, str] | None = None) -> np.ndarray:
+        return self.cache.embed(self.adapter, hashes, paths, self.batch_size, unreadable)
 
 
 # -- search ---------------------------------------------------------------------------------------
@@ -411,8 +435,6 @@ def write_train_val(pairs: list[Pair], out: Path, seed: int, val_folds: int = 10
 def mine(cfg: MiningConfig) -> dict[str, Any]:
     """Mine confusing pairs from ``cfg.corpus`` into ``cfg.out`` (pairs.jsonl, its grouped
     train.jsonl/val.jsonl split, mining.json)."""
-    import yaml
-
     start = time.time()
     if cfg.make_questions and not (cfg.llm_url and cfg.llm_model):
         raise MiningError("--make-questions needs --llm-url and --llm-model")
@@ -428,13 +450,34 @@ def mine(cfg: MiningConfig) -> dict[str, Any]:
     from ..world import prepare
 
     prepare(models=[cfg.encoder_a, cfg.encoder_b], benchmarks=cfg.exclude or [])  # after the corpus checks: builds take minutes
+    corpus_images = len(items)
+    # unreadable images are skipped and listed, not fatal: a large corpus has a few (special files would block a read)
+    unreadable = {str(item.path): "not a regular file" for item in items if not item.path.is_file()}
+    items = [item for item in items if str(item.path) not in unreadable]
     hashes = [sha256_file(item.path) for item in items]
-    paths = [item.path for item in items]
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "batch_size", "force")}
+    corpus = hashlib.sha256(json.dumps([[h, item.caption] for h, item in zip(hashes, items)]).encode()).hexdigest()[:16]
+    # the output folder is owned for the whole mining run: a second writer, or other settings or corpus, are refused
+    with owned_folder(out, {"command": "mine", "settings": settings, "corpus": corpus}, force=cfg.force, what="mining"):
+        return _mine_into(cfg, out, items, hashes, unreadable, corpus_images, start)
+
+
+def _mine_into(cfg: MiningConfig, out: Path, items: list, hashes: list[str], unreadable: dict[str, str],
+               corpus_images: int, start: float) -> dict[str, Any]:
+    import yaml
+
     timings = {}
     t = time.time()
-    emb_a = Encoder(cfg.encoder_a, cfg.batch_size, cfg.device).embed(hashes, paths)
+    emb_a = Encoder(cfg.encoder_a, cfg.batch_size, cfg.device).embed(hashes, [item.path for item in items], unreadable)
     encoder_b = Encoder(cfg.encoder_b, cfg.batch_size, cfg.device)
-    emb_b = encoder_b.embed(hashes, paths)
+    readable = [i for i, item in enumerate(items) if str(item.path) not in unreadable]
+    items, hashes, emb_a = [items[i] for i in readable], [hashes[i] for i in readable], emb_a[readable]
+    emb_b = encoder_b.embed(hashes, [item.path for item in items], unreadable)
+    readable = [i for i, item in enumerate(items) if str(item.path) not in unreadable]  # encoder B decodes once more
+    items, hashes, emb_a, emb_b = [items[i] for i in readable], [hashes[i] for i in readable], emb_a[readable], emb_b[readable]
+    if len(items) < 2:
+        raise MiningError(f"{cfg.corpus}: {len(items)} readable image(s) of {corpus_images}; mining needs at least two "
+                          f"(unreadable: {', '.join(sorted(unreadable)[:3])}{' ...' if len(unreadable) > 3 else ''})")
     timings["embed_s"] = time.time() - t
     t = time.time()
     dropped, leakage = exclusions(cfg, items, hashes, emb_b, encoder_b)
@@ -488,7 +531,9 @@ def mine(cfg: MiningConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(pairs, out / "pairs.jsonl")
     split = write_train_val(pairs, out, cfg.seed)
-    report = {"config": asdict(cfg), "train_val": split, "corpus_images": len(items), "duplicate_images": int(duplicate.sum()),
+    report = {"config": asdict(cfg), "train_val": split, "corpus_images": corpus_images, "unreadable_images": len(unreadable),
+              "unreadable": [{"image": path, "reason": reason} for path, reason in sorted(unreadable.items())],
+              "duplicate_images": int(duplicate.sum()),
               "leakage": leakage, "searched_images": int(len(keep_idx)), "search_backend": backend,
               "candidates_sim_a": int(len(cand)), "candidates_rule": int(rule.sum()),
               "dropped_same_caption": int((rule & same_caption).sum()),

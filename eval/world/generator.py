@@ -453,6 +453,11 @@ def synthesize(cfg: WorldConfig, out: str | Path) -> World:
     manifest = verify_world(out, cfg)
     if manifest is not None:
         return World(out, cfg, manifest)
+    if out.exists() and not out.is_dir():
+        raise WorldError(f"{out} is a file; give a folder for the world")
+    if out.is_dir() and any(out.iterdir()) and not (out / "world.json").exists():
+        # only a world (of other settings, or damaged) is rebuilt in place: never delete what we did not write
+        raise WorldError(f"{out} is not empty and holds no world (no world.json); give an empty or new folder")
     check_capacity(cfg)
     try:
         with atomic_folder(out) as tmp:

@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="recipe YAML, e.g. configs/clip_hardneg/tiny.yaml (default: the recipe's defaults)")
     p.add_argument("--output-dir", help="the run directory (the same as the override output_dir=DIR)")
     p.add_argument("--launch", help="accelerate config YAML (configs/accelerate/*.yaml): run under accelerate launch")
+    p.add_argument("--force", action="store_true", help="start afresh in an output dir holding another run "
+                   "(its contents are moved aside, not deleted)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10 loss.hardneg_weight=0")
     p.set_defaults(func=_cmd_train, train_parser=p)
 
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="fold assignment seed")
     p.add_argument("--output-dir", "--out", dest="out", default=None,
                    help="cv directory (default runs/cv-<recipe>-<time>); rerun to resume")
+    p.add_argument("--force", action="store_true", help="start afresh in a cv directory holding another cv "
+                   "(its contents are moved aside, not deleted)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides for every fold's run")
     p.set_defaults(func=_cmd_cv)
 
@@ -67,7 +71,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return 0
         args.train_parser.error(f"a recipe is required: {', '.join(RECIPES)}")
     argv = [*(["--help"] if args.help else []), *(["--config", args.config] if args.config else []),
-            *(["--output-dir", args.output_dir] if args.output_dir else []), *args.overrides]
+            *(["--output-dir", args.output_dir] if args.output_dir else []), *(["--force"] if args.force else []),
+            *args.overrides]
     if args.launch and not args.help:
         return launch(args.recipe, args.launch, argv)
     return recipe_cli(args.recipe, argv)
@@ -99,16 +104,21 @@ def _cmd_cv(args: argparse.Namespace) -> int:
 
     from unconfuse.eval.benchmarks import BenchmarkError
 
+    from ..callbacks import NonFiniteError
     from ..config import ConfigError
     from ..run import LeakageError
     from .cv import cv_summary, run_cv
 
     out = args.out or f"runs/cv-{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        results = run_cv(args.recipe, args.config, args.folds, args.benchmark, out, args.seed, args.overrides)
+        results = run_cv(args.recipe, args.config, args.folds, args.benchmark, out, args.seed, args.overrides,
+                         force=args.force)
     except (BenchmarkError, ConfigError, LeakageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     print(cv_summary(results))
     print(f"cv directory: {out}")
     return 0

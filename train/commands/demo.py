@@ -6,6 +6,7 @@ shows whether each helped."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from unconfuse.eval.io import atomic_write_text
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.runner import EvalConfig, run_eval
-from unconfuse.eval.scorer import score_table
+from unconfuse.eval.scorer import fmt, fmt_ci, score_table
 from unconfuse.eval.world import default_world, prepare
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -30,8 +31,7 @@ MLLM_STRATEGIES = [("mllm_sft", "mllm_sft", "mllm_sft", 600),
 
 
 def _ci(results: dict[str, Any], key: str) -> str:
-    lo, hi = results["ci"][key]
-    return f"{results[key]:.1f} [{lo:.1f}, {hi:.1f}]"
+    return f"{fmt(results[key])} {fmt_ci(results['ci'][key])}"
 
 
 def _table(base_name: str, names: list[str], summary: dict[str, Any]) -> list[str]:
@@ -148,9 +148,11 @@ def plot_validation(path: Path, run_dirs: dict[str, Path], results: dict[str, An
         history = [json.loads(line) for line in (run_dir / "val_history.jsonl").read_text().splitlines()]
         steps = [h["step"] for h in history]
         for ax, key in zip(axes, ("set_accuracy", "confusion")):
-            line, = ax.plot(steps, [h[key] for h in history], marker="o", ms=3, label=f"{name} (val)")
-            ax.scatter([results[name].best_step], [results[name].final[key]], marker="*", s=120, color=line.get_color(),
-                       label=f"{name} (test, selected)")
+            line, = ax.plot(steps, [math.nan if h[key] is None else h[key] for h in history], marker="o", ms=3,
+                            label=f"{name} (val)")
+            if results[name].final[key] is not None:  # undefined (no pair with two valid answers): not drawn
+                ax.scatter([results[name].best_step], [results[name].final[key]], marker="*", s=120, color=line.get_color(),
+                           label=f"{name} (test, selected)")
     seen_bases = set()
     for name in run_dirs:
         base, model = results[name].base, results[name].model
@@ -158,7 +160,8 @@ def plot_validation(path: Path, run_dirs: dict[str, Path], results: dict[str, An
             continue
         seen_bases.add(model)
         for ax, key in zip(axes, ("set_accuracy", "confusion")):
-            ax.axhline(base[key], color="gray", ls="--", lw=1, label=f"{model} base (test)")
+            if base[key] is not None:
+                ax.axhline(base[key], color="gray", ls="--", lw=1, label=f"{model} base (test)")
     for ax, key in zip(axes, ("set_accuracy", "confusion")):
         ax.set_xlabel("step")
         ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
