@@ -62,6 +62,7 @@ def test_image_tokens_vary_with_size_only_for_dynamic_resolution(model, varies):
     assert mllm_dpo.image_tokens_vary(adapter.processor) is varies
 
 
+@pytest.mark.slow
 def test_image_contrast_on_images_of_different_sizes(world, sample_bench, tmp_path):
     """Qwen2.5-VL (dynamic resolution) on real images of varied sizes: each pair is put on one canvas, so the
     partner swap fits the prompt's image tokens; batches mix pairs of different sizes."""

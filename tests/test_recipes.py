@@ -82,7 +82,8 @@ def test_cv_directory_has_the_run_shape(world, tmp_path, capsys):
     assert summary["rows"][1]["strategy"] == "hardneg (cv 2 folds)"
 
 
-@pytest.mark.parametrize("twin", ["tiny-qwen2.5-vl", "tiny-gemma3", "tiny-llava-next", "tiny-llava-med"])
+@pytest.mark.parametrize("twin", ["tiny-qwen2.5-vl", "tiny-gemma3", "tiny-llava-next",
+                                  pytest.param("tiny-llava-med", marks=pytest.mark.slow)])  # tiny-llava's classes
 @pytest.mark.parametrize("recipe", ["mllm_sft", "mllm_dpo"])
 def test_mllm_recipes_train_every_twin(recipe, twin, world, tmp_path):
     """Two steps of sft and dpo + image contrast on the newer architectures: LoRA placed, the loss moves."""
