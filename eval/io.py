@@ -71,6 +71,20 @@ def atomic_folder(folder: str | Path, keep_existing: bool = False) -> Iterator[P
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def json_lines(lines, path: str | Path, error: type[Exception]) -> Iterator[tuple[int, str, Any]]:
+    """(line number, ``"<path>: line N"``, parsed value) for every non-blank line of a JSONL text; a line
+    that is not JSON raises ``error`` naming it."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {lineno}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{where}: not JSON ({exc.msg})") from exc
+        yield lineno, where, value
+
+
 class RunDirError(ValueError):
     """A folder a command would write holds something else, or another process is writing it."""
 

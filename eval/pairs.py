@@ -203,14 +203,9 @@ def load_jsonl(path: str | Path) -> list[Pair]:
     """JSONL of records in our pair schema, one per line."""
     path = Path(path)
     pairs = []
-    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BenchmarkError(f"{where}: not JSON ({exc.msg})") from exc
+    from .io import json_lines
+
+    for _, where, rec in json_lines(_read_text(path).split("\n"), path, BenchmarkError):
         if not isinstance(rec, dict):
             raise BenchmarkError(f"{where}: expected a JSON object")
         pairs.append(make_pair(rec, where))

@@ -129,15 +129,10 @@ def read_predictions(path: str | Path, pair_ids: Collection[str] | None = None) 
     path = Path(path)
     records: dict[tuple[str, int], dict[str, Any]] = {}
     first_line: dict[tuple[str, int], int] = {}
+    from .io import json_lines
+
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PredictionsError(f"{where}: not JSON ({exc.msg})") from exc
+        for lineno, where, rec in json_lines(fh, path, PredictionsError):
             if not isinstance(rec, dict) or "pair_id" not in rec or rec.get("image") not in (1, 2):
                 raise PredictionsError(f"{where}: needs pair_id and image (1 or 2)")
             if "answer" in rec and rec["answer"] not in ("A", "B", None):
