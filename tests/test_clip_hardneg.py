@@ -86,6 +86,44 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(world, tmp_path, 
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+KILL_DURING_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+import transformers
+from types import SimpleNamespace
+from unconfuse.recipes import clip_hardneg
+from tests.test_clip_hardneg import config
+
+def save_rng_state(self, output_dir):  # weights and optimizer are on disk, trainer_state.json is not yet
+    if output_dir.endswith("checkpoint-8"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+transformers.Trainer._save_rng_state = save_rng_state
+clip_hardneg.main(config(SimpleNamespace(root=Path({world!r})), {out!r}, max_steps=8, save_steps=4, eval_steps=4))
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_save_then_resume_ends_like_an_uninterrupted_run(world, tmp_path):
+    full = clip_hardneg.main(config(world, tmp_path / "full", max_steps=8, save_steps=4, eval_steps=4))
+    script = KILL_DURING_SAVE.format(repo=str(REPO), world=str(world.root), out=str(tmp_path / "part"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    half_saved = tmp_path / "part" / "checkpoints" / "checkpoint-8"
+    assert half_saved.is_dir() and not (half_saved / "trainer_state.json").exists()
+
+    resumed_cfg = config(world, tmp_path / "part", max_steps=8, save_steps=4, eval_steps=4)
+    resumed_cfg.resume_from_checkpoint = "latest"  # skips checkpoint-8; the dead writer's lock is gone with it
+    resumed = clip_hardneg.main(resumed_cfg)
+    for key in ("set_accuracy", "confusion", "individual_accuracy"):
+        assert resumed.final[key] == full.final[key]
+    assert resumed.best_step == full.best_step
+    assert _log(tmp_path / "part", 8)[-1]["loss"] == pytest.approx(_log(tmp_path / "full", 8)[-1]["loss"], rel=1e-5)
+    assert (half_saved / "trainer_state.json").exists()  # saved again, whole
+
+
 def test_locked_text_tower_is_bitwise_unchanged(world, tmp_path):
     cfg = config(world, tmp_path / "run", max_steps=3, eval_steps=3, save_steps=3)
     cfg.trainable = "locked_text"

@@ -70,6 +70,16 @@ def test_non_finite_training_stops_with_exit_3_naming_the_step(recipe, learning_
     assert_stopped_at_step_2(run, one_error_line(capsys), learning_rate)
 
 
+@pytest.mark.slow
+def test_non_finite_training_under_accelerate_launch_still_exits_3(world, tmp_path, capsys):
+    """accelerate launch reports any failing process as exit 1; unconfuse train --launch returns the recipe's own 3
+    (2 real processes: both diverge at the same step)."""
+    run = tmp_path / "run"
+    launch = ["--launch", str(REPO / "configs" / "accelerate" / "ddp.yaml")]
+    assert main(["train", "clip_hardneg", *launch, *diverging("clip_hardneg", world, run, "1e9")]) == 3
+    assert (run / "checkpoints" / "checkpoint-1").is_dir() and not (run / "results.json").exists()
+
+
 def test_non_finite_training_in_cv_stops_with_exit_3(world, tmp_path, capsys):
     out = tmp_path / "cv"
     assert main(["cv", "clip_hardneg", "--folds", "2", "--benchmark", str(world.root / "test"), "--output-dir", str(out),

@@ -502,9 +502,19 @@ def recipe_cli(recipe: str, argv: list[str] | None = None) -> int:
     try:
         print(summary(run_recipe(recipe, args.config, overrides)))
     except (ConfigError, LeakageError, BenchmarkError, ModelLoadError, RunDirError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _failed(exc, 2)
     except NonFiniteError as exc:  # exit 3: the run diverged (not a bad input)
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return _failed(exc, 3)
     return 0
+
+
+EXIT_STATUS_ENV = "UNCONFUSE_EXIT_STATUS_FILE"
+
+
+def _failed(exc: Exception, status: int) -> int:
+    """One error line, and the exit status also written where ``unconfuse train --launch`` reads it
+    (accelerate launch reports every failing process as exit 1)."""
+    print(f"error: {exc}", file=sys.stderr)
+    if os.environ.get(EXIT_STATUS_ENV):
+        Path(os.environ[EXIT_STATUS_ENV]).write_text(str(status))
+    return status

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from unconfuse.eval.tools.cli import add_eval_commands
 from unconfuse.recipes import RECIPES
@@ -86,9 +87,12 @@ def launch(recipe: str, accelerate_config: str, argv: list[str]) -> int:
     starts one), and the recipe switches the trainer to CPU itself.
     """
     import subprocess
+    import tempfile
 
     import torch
     import yaml
+
+    from unconfuse.train.run import EXIT_STATUS_ENV
 
     with open(accelerate_config, encoding="utf-8") as fh:
         accel = yaml.safe_load(fh) or {}
@@ -96,7 +100,13 @@ def launch(recipe: str, accelerate_config: str, argv: list[str]) -> int:
     if not torch.cuda.is_available() and accel.get("distributed_type") == "MULTI_GPU":
         command.append("--multi_gpu")
     command += ["-m", f"unconfuse.recipes.{recipe}", *argv]
-    return subprocess.call(command)
+    # accelerate launch turns any failing child into exit 1: the recipe leaves its own exit status
+    # (2: bad input, 3: the run diverged) in a file, and that is what this command returns
+    with tempfile.TemporaryDirectory(prefix="unconfuse-launch-") as tmp:
+        status_file = Path(tmp) / "exit_status"
+        returncode = subprocess.call(command, env={**os.environ, EXIT_STATUS_ENV: str(status_file)})
+        recorded = status_file.read_text().strip() if status_file.exists() else ""
+    return int(recorded) if returncode and recorded.isdigit() else returncode
 
 
 def _cmd_cv(args: argparse.Namespace) -> int:
@@ -125,8 +135,6 @@ def _cmd_cv(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from unconfuse.eval.models.hf_vlm import merge_adapters
 
     model, processor = merge_adapters(Path(args.adapters), args.base)
