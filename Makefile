@@ -4,9 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup chromium demo test clean
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
+
+# Debian's chromium, for the atlas's browser test (tests/test_atlas.py skips, naming it, when it is missing)
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; \
+	else echo "note: chromium is missing (as root: apt-get install chromium); the atlas's browser test will skip"; fi
 
 # Reinstall only when the package metadata changes; editable install picks up code edits.
 $(STAMP): pyproject.toml

@@ -94,6 +94,7 @@ class RunResults:
     prompt_version: str | None
     other_modes: dict[str, dict[str, Any]] = field(default_factory=dict)  # mode -> {"base": ..., "final": ...}
     details: dict[str, Any] = field(default_factory=dict)  # recipe settings (loss, trainable, ...); cv: folds
+    retention: dict[str, Any] | None = None  # eval.retention.retention_block: general ability before/after; None: not measured
     schema_version: int = SCHEMA_VERSION
 
     def scores(self, mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -123,7 +124,7 @@ def read_run_results(run_dir: str | Path) -> RunResults:
         raise RunFormatError(f"{run_dir}: run format {data.get('schema_version')!r}, this unconfuse reads "
                              f"{SCHEMA_VERSION}; rerun it with this version")
     names = {f.name for f in dataclasses.fields(RunResults)}
-    missing = sorted(n for n in names if n not in data and n not in ("other_modes", "details", "schema_version"))
+    missing = sorted(n for n in names if n not in data and n not in ("other_modes", "details", "retention", "schema_version"))
     if missing:
         raise RunFormatError(f"{run_dir / RESULTS_FILE}: missing {', '.join(missing)}")
     return RunResults(**{k: v for k, v in data.items() if k in names})

@@ -318,40 +318,50 @@ def compare(pairs: list[Pair], answers_a: Mapping[tuple[str, int], Answer], answ
             samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
     """B against A on the same pairs: paired bootstrap CI of the set-accuracy difference (B - A)
     and the exact McNemar test on per-pair set-correctness."""
-    from scipy.stats import binomtest
-
     keys = {(p.id, s) for p in pairs for s in (1, 2)}
     for label, answers in (("A", answers_a), ("B", answers_b)):
         missing = keys - set(answers)
         if missing:
             raise PredictionsError(f"run {label} lacks {len(missing)} question(s) of these pairs, e.g. {sorted(missing)[:3]}")
     oa, ob = outcomes(pairs, answers_a), outcomes(pairs, answers_b)
-    sa, sb = oa.set_correct, ob.set_correct
     n = len(pairs)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(samples, n))
-    diff_samples = 100.0 * (sb[idx].astype(float) - sa[idx].astype(float)).mean(axis=1)
+    paired = paired_accuracy(oa.set_correct, ob.set_correct, samples, seed)
+    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))  # the same resamples as paired_accuracy's
     conf_a, conf_b = _metric_samples(oa, idx)["confusion"], _metric_samples(ob, idx)["confusion"]
     conf_diff = conf_b - conf_a
     conf_diff = conf_diff[~np.isnan(conf_diff)]
-    only_a = int((sa & ~sb).sum())
-    only_b = int((~sa & sb).sum())
-    p_value = float(binomtest(only_b, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0
-    res_a, res_b = _pct(sa.sum(), n), _pct(sb.sum(), n)
     ca = _pct(oa.confused.sum(), oa.both_valid.sum())
     cb = _pct(ob.confused.sum(), ob.both_valid.sum())
     return {
         "n_pairs": n,
-        "set_accuracy_a": res_a,
-        "set_accuracy_b": res_b,
-        "set_accuracy_diff": res_b - res_a,
-        "set_accuracy_diff_ci": [float(np.percentile(diff_samples, 2.5)), float(np.percentile(diff_samples, 97.5))],
+        "set_accuracy_a": paired["a"],
+        "set_accuracy_b": paired["b"],
+        "set_accuracy_diff": paired["diff"],
+        "set_accuracy_diff_ci": paired["diff_ci"],
         "confusion_diff": None if ca is None or cb is None else cb - ca,
         "confusion_diff_ci": [float(np.percentile(conf_diff, 2.5)), float(np.percentile(conf_diff, 97.5))] if len(conf_diff) else None,
-        "mcnemar_only_a": only_a,
-        "mcnemar_only_b": only_b,
-        "mcnemar_p": p_value,
+        "mcnemar_only_a": paired["mcnemar_only_a"],
+        "mcnemar_only_b": paired["mcnemar_only_b"],
+        "mcnemar_p": paired["mcnemar_p"],
     }
+
+
+def paired_accuracy(correct_a: np.ndarray, correct_b: np.ndarray, samples: int = BOOTSTRAP_SAMPLES,
+                    seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """B against A on the same items (per-item booleans): both accuracies (percent), the difference B - A with
+    its paired percentile-bootstrap 95% interval, and the exact McNemar test on the discordant items."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    n = len(a)
+    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    diff_samples = 100.0 * (b[idx].astype(float) - a[idx].astype(float)).mean(axis=1)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    acc_a, acc_b = _pct(a.sum(), n), _pct(b.sum(), n)
+    return {"a": acc_a, "b": acc_b, "diff": acc_b - acc_a,
+            "diff_ci": [float(np.percentile(diff_samples, 2.5)), float(np.percentile(diff_samples, 97.5))],
+            "mcnemar_only_a": only_a, "mcnemar_only_b": only_b,
+            "mcnemar_p": float(binomtest(only_b, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from transformers import Trainer, TrainingArguments
 from unconfuse.eval.models import load_model, resolve_model
 from unconfuse.eval.runs import RunResults
 from unconfuse.train import run as lifecycle
+from unconfuse.eval.retention import answer_encoder
 from unconfuse.train.callbacks import predict, score_records
 from unconfuse.train.config import ConfigError, TrainSettings, setting, to_dict
 from unconfuse.train.data import ClipCollator, PairBatches, PairItems
@@ -45,6 +46,11 @@ class ClipData:
     test: str = setting("world:test", "test pairs: scored before and after training, never for selection")
     text: Literal["option", "question_option", "caption"] = setting(
         "option", "what each image must match: its correct option, the question and the option, or its caption")
+    retention: str = setting("auto", "held-out captioned images / questions scored before and after training (zero-shot "
+                                     "classification and caption retrieval R@1): auto (the world's, for world data), none, "
+                                     "a JSONL file, a captioned-image folder (metadata.jsonl) or hf:<id>")
+    val_retention: str = setting("auto", "the validation side's retention set (train.selection with a retention floor "
+                                         "only); never the test side's")
 
 
 @dataclass
@@ -316,7 +322,16 @@ def main(cfg: ClipHardNegConfig) -> RunResults:
             model.train()
         return records, score_records(bench, records, prompt_version=run.prompts.version)
 
-    base = lifecycle.score_stage(run, "base", evaluate, spec.name)
+    def retain(rset, scorer=adapter, trainer=None):
+        with lifecycle.whole_weights(trainer):
+            model.eval()
+            scorer._image_emb.clear()
+            scorer._text_emb.clear()
+            records = answer_encoder(scorer, rset, run.prompts.template("clip", spec.clip_prompt))
+            model.train()
+        return records
+
+    base = lifecycle.score_stage(run, "base", evaluate, spec.name, retain=retain)
 
     # trainer (the encoder is loaded whole: encoders are small; ZeRO-3 partitions it when training starts)
     width = max(p.shape[-1] for p in model.parameters() if p.dim() == 2)  # for DeepSpeed's auto bucket sizes
@@ -325,13 +340,15 @@ def main(cfg: ClipHardNegConfig) -> RunResults:
                                  data_collator=ClipCollator(encoder.tokenize),
                                  pairs_per_batch=cfg.train.pairs_per_batch, loss_config=cfg.loss)
     callback = lifecycle.validation(run, lambda bench, mode: evaluate(bench, mode, trainer=trainer), encoder.save,
-                                    val_mode="clip", saved_parameters=lambda: list(model.parameters()))
+                                    val_mode="clip", saved_parameters=lambda: list(model.parameters()),
+                                    retain=lambda rset: retain(rset, trainer=trainer))
     trainer.add_callback(callback)
 
     # train, then test the selected checkpoint loaded the way `unconfuse eval` loads it
     lifecycle.train(run, trainer)
     best, _ = load_model(replace(spec, build=None, model_id=encoder.model_id(run.best_dir)), device=device)
-    final = lifecycle.score_stage(run, "test", lambda bench, mode: evaluate(bench, mode, best), spec.name)
+    final = lifecycle.score_stage(run, "test", lambda bench, mode: evaluate(bench, mode, best), spec.name,
+                                  retain=lambda rset: retain(rset, best))
     return lifecycle.finish(run, spec.name, base, final, trainer, callback,
                             details={"loss": to_dict(cfg.loss), "trainable": cfg.trainable})
 

@@ -24,7 +24,7 @@ from unconfuse.train import run as lifecycle
 from unconfuse.train.config import TrainSettings, setting
 from unconfuse.train.data import PairBatches
 from unconfuse.train.mllm import (EvalMode, MllmData, MllmLora, attach_lora, letter_examples, load_best_adapters,
-                                  load_mllm, scorer, with_eval_bos)
+                                  load_mllm, retention_scorer, scorer, with_eval_bos)
 
 RECIPE = "mllm_sft"
 
@@ -84,20 +84,22 @@ def main(cfg: MllmSftConfig) -> RunResults:
                              train_dataset=Dataset.from_list(sft_examples(run.train, run.prompts, cfg.data, cfg.train.seed)),
                              pairs_per_batch=cfg.train.pairs_per_batch)
     evaluate = scorer(run, spec, adapter, trainer, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
-    base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, base=True), spec.name)
+    retain = retention_scorer(run, adapter, trainer)
+    base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, base=True), spec.name,
+                                 retain=lambda rset: retain(rset, base=True))
 
     def save_adapters(folder):
         model.save_pretrained(str(folder))
         adapter.processor.save_pretrained(str(folder))
 
     callback = lifecycle.validation(run, evaluate, save_adapters, val_mode=cfg.val_mode,
-                                    saved_parameters=lambda: [p for p in model.parameters() if p.requires_grad])
+                                    saved_parameters=lambda: [p for p in model.parameters() if p.requires_grad], retain=retain)
     trainer.add_callback(callback)
 
     # train, then test the selected adapters (loaded into the trained model in place)
     lifecycle.train(run, trainer)
     load_best_adapters(run, model)
-    final = lifecycle.score_stage(run, "test", evaluate, spec.name)
+    final = lifecycle.score_stage(run, "test", evaluate, spec.name, retain=retain)
     return lifecycle.finish(run, spec.name, base, final, trainer, callback)
 
 

@@ -2,6 +2,8 @@
 import csv
 import json
 
+from pathlib import Path
+
 import pytest
 
 from unconfuse.eval.runs import RunResults, write_run_results
@@ -23,7 +25,7 @@ def bench(tmp_path):
     return rows, path
 
 
-def _run(root, name, rows, bench_path, correct_pairs, strategy="hardneg", seed=0, pairs=None):
+def _run(root, name, rows, bench_path, correct_pairs, strategy="hardneg", seed=0, pairs=None, retention=None):
     """A recipe-run directory whose test predictions are right on ``correct_pairs`` and answer
     "A" to both images (confused) elsewhere."""
     run = root / name
@@ -37,7 +39,7 @@ def _run(root, name, rows, bench_path, correct_pairs, strategy="hardneg", seed=0
     write_run_results(run, RunResults(kind="run", recipe="clip_hardneg", strategy=strategy, model="tiny",
                                       train_data="world:train", test_data=str(bench_path), seed=seed, mode="clip",
                                       base={}, final={}, steps=2, best_step=2, best_val=None, wall_time_s=1.0,
-                                      scorer_version="x", prompt_version=None))
+                                      scorer_version="x", prompt_version=None, retention=retention))
     return run
 
 
@@ -90,3 +92,44 @@ def test_compare_refuses_results_of_another_format(bench, tmp_path, capsys):
     (old / "results.json").write_text(json.dumps({"final": {}, "test_dir": "test"}))  # before the run format
     assert main(["compare", str(old), "--baseline", str(base), "--out", str(tmp_path / "c")]) == 2
     assert "no run format kind" in capsys.readouterr().err
+
+
+def _retention(before: list[bool], after: list[bool]):
+    """A run's retention block from per-item correctness, as the lifecycle writes it."""
+    from unconfuse.eval.retention import RetentionItem, RetentionSet, retention_block
+
+    rset = RetentionSet([RetentionItem(str(i), "x.png", "q?", ["a", "b"], "A") for i in range(len(before))], Path("/nonexistent"), "held-out")
+    return retention_block(rset, "prefix", [{"id": str(i), "correct": c} for i, c in enumerate(before)],
+                           [{"id": str(i), "correct": c} for i, c in enumerate(after)])
+
+
+def test_compare_shows_gain_and_retention_change_side_by_side(bench, tmp_path, capsys):
+    rows, path = bench
+    base = _run(tmp_path, "base", rows, path, correct_pairs=set(), strategy="base")
+    # 40 held-out items: the costly run keeps 10 of 30 right answers and breaks 20 (a significant drop);
+    # the cheap run loses 2 and gains 1 (no significant change)
+    before = [True] * 30 + [False] * 10
+    costly = _run(tmp_path, "costly", rows, path, correct_pairs={0, 1, 2, 3, 4, 5}, strategy="hardneg",
+                  retention=_retention(before, [True] * 10 + [False] * 30))
+    cheap = _run(tmp_path, "cheap", rows, path, correct_pairs={0, 1}, strategy="clip-ft",
+                 retention=_retention(before, [True] * 28 + [False] * 2 + [True] + [False] * 9))
+    unmeasured = _run(tmp_path, "unmeasured", rows, path, correct_pairs={0}, strategy="other")
+    out = tmp_path / "cmp"
+    assert main(["compare", str(costly), str(cheap), str(unmeasured), "--baseline", str(base), "--out", str(out)]) == 0
+    table = {r["label"]: r for r in csv.DictReader((out / "comparison.csv").open())}
+    row = table["hardneg (seed 0)"]
+    assert float(row["retention_before"]) == 75.0 and float(row["retention_after"]) == 25.0
+    assert float(row["retention_diff"]) == -50.0 and row["retention_significant_drop"] == "true"
+    assert float(row["retention_mcnemar_p"]) == pytest.approx(2 * 0.5 ** 20)  # 20 discordant items, all lost
+    low, high = float(row["retention_diff_ci_low"]), float(row["retention_diff_ci_high"])
+    assert low < -50 < high < 0
+    row = table["clip-ft (seed 0)"]
+    assert float(row["retention_diff"]) == -2.5 and row["retention_significant_drop"] == "false"
+    assert float(row["retention_mcnemar_p"]) == pytest.approx(1.0)  # 2 lost, 1 gained: binomtest(1, 3)
+    assert table["other (seed 0)"]["retention_diff"] == ""
+    md = (out / "comparison.md").read_text()
+    assert "| hardneg (seed 0) | +75.0 [" in md and "75.0 -> 25.0: -50.0 [" in md and "**significant drop**" in md
+    assert "| other (seed 0) | +12.5 [" in md and "not measured" in md
+    printed = capsys.readouterr().out
+    assert "75.0 -> 25.0: -50.0" in printed and "significant drop" in printed
+    assert (out / "comparison.png").stat().st_size > 10_000  # two panels: vs confusion, vs retention

@@ -24,16 +24,28 @@ def predict(adapter, spec, mode: str, bench: Benchmark, prompts, batch_pairs: in
     Under a multi-process launch each process scores its contiguous share of the pairs and every
     process gets all records back in pair order (accelerate's gather_object): N processes score each
     pair once, not N times."""
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
     cfg = EvalConfig(model=spec.name, mode=mode, benchmark=bench.name, out="", parser=parser)
-    state = PartialState()
-    with state.split_between_processes(bench.pairs) as share:
+
+    def answer(share):
         records = []
         for start in range(0, len(share), batch_pairs):
             records += answer_pairs(adapter, spec, cfg, prompts, bench, share[start:start + batch_pairs])
-    return gather_object(records) if state.num_processes > 1 else records
+        return records
+
+    return shared_between_processes(bench.pairs, answer)
+
+
+def shared_between_processes(items: list, answer: Callable[[list], list]) -> list:
+    """``answer(items)`` with each process answering its contiguous share and every process getting all the
+    results back in order (one process: a plain call)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return answer(items)
+    with state.split_between_processes(items) as share:
+        return gather_object(answer(share))
 
 
 def score_records(bench: Benchmark, records: list[dict[str, Any]], parser: str = "strict", prompt_version=None,
@@ -60,12 +72,18 @@ class ValidationState:
     """What the validation loop knows: every evaluation so far, and what follows from it."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
+    retention_floor: float | None = None  # rows whose retention fell more than this below step 0's are never best
+
+    def eligible(self, row: dict[str, Any]) -> bool:
+        if self.retention_floor is None or not self.history:
+            return True
+        return row["retention"] >= self.history[0]["retention"] - self.retention_floor
 
     @property
     def best(self) -> dict[str, Any] | None:
         best = None
         for row in self.history:
-            if better(row, best):
+            if self.eligible(row) and better(row, best):
                 best = row
         return best
 
@@ -88,19 +106,21 @@ class PairValidationCallback(TrainerCallback):
     """
 
     def __init__(self, run_dir: Path, evaluate: Callable[[], dict[str, Any]], save_best: Callable[[int], None],
-                 eval_steps: int, patience: int = 0, is_main: bool = True, log: Callable[[dict], None] | None = None):
+                 eval_steps: int, patience: int = 0, is_main: bool = True, log: Callable[[dict], None] | None = None,
+                 retention_floor: float | None = None):
         self.run_dir, self.evaluate, self.save_best = run_dir, evaluate, save_best
         self.eval_steps, self.patience, self.is_main, self.log = eval_steps, patience, is_main, log
         path = run_dir / "val_history.jsonl"
         self.state = ValidationState([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                                     if path.exists() else [])
+                                     if path.exists() else [], retention_floor)
+        self.keys = VAL_KEYS + (("retention",) if retention_floor is not None else ())
 
     def _run(self, step: int, control) -> None:
         if any(h["step"] == step for h in self.state.history):
             return  # already done before a resume
         metrics = self.evaluate()
-        row = {"step": step, **{k: metrics[k] for k in VAL_KEYS}}
-        improved = better(row, self.state.best)
+        row = {"step": step, **{k: metrics[k] for k in self.keys}}
+        improved = self.state.eligible(row) and better(row, self.state.best)
         self.state.history.append(row)
         if improved:
             self.save_best(step)
@@ -109,10 +129,12 @@ class PairValidationCallback(TrainerCallback):
         if self.is_main:  # written after the best weights, so a kill in between re-evaluates this step
             atomic_write_text(self.run_dir / "val_history.jsonl", "".join(json.dumps(h) + "\n" for h in self.state.history))
         if self.log:
-            self.log({f"val/{k}": row[k] for k in VAL_KEYS} | {"val/step": step})
+            self.log({f"val/{k}": row[k] for k in self.keys} | {"val/step": step})
         if self.is_main:
+            kept = "retention" in row and not self.state.eligible(row)
             print(f"validation at step {step}: set accuracy {row['set_accuracy']:.1f}, confusion {fmt(row['confusion'])}"
-                  + (" (best so far)" if improved else ""), flush=True)
+                  + (f", retention {row['retention']:.1f}" if "retention" in row else "")
+                  + (" (best so far)" if improved else " (below the retention floor)" if kept else ""), flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:

@@ -212,6 +212,11 @@ class TrainSettings:
     save_steps: int = setting(50, "resumable Trainer checkpoint cadence in steps", min=1)
     logging_steps: int = setting(10, "training log cadence in steps", min=1)
     patience: int = setting(0, "stop after this many validations without improvement; 0 = never", min=0)
+    selection: Literal["set_accuracy", "set_accuracy_with_retention_floor"] = setting(
+        "set_accuracy", "how the validation loop picks the best checkpoint: set accuracy (ties: lower confusion), or "
+                        "that among checkpoints whose validation-side retention stays within retention_floor of the base's")
+    retention_floor: float = setting(5.0, "with selection set_accuracy_with_retention_floor: the largest retention drop "
+                                          "(points, validation side) a selected checkpoint may have", min=0)
     seed: int = setting(0, "seed of the model init, LoRA init, batch order and augmentation")
     bf16: bool = setting(False, "train in bfloat16 mixed precision (GPUs that support it)")
     activation_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory "

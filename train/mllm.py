@@ -32,6 +32,14 @@ class MllmData:
     val: str = setting("world:val", "validation pairs: select the checkpoint (never the test pairs)")
     test: str = setting("world:test", "test pairs: scored before and after training, never for selection")
     prompt_mode: Literal["greedy", "mc"] = setting("greedy", "whose prompt the examples use (the eval prompt of that mode)")
+    retention: str = setting("auto", "held-out single-image questions scored before and after training (what the "
+                                     "mitigation costs): auto (the world's, for world data), none, a JSONL file or folder, "
+                                     "or hf:<id>[:<split>] (VQA-RAD / SLAKE style closed-ended questions)")
+    val_retention: str = setting("auto", "the validation side's retention questions (train.selection with a retention "
+                                         "floor only); never the test side's")
+    retention_mode: Literal["greedy", "prefix"] = setting(
+        "prefix", "how retention questions are answered: prefix scores each option as the reply (general knowledge, "
+                  "as pretraining asked it); greedy, the letter of a multiple-choice prompt (also format compliance)")
     answer_with_option: bool = setting(False, "reply 'A: <option text>' instead of 'A'")
     swap_options: bool = setting(True, "present the options swapped (answers flipped) for half of the pairs, so no "
                                        "letter prior can be learned")
@@ -197,6 +205,26 @@ def scorer(run, spec, adapter, trainer, vision_trains: bool):
         return records, score_records(bench, records, prompt_version=run.prompts.version)
 
     return evaluate
+
+
+def retention_scorer(run, adapter, trainer):
+    """``retain(rset, base=False)``: retention records of the model being trained (``base``: adapters disabled),
+    in ``data.retention_mode``; each process answers its share of the questions (gathered)."""
+    from contextlib import nullcontext
+
+    from unconfuse.eval.retention import answer_mllm
+    from unconfuse.train.callbacks import shared_between_processes
+    from unconfuse.train.run import whole_weights
+
+    def retain(rset, base: bool = False):
+        with whole_weights(trainer), (trainer.model.disable_adapter() if base else nullcontext()):
+            adapter.model.eval()
+            records = shared_between_processes(rset.questions, lambda share: answer_mllm(
+                adapter, rset, run.cfg.data.retention_mode, share, batch=run.cfg.val_batch_pairs * 2))
+            adapter.model.train()
+        return records
+
+    return retain
 
 
 def load_best_adapters(run, model) -> None:

@@ -27,15 +27,17 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from unconfuse.eval.benchmarks import load_benchmark
-from unconfuse.eval.io import atomic_folder, atomic_write_json, owned_folder, sha256_file
+from unconfuse.eval.io import atomic_folder, atomic_write_json, atomic_write_text, owned_folder, sha256_file
 from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.prompts import PromptSet, load_prompts
+from unconfuse.eval.retention import RetentionSet, load_retention, retention_block, summarize
 from unconfuse.eval.runs import (RunResults, read_scored, scored_folder, write_run_results, write_scored)
 from unconfuse.eval.scorer import SCORER_VERSION
 from unconfuse.train.callbacks import PairValidationCallback
 from unconfuse.train.config import ConfigError, TrainSettings, dump_config, to_dict
 
 Evaluate = Callable[[Benchmark, str], "tuple[list[dict[str, Any]], dict[str, Any]]"]
+Retain = Callable[[RetentionSet], "list[dict[str, Any]]"]  # retention records of the model as it is now
 
 
 class LeakageError(RuntimeError):
@@ -57,6 +59,9 @@ class Run:
     prompts: PromptSet
     launch: dict[str, Any]
     modes: list[str]  # test modes; the first is the main mode (base/, test/)
+    retention: RetentionSet | None = None  # held-out single-image questions scored before and after (data.retention)
+    val_retention: RetentionSet | None = None  # the validation side's, for selection with a retention floor
+    retention_records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # stage -> records
     start: float = field(default_factory=time.time)
     wandb: Any = None
 
@@ -84,15 +89,51 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(recipe)
     is_main = int(os.environ.get("RANK", "0")) == 0  # set by torchrun/accelerate for every process
     train_bench, val_bench, test_bench = (load_benchmark(a) for a in (cfg.data.train, cfg.data.val, cfg.data.test))
-    own_run_dir(recipe, cfg, run_dir, (train_bench, val_bench, test_bench), is_main)
+    retention, val_retention = retention_sets(cfg)
+    own_run_dir(recipe, cfg, run_dir, (train_bench, val_bench, test_bench), is_main,
+                {"retention": retention.fingerprint() if retention else None,
+                 "val_retention": val_retention.fingerprint() if val_retention else None})
     if is_main:
         dump_config(cfg, run_dir / "config.yaml")
     check_leakage(run_dir, train_bench, {"val": val_bench, "test": test_bench}, cfg.allow_leakage, write=is_main)
     return Run(recipe, cfg, strategy, run_dir, is_main, train_bench, val_bench, test_bench, load_prompts(), launch,
-               list(dict.fromkeys(modes)))
+               list(dict.fromkeys(modes)), retention, val_retention)
 
 
-def own_run_dir(recipe: str, cfg: Any, run_dir: Path, benches: tuple[Benchmark, ...], is_main: bool) -> None:
+def resolve_retention(arg: str, bench_arg: str) -> str | None:
+    """A ``data.retention`` / ``data.val_retention`` value as a retention argument: ``none`` -> None; ``auto`` ->
+    the embedded world's questions on the images of ``bench_arg`` when it is a world split (``world:<split>`` or a
+    world's split folder), else None (set it for real data: a JSONL file, a folder or ``hf:<id>``)."""
+    if arg == "none":
+        return None
+    if arg != "auto":
+        return arg
+    text = str(bench_arg)
+    if text.startswith("world:"):
+        return text
+    path = Path(text)
+    candidate = path.parent / "retention" / f"{path.name}.jsonl"
+    return str(candidate) if path.is_dir() and (path.parent / "world.json").exists() and candidate.exists() else None
+
+
+def retention_sets(cfg: Any) -> tuple[RetentionSet | None, RetentionSet | None]:
+    """The retention set scored before and after training (``data.retention``, on the test side) and, when the
+    validation loop selects with a retention floor, the validation side's (``data.val_retention``)."""
+    test_arg = resolve_retention(cfg.data.retention, cfg.data.test)
+    val_arg = None
+    if cfg.train.selection == "set_accuracy_with_retention_floor":
+        val_arg = resolve_retention(cfg.data.val_retention, cfg.data.val)
+        if val_arg is None:
+            raise ConfigError("train.selection: set_accuracy_with_retention_floor needs retention questions held out on the "
+                              f"validation side; data.val_retention={cfg.data.val_retention!r} gives none for "
+                              f"data.val={cfg.data.val!r} (auto finds them for the embedded world only)")
+        if test_arg is not None and Path(val_arg).resolve() == Path(test_arg).resolve():
+            raise ConfigError("data.val_retention: the same retention set as data.retention; the test side never drives selection")
+    return (load_retention(test_arg) if test_arg else None), (load_retention(val_arg) if val_arg else None)
+
+
+def own_run_dir(recipe: str, cfg: Any, run_dir: Path, benches: tuple[Benchmark, ...], is_main: bool,
+                extra_data: dict[str, Any] | None = None) -> None:
     """Take ``run_dir`` for this run until the process ends (``unconfuse.eval.io.owned_folder``): a
     second writer is refused; a folder holding another run (other settings, model or data content) is
     refused unless ``force``; the same run resumes. Settings that do not change what is computed
@@ -104,7 +145,8 @@ def own_run_dir(recipe: str, cfg: Any, run_dir: Path, benches: tuple[Benchmark, 
     settings = {k: v for k, v in to_dict(cfg).items()
                 if k not in ("output_dir", "resume_from_checkpoint", "report_to", "force")}
     fingerprint = {"command": f"train {recipe}", "settings": settings, "model": model_identity(resolve_model(cfg.model)),
-                   "data": {split: bench.fingerprint() for split, bench in zip(("train", "val", "test"), benches)}}
+                   "data": {**{split: bench.fingerprint() for split, bench in zip(("train", "val", "test"), benches)},
+                            **(extra_data or {})}}
     release_run_dir(run_dir)  # this process ran here before (an in-process retry): own it afresh
     stack = ExitStack()  # held until finish() or the process ends: the run owns its folder for its whole life
     stack.enter_context(owned_folder(run_dir, fingerprint, force=cfg.force, what=f"{recipe} run", writer=is_main))
@@ -270,10 +312,14 @@ def check_leakage(run_dir: Path, train: Benchmark, others: dict[str, Benchmark],
 # Scoring, validation, training
 
 
-def score_stage(run: Run, stage: Literal["base", "test"], evaluate: Evaluate, model: str) -> dict[str, dict[str, Any]]:
+def score_stage(run: Run, stage: Literal["base", "test"], evaluate: Evaluate, model: str,
+                retain: Retain | None = None) -> dict[str, dict[str, Any]]:
     """The test split in every test mode: ``<stage>/`` for the main mode, ``<stage>-<mode>/`` for the
-    others. Base scores already on disk are reused (a resumed run does not score its base twice);
+    others; and, with ``retain`` and a retention set, the retention questions (``retention/<stage>.jsonl``).
+    Base scores already on disk are reused (a resumed run does not score its base twice);
     test scores are always computed, with the checkpoint ``evaluate`` holds."""
+    if run.retention is not None and retain is not None:
+        run.retention_records[stage] = retention_stage(run, stage, retain)
     scores = {}
     for mode in run.modes:
         folder = run.dir / scored_folder(stage, mode, run.main_mode)
@@ -289,8 +335,28 @@ def score_stage(run: Run, stage: Literal["base", "test"], evaluate: Evaluate, mo
     return scores
 
 
+def retention_stage(run: Run, stage: str, retain: Retain) -> list[dict[str, Any]]:
+    """The retention records of ``stage`` (``retention/<stage>.jsonl``; the base's are reused on resume)."""
+    path = run.dir / "retention" / f"{stage}.jsonl"
+    if stage == "base" and path.exists():
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = retain(run.retention)
+    if run.is_main:
+        path.parent.mkdir(exist_ok=True)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        numbers = ", ".join(f"{name} {v['value']:.1f} [{v['ci'][0]:.1f}, {v['ci'][1]:.1f}]"
+                            for name, v in summarize(records).items())
+        print(f"retention {stage} ({run.retention.name}, {retention_mode(run)}): {numbers}", flush=True)
+    return records
+
+
+def retention_mode(run: Run) -> str:
+    """How retention is scored: the MLLM recipes' ``data.retention_mode``; encoders: zero-shot and retrieval."""
+    return getattr(run.cfg.data, "retention_mode", "clip")
+
+
 def validation(run: Run, evaluate: Evaluate, save_weights: Callable[[Path], None], val_mode: str,
-               saved_parameters: Callable[[], Any] = list) -> PairValidationCallback:
+               saved_parameters: Callable[[], Any] = list, retain: Retain | None = None) -> PairValidationCallback:
     """The validation loop: scores ``run.val`` in ``val_mode`` at step 0 and every ``eval_steps``, keeps
     the best checkpoint in ``checkpoints/best`` (written atomically, with the config and step), logs
     ``val/*`` to W&B, stops after ``patience`` evaluations without improvement. ``saved_parameters()``
@@ -303,9 +369,19 @@ def validation(run: Run, evaluate: Evaluate, save_weights: Callable[[Path], None
                     dump_config(run.cfg, tmp / "config.yaml")
                     (tmp / "step.txt").write_text(str(step))
 
-    return PairValidationCallback(run.dir, lambda: evaluate(run.val, val_mode)[1], save_best, run.cfg.train.eval_steps,
+    def evaluate_val() -> dict[str, Any]:
+        metrics = dict(evaluate(run.val, val_mode)[1])
+        if run.val_retention is not None:
+            summary = summarize(retain(run.val_retention))
+            metrics["retention"] = summary["accuracy" if "accuracy" in summary else "retrieval_r1"]["value"]
+        return metrics
+
+    if run.val_retention is not None and retain is None:
+        raise ConfigError(f"train.selection: {run.cfg.train.selection} is not supported by {run.recipe}")
+    floor = run.cfg.train.retention_floor if run.val_retention is not None else None
+    return PairValidationCallback(run.dir, evaluate_val, save_best, run.cfg.train.eval_steps,
                                   run.cfg.train.patience, is_main=run.is_main,
-                                  log=(lambda row: run.wandb.log(row)) if run.wandb else None)
+                                  log=(lambda row: run.wandb.log(row)) if run.wandb else None, retention_floor=floor)
 
 
 @contextmanager
@@ -405,7 +481,9 @@ def finish(run: Run, model: str, base: dict[str, dict[str, Any]], final: dict[st
         test_data=run.cfg.data.test, seed=run.cfg.train.seed, mode=main, base=base[main], final=final[main],
         steps=trainer.state.global_step, best_step=callback.state.best_step, best_val=callback.state.best,
         wall_time_s=time.time() - run.start, scorer_version=SCORER_VERSION, prompt_version=run.prompts.version,
-        other_modes={m: {"base": base[m], "final": final[m]} for m in run.modes if m != main}, details=details or {})
+        other_modes={m: {"base": base[m], "final": final[m]} for m in run.modes if m != main}, details=details or {},
+        retention=(retention_block(run.retention, retention_mode(run), run.retention_records["base"], run.retention_records["test"])
+                   if {"base", "test"} <= set(run.retention_records) else None))
     if run.is_main:
         write_run_results(run.dir, results)
         log_final_to_wandb(run.wandb, results, run.dir / "test" / "predictions.jsonl")
@@ -420,6 +498,10 @@ def summary(results: RunResults) -> str:
         base, final = results.scores(mode)
         for name, res in (("base", base), ("final", final)):
             line |= {f"{name}_{mode}_{m}": res[m] for m in ("set_accuracy", "confusion")}
+    if results.retention:
+        headline = results.retention["metrics"][results.retention["headline"]]
+        line |= {"retention_before": headline["before"], "retention_after": headline["after"],
+                 "retention_diff_ci": headline["diff_ci"]}
     return json.dumps(line)
 
 
@@ -457,6 +539,9 @@ def log_final_to_wandb(wandb_run, results: RunResults, predictions: Path) -> Non
     for name, res in (("base", results.base), ("final", results.final)):
         for key in ("set_accuracy", "confusion", "individual_accuracy", "invalid"):
             wandb_run.summary[f"test/{name}_{key}"] = res[key]
+    for metric, numbers in ((results.retention or {}).get("metrics") or {}).items():
+        for key in ("before", "after", "diff", "mcnemar_p"):
+            wandb_run.summary[f"retention/{metric}_{key}"] = numbers[key]
     wandb_run.finish()
 
 

@@ -1,4 +1,4 @@
-"""The subcommands of ``unconfuse`` that need no training: eval, score, splits, mine, compare, data, convert."""
+"""The subcommands of ``unconfuse`` that need no training: eval, score, splits, mine, compare, atlas, data, convert."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +53,20 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="write into an --out holding another comparison "
                    "(its contents are moved aside, not deleted)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("atlas", help="failure atlas: one HTML page of every pair, its two images and each run's answers, "
+                       "marked fixed / broken / still confused / right against a baseline")
+    p.add_argument("runs", nargs="+", help="run, cv or scored directories (a run or cv directory: its test/ scores)")
+    p.add_argument("--baseline", help="the run to compare against (default: a single run directory's base/, "
+                   "else the first directory)")
+    p.add_argument("--out", required=True, help="folder for index.html, images/ and atlas.json")
+    p.add_argument("--label", action="append", help="a name for each directory, in order (default: strategy and seed)")
+    p.add_argument("--benchmark", help="test benchmark (default: the one the runs name)")
+    p.add_argument("--force", action="store_true", help="write into an --out holding another atlas "
+                   "(its contents are moved aside, not deleted)")
+    p.add_argument("--wandb", action="store_true", help="also log the atlas as a W&B table of images "
+                   "(online or offline as WANDB_MODE says; project WANDB_PROJECT, default unconfuse)")
+    p.set_defaults(func=cmd_atlas)
 
     convert = sub.add_parser("convert", help="convert a checkpoint in its authors' format into one eval loads").add_subparsers(
         dest="convert_command", required=True)
@@ -222,6 +236,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except (CompareError, BenchmarkError, RunDirError) as exc:
         return _fail(str(exc))
     print(compare_summary(summary, Path(args.out)))
+    return 0
+
+
+def cmd_atlas(args: argparse.Namespace) -> int:
+    from ..io import RunDirError
+    from ..pairs import BenchmarkError
+    from .atlas import AtlasError, atlas_summary, write_atlas
+    from .compare import CompareError
+
+    try:
+        index = write_atlas(args.runs, args.out, args.baseline, args.label, benchmark=args.benchmark, force=args.force,
+                            wandb=args.wandb)
+    except (AtlasError, CompareError, BenchmarkError, RunDirError) as exc:
+        return _fail(str(exc))
+    print(atlas_summary(json.loads((index.parent / "atlas.json").read_text()), index))
     return 0
 
 

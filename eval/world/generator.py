@@ -444,7 +444,8 @@ def verify_world(root: Path, cfg: WorldConfig | None = None) -> dict[str, Any] |
 
 
 def synthesize(cfg: WorldConfig, out: str | Path) -> World:
-    """Build the world into ``out``, or reuse it when it is already there, complete and identical.
+    """Build the world into ``out``, or reuse it when it is already there, complete and identical (its
+    retention questions, derived from the pairs, are written beside it: ``write_retention``).
 
     Builds in a temporary sibling folder and swaps it in, so an interrupted build never leaves a
     world that looks usable.
@@ -452,7 +453,9 @@ def synthesize(cfg: WorldConfig, out: str | Path) -> World:
     out = Path(out)
     manifest = verify_world(out, cfg)
     if manifest is not None:
-        return World(out, cfg, manifest)
+        world = World(out, cfg, manifest)
+        write_retention(world)
+        return world
     if out.exists() and not out.is_dir():
         raise WorldError(f"{out} is a file; give a folder for the world")
     if out.is_dir() and any(out.iterdir()) and not (out / "world.json").exists():
@@ -464,7 +467,49 @@ def synthesize(cfg: WorldConfig, out: str | Path) -> World:
             manifest = build_world(cfg, tmp)
     except OSError as exc:
         raise WorldError(f"cannot write the world to {out}: {exc.strerror or exc}") from exc
-    return World(out, cfg, manifest)
+    world = World(out, cfg, manifest)
+    write_retention(world)
+    return world
+
+
+RETENTION_QUESTIONS = (("modality", "What imaging modality is shown?"), ("anatomy", "Which body part is shown?"))
+RETENTION_OPTIONS = 4
+
+
+def retention_records(world: World, split: str) -> list[dict[str, Any]]:
+    """The world's retention questions on ``split``'s images: modality and body part (asked as the tiny
+    LLaVA's pretraining asked them), each with the right answer and three others of this world's sources,
+    in a fixed shuffled order; the image's caption (modality and anatomy) for encoder retrieval."""
+    by_name = {s.name: s for s in SOURCES}
+    used = [by_name[n] for n in world.config.sources]
+    records = []
+    for line in (world.root / split / "pairs.jsonl").read_text().splitlines():
+        pair = json.loads(line)
+        for side in (1, 2):
+            source = by_name[pair[f"base_{side}"].rsplit("-", 1)[0]]
+            for field_name, question in RETENTION_QUESTIONS:
+                right = getattr(source, field_name)
+                others = sorted({getattr(s, field_name) for s in used} - {right})
+                item_id = f"{pair['id']}-{side}-{field_name}"
+                rng = np.random.default_rng(int(hashlib.sha256(item_id.encode()).hexdigest()[:8], 16))
+                picked = [others[i] for i in rng.permutation(len(others))[:RETENTION_OPTIONS - 1]]
+                options = [picked[i] if i < len(picked) else right for i in range(len(picked) + 1)]
+                options = [options[i] for i in rng.permutation(len(options))]
+                records.append({"id": item_id, "image": pair[f"image_{side}"], "question": question, "options": options,
+                                "answer": "ABCD"[options.index(right)], "category": field_name,
+                                "caption": caption(source, {}, describe=False)})
+    return records
+
+
+def write_retention(world: World) -> None:
+    """``<world>/retention/<split>.jsonl`` for every split (derived from the pairs, outside the manifest:
+    the world's identity and hash do not change); rewritten only when its content differs."""
+    for split in SPLITS:
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in retention_records(world, split))
+        path = world.root / "retention" / f"{split}.jsonl"
+        if not path.exists() or path.read_text() != text:
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_text(path, text)
 
 
 def default_world(cfg: WorldConfig | None = None) -> World:
