@@ -14,6 +14,7 @@ RECIPES = (
     "clip_hardneg",  # contrastive fine-tuning of a CLIP-style encoder, confusing pairs as hard negatives
     "mllm_sft",  # LoRA SFT of an MLLM on the pair questions (TRL SFTTrainer)
     "mllm_dpo",  # preference tuning of an MLLM with the pair image-contrast term (TRL DPOTrainer)
+    "mllm_grpo",  # RL of an MLLM with a reward for the set-accuracy event (TRL GRPOTrainer)
 )
 
 

@@ -1,11 +1,13 @@
 """mllm_dpo: preference tuning of an MLLM on confusing pairs, with the pair image-contrast term.
 
 For each image: chosen = its correct option's letter, rejected = the other letter (TRL DPOTrainer,
-LoRA; the reference model is the base, reached by disabling the adapters). Plain DPO shares one
+LoRA; the reference model is the base: TRL's frozen copy of the fresh, zero adapters). Plain DPO shares one
 image between chosen and rejected, so it can be satisfied by text priors alone. Confusing pairs
 give the missing conditional preference for free (mDPO): the same prompt and the same correct
 answer should be likelier with the image it belongs to than with the pair-partner image, which
-needs the opposite answer. ``image_contrast_weight: 0`` is plain DPO, the baseline.
+needs the opposite answer. ``image_contrast_weight: 0`` is plain DPO, the baseline. The term costs no
+forward of its own: the two images of a pair share the prompt, so a chosen answer with the partner image
+is the partner's rejected row, already in DPO's batch; a step costs what plain DPO's does (bench/dpo_contrast.py).
 
     unconfuse train mllm_dpo --config configs/mllm_dpo/tiny.yaml [key=value ...]
 
@@ -17,6 +19,7 @@ Shares its data and LoRA settings with mllm_sft.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,7 +32,7 @@ from unconfuse.train.config import TrainSettings, setting, to_dict
 from unconfuse.train.data import PairBatches
 from unconfuse.train.losses import image_contrast_loss
 from unconfuse.train.mllm import (EvalMode, MllmData, MllmLora, attach_lora, letter_examples, load_best_adapters,
-                                  load_mllm, scorer, with_eval_bos)
+                                  load_mllm, retention_scorer, scorer, with_eval_bos)
 
 RECIPE = "mllm_dpo"
 
@@ -101,8 +104,9 @@ def same_canvas(first, second):
 
 def image_tokens_vary(processor) -> bool:
     """Whether the processor gives images of different sizes different numbers of image tokens (Qwen2/2.5-VL's
-    dynamic resolution, LLaVA-NeXT's tiles). The image-contrast term puts a row's pair-partner image into the
-    row's own prompt, so such models need both images of a pair at one size."""
+    dynamic resolution, LLaVA-NeXT's tiles). The image-contrast term pairs each chosen row with the row of the
+    partner image that matches it token for token (``partner_rows``), so such models need both images of a
+    pair at one size."""
     from PIL import Image
 
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
@@ -112,69 +116,72 @@ def image_tokens_vary(processor) -> bool:
     return len(lengths) > 1
 
 
-def partner_pixels(inputs: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
-    """The image inputs of the first ``rows`` rows, each row's image swapped with its pair partner's
-    (rows 2k and 2k+1 of a whole-pair batch). The two images of a pair must give the same number of
-    image tokens (equal ``image_grid_thw`` / ``image_sizes`` where the count depends on them)."""
+def partner_rows(inputs: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
+    """For each chosen row i of a whole-pair [chosen; rejected] batch (pair partners 2k, 2k+1), the batch row
+    that asks the same prompt with the same answer, with the pair partner's image: the partner's rejected row
+    (the two images of a pair share the prompt and need opposite answers), or its chosen row where a pair's
+    answers agree. Rows match token for token, so each pair's images must give one image-token count."""
     partner = torch.arange(rows, device=inputs["input_ids"].device) ^ 1
-    pixels = inputs["pixel_values"]
-    if "image_grid_thw" in inputs:  # Qwen2-VL family: the patches of all images concatenated, per-image sizes
-        grids = inputs["image_grid_thw"][:rows]
-        if not torch.equal(grids, grids[partner]):
-            raise ValueError("the image-contrast term needs the two images of a pair at one size (equal image_grid_thw); "
-                             "mllm_dpo pads them onto one canvas for such models")
-        chunks = torch.split(pixels[: int(grids.prod(-1).sum())], grids.prod(-1).tolist())
-        return {"pixel_values": torch.cat([chunks[i] for i in partner.tolist()]), "image_grid_thw": grids[partner]}
-    out = {"pixel_values": pixels[:rows][partner]}  # LLaVA-NeXT: (rows, tiles padded to the batch's most, C, H, W)
-    if "image_sizes" in inputs:  # LLaVA-NeXT: tiles and image tokens follow the size; the model reads tiles by it
-        sizes = inputs["image_sizes"][:rows]
-        if not torch.equal(sizes, sizes[partner]):  # the model would scatter features into the wrong rows silently
-            raise ValueError("the image-contrast term needs the two images of a pair at one size (equal image_sizes); "
-                             "mllm_dpo pads them onto one canvas for such models")
-        out["image_sizes"] = sizes[partner]
-    return out
+    rows_of = {k: inputs[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+    found = torch.full_like(partner, -1)
+    for candidate in (partner + rows, partner):  # the partner's rejected row, then its chosen row
+        same = torch.stack([(v[:rows] == v[candidate]).all(-1) for v in rows_of.values()]).all(0)
+        found = torch.where((found < 0) & same, candidate, found)
+    if (found < 0).any():
+        raise ValueError("the image-contrast term needs the two images of a pair to share the prompt and to give one "
+                         "image-token count; mllm_dpo's examples do (it pads a pair onto one canvas where needed)")
+    return found
+
+
+@contextmanager
+def fused_log_probs(modules, captured: list[torch.Tensor]):
+    """While open, the per-token log-probs of every fused forward (TRL's ``model(..., fused_lm_head=True)``)
+    of ``modules`` are appended to ``captured``; nothing else changes."""
+    def keep(module, args, kwargs, output):
+        if kwargs.get("fused_lm_head"):
+            captured.append(output.log_probs)
+
+    handles = [module.register_forward_hook(keep, with_kwargs=True) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def make_trainer_class():
     from trl import DPOTrainer
-    from trl.trainer.utils import use_adapter
 
     class PairDPOTrainer(PairBatches, DPOTrainer):
-        """DPOTrainer with whole-pair batches and the pair image-contrast term added to its loss."""
+        """DPOTrainer with whole-pair batches and the pair image-contrast term added to its loss.
+
+        The term compares a chosen answer's log-ratio with its own image and with the partner image. The
+        latter is already in DPO's batch: it is the partner's rejected row (``partner_rows``). So the term
+        reads the per-row log-probs of the two forwards TRL's ``_compute_loss`` makes anyway (the policy,
+        then the reference: TRL's "ref" adapter; TRL cannot precompute reference log-probs for image data),
+        and TRL's own code computes the DPO loss and metrics, unchanged."""
 
         def __init__(self, *args, image_contrast_weight: float = 0.0, **kwargs):
             super().__init__(*args, **kwargs)
             self.image_contrast_weight = image_contrast_weight
 
-        def _chosen_logps(self, model, inputs, rows: int, images: dict[str, torch.Tensor]) -> torch.Tensor:
-            text_keys = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-            kwargs = {k: inputs[k][:rows] for k in text_keys if k in inputs}
-            completion = inputs["completion_mask"][:rows]
-            labels = kwargs["input_ids"].masked_fill(completion == 0, -100)
-            out = model(**kwargs, **images, labels=labels, use_cache=False, fused_lm_head=True)
-            return out.log_probs[:, -(completion.shape[1] - 1):].sum(dim=1)
-
-        def image_contrast(self, model, inputs) -> torch.Tensor:
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.image_contrast_weight:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             rows = inputs["input_ids"].shape[0] // 2  # the batch is [chosen rows; rejected rows]
             if rows % 2:
                 raise ValueError("the image-contrast term needs whole pairs in every batch")
-            own = {k: inputs[k][:rows] for k in ("pixel_values", "image_sizes") if k in inputs and "image_grid_thw" not in inputs}
-            if "image_grid_thw" in inputs:
-                grids = inputs["image_grid_thw"][:rows]
-                own = {"pixel_values": inputs["pixel_values"][: int(grids.prod(-1).sum())], "image_grid_thw": grids}
-            partner = partner_pixels(inputs, rows)
-            policy_own = self._chosen_logps(model, inputs, rows, own)
-            policy_partner = self._chosen_logps(model, inputs, rows, partner)
-            with torch.no_grad(), use_adapter(self.accelerator.unwrap_model(model), adapter_name=None):
-                ref_own = self._chosen_logps(model, inputs, rows, own)
-                ref_partner = self._chosen_logps(model, inputs, rows, partner)
-            return image_contrast_loss(policy_own, ref_own, policy_partner, ref_partner, self.beta)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if not self.image_contrast_weight:
-                return result
-            term = self.image_contrast(model, inputs)
+            partner = partner_rows(inputs, rows)
+            captured: list[torch.Tensor] = []
+            # the policy forward reaches self.model through any DDP/DeepSpeed wrapper; the reference forward calls it
+            modules = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
+            with fused_log_probs(modules, captured):
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if len(captured) != 2:
+                raise RuntimeError(f"expected TRL's policy and reference forwards, saw {len(captured)} forwards")
+            completion = inputs["completion_mask"].shape[1] - 1  # log-probs are zero outside the completion
+            policy, reference = (log_probs[:, -completion:].sum(dim=1) for log_probs in captured)
+            term = image_contrast_loss(policy[:rows], reference[:rows], policy[partner], reference[partner], self.beta)
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["image_contrast"].append(term.item())
             if return_outputs:
@@ -208,20 +215,22 @@ def main(cfg: MllmDpoConfig) -> RunResults:
                                    train_dataset=Dataset.from_list(examples), pairs_per_batch=cfg.train.pairs_per_batch,
                                    image_contrast_weight=cfg.preference.image_contrast_weight)
     evaluate = scorer(run, spec, adapter, trainer, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
-    base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, base=True), spec.name)
+    retain = retention_scorer(run, adapter, trainer)
+    base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, base=True), spec.name,
+                                 retain=lambda rset: retain(rset, base=True))
 
     def save_adapters(folder):
         model.save_pretrained(str(folder))
         adapter.processor.save_pretrained(str(folder))
 
     callback = lifecycle.validation(run, evaluate, save_adapters, val_mode=cfg.val_mode,
-                                    saved_parameters=lambda: [p for p in model.parameters() if p.requires_grad])
+                                    saved_parameters=lambda: [p for p in model.parameters() if p.requires_grad], retain=retain)
     trainer.add_callback(callback)
 
     # train, then test the selected adapters (loaded into the trained model in place)
     lifecycle.train(run, trainer)
     load_best_adapters(run, model)
-    final = lifecycle.score_stage(run, "test", evaluate, spec.name)
+    final = lifecycle.score_stage(run, "test", evaluate, spec.name, retain=retain)
     return lifecycle.finish(run, spec.name, base, final, trainer, callback,
                             details={"preference": to_dict(cfg.preference)})
 

@@ -8,9 +8,11 @@ import torch
 
 from unconfuse.eval.world import WorldConfig, synthesize
 from unconfuse.recipes import mllm_dpo
-from unconfuse.recipes.mllm_dpo import MllmDpoConfig, PreferenceSettings, partner_pixels
+from unconfuse.recipes.mllm_dpo import MllmDpoConfig, PreferenceSettings
 from unconfuse.train.config import TrainSettings
 from unconfuse.train.mllm import MllmData
+
+from .dpo_reference import partner_pixels  # the old way's image swap, the reference of the batched term
 
 
 @pytest.fixture(scope="module")

@@ -100,6 +100,44 @@ class PairBatchSampler(Sampler[list[int]]):
         return full if self.drop_last else math.ceil(self.n_pairs / self.pairs_per_batch)
 
 
+class PairRepeatSampler(Sampler[int]):
+    """TRL GRPO's ``RepeatSampler`` over whole pairs: every generation batch holds both images of its pairs.
+
+    The stream has TRL's layout: a chunk of ``pairs_per_generation`` pairs, each pair as ``generations`` copies
+    of item 2p then ``generations`` copies of item 2p+1 (one group of rollouts per image, partner groups side
+    by side), the chunk repeated ``repeat_count`` times (once per step that reads that generation batch); a last,
+    incomplete chunk is dropped. Cut into consecutive slices of a multiple of ``2 * generations`` rows (one per
+    process, as accelerate hands out batches), every slice holds whole pairs. The pair order is drawn from
+    ``seed + epoch``, so a resumed run sees the same batches.
+    """
+
+    def __init__(self, n_pairs: int, generations: int, pairs_per_generation: int, repeat_count: int = 1,
+                 seed: int = 0, shuffle: bool = True):
+        if pairs_per_generation < 1 or generations < 1 or repeat_count < 1:
+            raise ValueError("pairs_per_generation, generations and repeat_count must be at least 1")
+        if n_pairs < pairs_per_generation:
+            raise ValueError(f"{n_pairs} training pairs cannot fill one generation batch of {pairs_per_generation} pairs")
+        self.n_pairs, self.generations, self.pairs_per_generation = n_pairs, generations, pairs_per_generation
+        self.repeat_count, self.seed, self.shuffle = repeat_count, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.random.default_rng(self.seed + self.epoch).permutation(self.n_pairs) if self.shuffle \
+            else np.arange(self.n_pairs)
+        for chunk in range(self.n_pairs // self.pairs_per_generation):
+            pairs = order[chunk * self.pairs_per_generation:(chunk + 1) * self.pairs_per_generation]
+            for _ in range(self.repeat_count):
+                for p in pairs:
+                    for item in (2 * int(p), 2 * int(p) + 1):
+                        yield from [item] * self.generations
+
+    def __len__(self) -> int:
+        return (self.n_pairs // self.pairs_per_generation) * self.pairs_per_generation * 2 * self.generations * self.repeat_count
+
+
 @dataclass
 class ClipCollator:
     """Stacks pixels, tokenizes texts, and marks identical texts and pair partners in the batch."""
