@@ -1,4 +1,4 @@
-"""The main job, as `make demo` runs it (act 2 shortened to 20 steps; `make demo` trains 400)."""
+"""The main job, as `make demo` runs it (act 2 shortened to 20 steps per recipe)."""
 import csv
 import json
 
@@ -31,12 +31,27 @@ def test_demo_trains_and_shows_a_real_gain(tmp_path, capsys, monkeypatch):
     # act 2: the MLLM recipes ran on the same test pairs, from the same base
     sft = json.loads((tmp_path / "mllm_sft" / "results.json").read_text())
     dpo = json.loads((tmp_path / "mllm_dpo" / "results.json").read_text())
+    grpo = json.loads((tmp_path / "mllm_grpo" / "results.json").read_text())
     base_greedy = json.loads((tmp_path / "tiny-llava-base-greedy" / "results.json").read_text())
-    assert sft["steps"] == dpo["steps"] == 20 and dpo["details"]["preference"]["image_contrast_weight"] > 0
-    assert sft["base"]["set_accuracy"] == dpo["base"]["set_accuracy"] == base_greedy["set_accuracy"]
-    assert "## Act 2" in report and "| mllm_dpo (image contrast) |" in report
+    assert sft["steps"] == dpo["steps"] == grpo["steps"] == 20 and dpo["details"]["preference"]["image_contrast_weight"] > 0
+    assert sft["base"]["set_accuracy"] == dpo["base"]["set_accuracy"] == grpo["base"]["set_accuracy"] == base_greedy["set_accuracy"]
+    assert "## Act 2" in report and "| mllm_dpo (image contrast) |" in report and "| mllm_grpo |" in report
+    # every run reports what it cost: retention on the world's held-out questions, before and after
+    for run in (hardneg, plain, sft, dpo, grpo):
+        numbers = run["retention"]["metrics"][run["retention"]["headline"]]
+        assert run["retention"]["benchmark"] == "world:test" and numbers["n"] > 100
+        assert numbers["diff"] == pytest.approx(numbers["after"] - numbers["before"])
+    assert sft["retention"]["metrics"]["accuracy"]["before"] == dpo["retention"]["metrics"]["accuracy"]["before"]
+    assert "retention before -> after" in report
+    # the demo ends with a failure atlas per act, every test pair a card
+    for act, runs in (("atlas-encoder", 2), ("atlas-mllm", 3)):
+        atlas = json.loads((tmp_path / act / "atlas.json").read_text())
+        assert atlas["n_pairs"] == len(test.pairs) and len(atlas["runs"]) == runs
+        assert (tmp_path / act / "index.html").stat().st_size > 10_000
+    assert "atlas-mllm/index.html" in report
     # the demo ends with `unconfuse compare`, whose rescoring agrees with each recipe's own test score
-    for name, runs in (("compare-encoder", {"hardneg": hardneg, "clip-ft": plain}), ("compare-mllm", {"sft": sft, "dpo+image-contrast": dpo})):
+    for name, runs in (("compare-encoder", {"hardneg": hardneg, "clip-ft": plain}),
+                       ("compare-mllm", {"sft": sft, "dpo+image-contrast": dpo, "grpo": grpo})):
         table = {r["strategy"]: r for r in csv.DictReader((tmp_path / name / "comparison.csv").open()) if r["row"] == "run"}
         for strategy, res in runs.items():
             assert float(table[strategy]["set_accuracy"]) == round(res["final"]["set_accuracy"], 4)

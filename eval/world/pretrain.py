@@ -79,10 +79,24 @@ LLAVA_TASKS = (("Describe the image.", "caption"), ("What imaging modality is sh
                ("Which body part is shown?", "anatomy"))
 
 
+def letter_question(question: str, answer: str, values: list[str], rng: np.random.Generator) -> tuple[str, str]:
+    """``question`` with two lettered options (``answer`` and another of ``values``, in random order) in
+    LLaVA-1.5's multiple-choice instruction format, and its reply: the correct letter."""
+    other = values[int(rng.integers(len(values) - 1))]
+    other = values[-1] if other == answer else other
+    options = [answer, other] if rng.random() < 0.5 else [other, answer]
+    prompt = f"{question}\nA. {options[0]}\nB. {options[1]}\nAnswer with the option's letter from the given choices directly."
+    return prompt, "AB"[options.index(answer)]
+
+
 def pretrain_llava(model_dir: Path, world: World, steps: int = 300, batch_size: int = 16, lr: float = 1e-3,
-                   seed: int = 0, captions: str = "corpus") -> dict[str, float]:
+                   seed: int = 0, captions: str = "corpus", letter_questions: float = 0.0) -> dict[str, float]:
     """Captioning and modality/anatomy questions for the LLaVA in ``model_dir``, in place; the
-    loss is on the reply tokens only."""
+    loss is on the reply tokens only. ``letter_questions``: the share of the modality/anatomy questions
+    asked as two-option multiple choice answered with a letter, as in LLaVA-1.5's instruction mix.
+    Without them the letters are never a reply: AdamW pushes the head rows of all never-emitted tokens
+    the same way, they collapse into one direction (cosine > 0.96), and a LoRA that cannot train the
+    head can then give "A" or "B" at most p 0.01 (SFT stalls at that floor)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     torch.manual_seed(seed)
@@ -91,6 +105,7 @@ def pretrain_llava(model_dir: Path, world: World, steps: int = 300, batch_size: 
     records = corpus_records(world)
     texts = corpus_captions(world, records, captions)
     images = _load_images(world, records)
+    values = {field: sorted({r[field] for r in records}) for _, field in LLAVA_TASKS if field != "caption"}
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng = np.random.default_rng(seed)
     tokenizer = processor.tokenizer
@@ -103,6 +118,8 @@ def pretrain_llava(model_dir: Path, world: World, steps: int = 300, batch_size: 
         for i in idx:
             question, field = LLAVA_TASKS[int(rng.integers(len(LLAVA_TASKS)))]
             reply = texts[i] if field == "caption" else records[i][field]
+            if field != "caption" and letter_questions and rng.random() < letter_questions:
+                question, reply = letter_question(question, reply, values[field], rng)
             user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             prompts.append(processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False))
             fulls.append(processor.apply_chat_template(

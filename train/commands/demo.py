@@ -1,8 +1,10 @@
 """``unconfuse demo``, the main job, in two acts on the embedded world. Act 1: the confused base
 encoder, clip_hardneg trained on held-out confusing pairs (the MediConfusion scorer as the
-validation loop) and plain fine-tuning on the same pairs. Act 2: the confused tiny LLaVA, mllm_sft
-and mllm_dpo with the pair image-contrast term. The test split, scored by ``unconfuse compare``,
-shows whether each helped."""
+validation loop) and plain fine-tuning on the same pairs. Act 2: the confused tiny LLaVA, mllm_sft,
+mllm_dpo with the pair image-contrast term, and mllm_grpo rewarding the set-accuracy event. The test
+split, scored by ``unconfuse compare``, shows whether each helped and what it cost (retention: the
+world's modality and body-part questions on the test images, before and after); the failure atlas of
+each act shows the pairs each run fixed or broke."""
 from __future__ import annotations
 
 import json
@@ -21,13 +23,12 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIG = CONFIGS / "clip_hardneg" / "tiny.yaml"
 MLLM_BASE_RUNS = [("tiny-llava-base", "greedy"), ("tiny-llava-base", "prefix")]
 STRATEGIES = [("clip_hardneg", []), ("clip-ft (hardneg_weight 0)", ["loss.hardneg_weight=0"])]
-# the second act: (label, recipe, run folder, training steps); tested in greedy mode, the validation
-# mode. SFT trains its config's 600 steps (~1.5 min; it breaks the letter symmetry only after ~300, and
-# at 400 steps with the cosine schedule it never did); DPO with the image-contrast term takes ~5x SFT's
-# time per step (2.6x plain DPO's), so the demo stops it at 400 steps (its val set accuracy there: 20.8 on seed 0) to stay
-# within 8 minutes.
-MLLM_STRATEGIES = [("mllm_sft", "mllm_sft", "mllm_sft", 600),
-                   ("mllm_dpo (image contrast)", "mllm_dpo", "mllm_dpo", 400)]
+# the second act: (label, recipe, run folder, training steps, overrides); tested in greedy mode, the
+# validation mode. Step counts and batch sizes are the demo's, chosen to fit its time budget on 2 CPU
+# cores (the configs' own are for a full run); GRPO samples 4 rollouts per image instead of 8.
+MLLM_STRATEGIES = [("mllm_sft", "mllm_sft", "mllm_sft", 300, []),
+                   ("mllm_dpo (image contrast)", "mllm_dpo", "mllm_dpo", 300, []),
+                   ("mllm_grpo", "mllm_grpo", "mllm_grpo", 150, ["grpo.num_generations=4"])]
 
 
 def _ci(results: dict[str, Any], key: str) -> str:
@@ -35,23 +36,29 @@ def _ci(results: dict[str, Any], key: str) -> str:
 
 
 def _table(base_name: str, names: list[str], summary: dict[str, Any]) -> list[str]:
-    """The report table of one act, from ``unconfuse compare``'s rows (baseline first, then the runs)."""
-    lines = ["| model | set accuracy | confusion | individual accuracy | set acc. vs base [95% CI] | McNemar p |",
-             "|---|---|---|---|---|---|"]
+    """The report table of one act, from ``unconfuse compare``'s rows (baseline first, then the runs): the gain
+    on the pairs and, beside it, the retention change (what the run cost on held-out questions)."""
+    lines = ["| model | set accuracy | confusion | individual accuracy | set acc. vs base [95% CI] | McNemar p "
+             "| retention before -> after [95% CI of change], p |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in zip([base_name, *names], summary["rows"]):
-        res, diff = row["results"], row["vs_baseline"]
+        res, diff, change = row["results"], row["vs_baseline"], row.get("retention")
         delta = f"{diff['set_accuracy_diff']:+.1f} [{diff['set_accuracy_diff_ci'][0]:+.1f}, {diff['set_accuracy_diff_ci'][1]:+.1f}]" if diff else ""
         p_value = f"{diff['mcnemar_p']:.2g}" if diff else ""
+        kept = (f"{change['metric']} {change['before']:.1f} -> {change['after']:.1f} "
+                f"[{change['diff_ci'][0]:+.1f}, {change['diff_ci'][1]:+.1f}], p {change['mcnemar_p']:.2g}"
+                + (" (significant drop)" if change["significant_drop"] else "")) if change else ""
         lines.append(f"| {name} | {_ci(res, 'set_accuracy')} | {_ci(res, 'confusion')} | {_ci(res, 'individual_accuracy')} "
-                     f"| {delta} | {p_value} |")
+                     f"| {delta} | {p_value} | {kept} |")
     return lines
 
 
 def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> dict[str, Any]:
     """Act 1: the encoder, base vs clip_hardneg vs plain fine-tuning. Act 2: the MLLM, base vs
-    mllm_sft vs mllm_dpo with the image-contrast term. Both on the world's test pairs, compared with
-    ``unconfuse compare`` (whose tables the report shows). ``mllm_steps`` replaces the act-2 step
-    counts; 0 skips act 2."""
+    mllm_sft vs mllm_dpo with the image-contrast term vs mllm_grpo. Both on the world's test pairs,
+    compared with ``unconfuse compare`` (whose tables the report shows, with each run's retention change),
+    and ending in a failure atlas per act. ``mllm_steps`` replaces the act-2 step counts; 0 skips act 2."""
+    from unconfuse.eval.tools.atlas import atlas_summary, write_atlas
     from unconfuse.eval.tools.compare import compare_summary, run_compare
     from unconfuse.train.run import run_recipe
 
@@ -60,7 +67,7 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> d
     out = Path(out)
     start = time.time()
     os.environ.setdefault("WANDB_SILENT", "true")  # the demo says where the offline runs are, once
-    steps = 4 if mllm_steps == 0 else 6
+    steps = 5 if mllm_steps == 0 else 8
     print(f"1/{steps} building or reusing the embedded world and its base models (first time: about a minute) ...", flush=True)
     prepare(models=["tiny-clip-base", *(m for m, _ in MLLM_BASE_RUNS)])
     world = default_world()
@@ -80,14 +87,15 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> d
 
     mllm_runs: dict[str, dict[str, Any]] = {}
     if mllm_steps != 0:
-        for i, (name, recipe, folder, default_steps) in enumerate(MLLM_STRATEGIES, start=4):
+        for i, (name, recipe, folder, default_steps, overrides) in enumerate(MLLM_STRATEGIES, start=4):
             n_steps = mllm_steps or default_steps
             print(f"{i}/{steps} training {name} (tiny-llava-base, {n_steps} steps) on {n_train} train pairs ...", flush=True)
             run_dir = out / folder
             mllm_runs[name] = {"dir": run_dir, "results": run_recipe(recipe, CONFIGS / recipe / "tiny.yaml", [
-                f"output_dir={run_dir}", f"train.seed={seed}", f"train.max_steps={n_steps}", "test_modes=[greedy]"])}
+                f"output_dir={run_dir}", f"train.seed={seed}", f"train.max_steps={n_steps}",
+                f"train.eval_steps={max(1, n_steps // 3)}", f"train.save_steps={n_steps}", "test_modes=[greedy]", *overrides])}
 
-    print(f"{steps}/{steps} comparing on the test pairs", flush=True)
+    print(f"{steps - 1}/{steps} comparing on the test pairs", flush=True)
     first = next(iter(runs.values()))
     acts = {"compare-encoder": ("tiny-clip-base (base)", runs, first["dir"] / "base")}
     if mllm_runs:
@@ -96,6 +104,12 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> d
     for folder, (_, act_runs, baseline) in acts.items():
         dirs = [r["dir"] for r in act_runs.values()]
         summaries[folder] = run_compare(dirs, baseline, out / folder, title=f"unconfuse demo: {folder}")
+    print(f"{steps}/{steps} writing the failure atlas of each act", flush=True)
+    atlases = {}
+    for folder, (base_name, act_runs, baseline) in acts.items():
+        name = folder.replace("compare-", "atlas-")
+        atlases[name] = write_atlas([r["dir"] for r in act_runs.values()], out / name, baseline=baseline,
+                                    labels=list(act_runs))
 
     lines = [f"# unconfuse demo: confusing pairs on the embedded world (seed {seed})", "",
              f"World `{world.root}`: {world.manifest['counts']['pairs']} pairs on real radiology images. "
@@ -116,6 +130,8 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> d
     lines += ["", f"![validation curves]({plot.name})", "",
               "Comparisons (`unconfuse compare`, with per-category tables and plots): "
               + ", ".join(f"[{name}]({name}/comparison.md)" for name in acts), "",
+              "Failure atlases (one card per test pair: both images, every run's answers, fixed / broken / still "
+              "confused / right): " + ", ".join(f"[{name}]({name}/index.html)" for name in atlases), "",
               f"Run directories: {', '.join(str(r['dir']) for r in all_runs.values())}."]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     print()
@@ -131,8 +147,12 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> d
     for folder, (_, act_runs, baseline) in acts.items():
         print(f"\n$ unconfuse compare {' '.join(str(r['dir']) for r in act_runs.values())} --baseline {baseline} --out {out / folder}")
         print(compare_summary(summaries[folder], out / folder))
+    for name, index in atlases.items():
+        print(f"\n$ unconfuse atlas ... --out {index.parent}")
+        print(atlas_summary(json.loads((index.parent / "atlas.json").read_text()), index))
     print(f"\nreport: {out / 'report.md'}, plot: {plot} ({time.time() - start:.0f} s)")
-    return {"rows": rows, "comparisons": comparisons, "runs": runs, "mllm_runs": mllm_runs, "summaries": summaries}
+    return {"rows": rows, "comparisons": comparisons, "runs": runs, "mllm_runs": mllm_runs, "summaries": summaries,
+            "atlases": atlases, "seconds": time.time() - start}
 
 
 def plot_validation(path: Path, run_dirs: dict[str, Path], results: dict[str, Any]) -> Path:
