@@ -86,6 +86,7 @@ def test_atlas_counts_and_order(runs, tmp_path, capsys):
     assert first.counts == [{"fixed": 2, "broken": 2, "still confused": 1, "right": 1}]  # s002, s005 broken
 
 
+@pytest.mark.slow
 def test_atlas_wandb_table(runs, tmp_path, monkeypatch):
     run, evaluated = runs
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -83,7 +83,7 @@ def test_image_contrast_on_images_of_different_sizes(world, sample_bench, tmp_pa
     assert results.steps == 2 and first["image_contrast"] == pytest.approx(math.log(2), abs=1e-4)
 
 
-@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2-vl"])
+@pytest.mark.parametrize("model", ["tiny-llava", pytest.param("tiny-qwen2-vl", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("weight", [0.0, 1.0])
 def test_first_step_loss_is_log2_per_term(world, tmp_path, model, weight):
     """At step 1 the adapters are zero, so policy == reference: every preference term is -log sigmoid(0) = log 2."""

@@ -95,6 +95,7 @@ def test_two_steps_train_only_the_adapters_and_merge(world, tmp_path, latest_che
     assert results.best_step == 2 and changed and all("language_model" in k and k.endswith("proj.weight") for k in changed)
 
 
+@pytest.mark.slow
 def test_merge_command_writes_a_model_that_eval_loads(world, tmp_path, capsys):
     from unconfuse.train.commands.cli import main
 
@@ -107,6 +108,7 @@ def test_merge_command_writes_a_model_that_eval_loads(world, tmp_path, capsys):
     assert ours["set_accuracy"] == recipe["set_accuracy"] and ours["confusion"] == recipe["confusion"]
 
 
+@pytest.mark.slow  # fast lane: clip_hardneg's resume test covers the lifecycle
 def test_killed_and_resumed_sft_ends_like_an_uninterrupted_one(world, tmp_path, monkeypatch):
     full = mllm_sft.main(config(world, tmp_path / "full", max_steps=6, save_steps=2, eval_steps=2))
     with killed_at_step(monkeypatch, 5):

@@ -69,6 +69,7 @@ def test_every_recipe_writes_one_run_shape_with_golden_losses(recipe, world, tmp
     assert summary["rows"][0]["results"]["set_accuracy"] == results.base["set_accuracy"]
 
 
+@pytest.mark.slow  # fast lane under 2 min; cv's own tests cover the folds
 def test_cv_directory_has_the_run_shape(world, tmp_path, capsys):
     out = tmp_path / "cv"
     config, *overrides = two_steps("clip_hardneg", world, tmp_path / "unused")
@@ -85,8 +86,8 @@ def test_cv_directory_has_the_run_shape(world, tmp_path, capsys):
     assert summary["rows"][1]["strategy"] == "hardneg (cv 2 folds)"
 
 
-@pytest.mark.parametrize("twin", ["tiny-qwen2.5-vl", "tiny-gemma3", "tiny-llava-next",
-                                  pytest.param("tiny-llava-med", marks=pytest.mark.slow)])  # tiny-llava's classes
+@pytest.mark.parametrize("twin", ["tiny-qwen2.5-vl", *(pytest.param(t, marks=pytest.mark.slow)  # fast lane: one twin
+                                                        for t in ("tiny-gemma3", "tiny-llava-next", "tiny-llava-med"))])  # tiny-llava's classes
 @pytest.mark.parametrize("recipe", ["mllm_sft", "mllm_dpo"])
 def test_mllm_recipes_train_every_twin(recipe, twin, world, tmp_path):
     """Two steps of sft and dpo + image contrast on the newer architectures: LoRA placed, the loss moves."""
