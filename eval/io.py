@@ -91,6 +91,7 @@ class RunDirError(ValueError):
 
 FINGERPRINT = "fingerprint.json"
 LOCK = ".unconfuse.lock"
+JOIN_LOCK = ".unconfuse.join.lock"  # join_folder's, apart from the writer's LOCK held for a whole run
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -98,6 +99,38 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
         keys = list(new) + [k for k in old if k not in new]  # in the fingerprint's order: settings first
         return [d for key in keys for d in _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))]
     return [] if old == new else [f"{prefix or 'value'}: {json.dumps(old)[:60]} then {json.dumps(new)[:60]}"]
+
+
+def join_folder(folder: str | Path, fingerprint: dict[str, Any], *, what: str = "run") -> Path:
+    """Join ``folder`` as one of several jobs that write it side by side (the folds of one cv, each
+    of which owns its own subfolder): without a lock, refuse a folder that holds another fingerprint
+    (or files of something else), and record ``fingerprint`` when the folder has none yet. Jobs of
+    the same settings write the same record, so their order does not matter. Raises ``RunDirError``."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunDirError(f"{folder} is a file; give a folder (new or holding this same {what})")
+    import fcntl
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / JOIN_LOCK, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise RunDirError(f"cannot write to {folder}: {exc.strerror or exc}") from exc
+    with handle:  # held for the check and the record only: jobs starting together take turns
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        record = folder / FINGERPRINT
+        old = json.loads(record.read_text()) if record.exists() else None
+        if old is not None and old != fingerprint:
+            changed = _differences(old, fingerprint)
+            raise RunDirError(f"{folder} holds another {what} ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}); "
+                              "give every job of it the same settings, or use another folder")
+        if old is None:
+            others = [p for p in folder.iterdir() if p.name not in (LOCK, JOIN_LOCK)]
+            if others:
+                raise RunDirError(f"{folder} is not empty and holds no unconfuse {what} ({len(others)} entries, "
+                                  f"e.g. {others[0].name}); use another folder")
+            atomic_write_json(record, fingerprint)
+    return folder
 
 
 @contextlib.contextmanager
@@ -144,7 +177,7 @@ def owned_folder(folder: str | Path, fingerprint: dict[str, Any], *, force: bool
         handle.write(f"pid {os.getpid()} ({' '.join(sys.argv[:3])}, since {time.strftime('%H:%M:%S')})")
         handle.flush()
         old = json.loads(record.read_text()) if record.exists() else None
-        others = [p for p in folder.iterdir() if p.name != LOCK]
+        others = [p for p in folder.iterdir() if p.name not in (LOCK, JOIN_LOCK)]
         if (old is not None and old != fingerprint) or (old is None and others):
             if old is not None:
                 changed = _differences(old, fingerprint)

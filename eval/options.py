@@ -121,3 +121,31 @@ def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
             value = getattr(args, name)
             values[name] = tuple(value) if isinstance(value, list) and _is_tuple(hints[name]) else value
     return cls(**values)
+
+
+def config_to_argv(cfg: Any, flags: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """The options that ``add_config_arguments(parser, type(cfg), flags=flags)`` parses back into ``cfg``
+    (fields at their default are left out): how a command hands its settings on to launched processes."""
+    flags = flags or {}
+    hints = typing.get_type_hints(type(cfg))
+    argv: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kw = {**argument_kwargs(f, hints[f.name]), **flags.get(f.name, {})}
+        option = list(kw.get("flags", [f"--{f.name.replace('_', '-')}"]))[0]
+        if not kw.get("required") and value == kw.get("default"):
+            continue
+        action = kw.get("action")
+        if action == "store_true" or action == "store_false":
+            if bool(value) != (action == "store_true"):
+                raise ValueError(f"{f.name}={value!r} cannot be written as {option}")
+            argv.append(option)
+        elif action is argparse.BooleanOptionalAction:
+            argv.append(option if value else f"--no-{option[2:]}")
+        elif value is None:
+            raise ValueError(f"{f.name}=None cannot be written as an option (its default is {kw.get('default')!r})")
+        elif "nargs" in kw:
+            argv += [option, *(str(v) for v in value)]
+        else:
+            argv += [option, str(value)]
+    return argv

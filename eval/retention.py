@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,7 @@ def _queries(rset: RetentionSet, items: list[RetentionItem], render) -> list:
     images: dict[str, Any] = {}
     queries = []
     for item in items:
-        path = str(rset.resolve_image(item.image))
+        path = os.path.normpath(rset.resolve_image(item.image))  # the key eval's queries use for the same image
         if path not in images:
             images[path] = load_image(path)
         queries.append(Query(path, images[path], render(item), tuple(item.options), {"id": item.id}))

@@ -3,18 +3,25 @@
 Predictions are appended per batch (flushed and synced), so an interrupted run resumes from the
 pairs already written. Batches are fixed chunks of the pair list, so a resumed run computes the
 same batches as an uninterrupted one and its results are equal.
+
+Under ``accelerate launch`` (``unconfuse eval --launch``) every process answers whole chunks of that
+same chunking (``assign_chunks``) into a file of its own (``parts/``); the main process then gathers
+them into one ``predictions.jsonl`` in a one-process run's order and scores it once.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from .images import ImageProblem, check_images, load_image
-from .io import atomic_write_json, owned_folder
+from .io import atomic_write_bytes, atomic_write_json, owned_folder
+from .launch import LaunchState, launch_state
 from .benchmarks import load_benchmark
 from .pairs import Benchmark, Pair
 from .prompts import DEFAULT_PROMPTS, MODES, load_prompts
@@ -22,6 +29,7 @@ from .scorer import PARSERS, read_predictions, resolve_answers, score
 
 MC_MAX_NEW_TOKENS = 32  # the reference's setting for mc mode
 DEFAULT_BATCH_PAIRS = 8
+PARTS = "parts"  # out/parts/predictions.rank-<r>.jsonl: a launched process's answers until they are gathered
 
 
 class EvalInputError(ValueError):
@@ -113,46 +121,63 @@ def check_inputs(cfg: EvalConfig):
     return bench, spec
 
 
-def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    """Run (or resume) an evaluation; returns the results written to ``out/results.json``."""
+def run_eval(cfg: EvalConfig, launch: LaunchState | None = None) -> dict[str, Any] | None:
+    """Run (or resume) an evaluation; returns the results written to ``out/results.json`` (None in the
+    processes of a launch other than the main one, which scores). ``launch``: this process's place in
+    a launch (default: ``launch_state()``)."""
     from .models import model_identity
 
+    launch = launch or launch_state()
     bench, spec = check_inputs(cfg)
     prompts = load_prompts(cfg.prompts)
     out = Path(cfg.out)
     meta = _run_meta(cfg, bench, prompts.version)
-    fingerprint = {"command": "eval", "settings": {k: v for k, v in meta.items() if k != "benchmark_path"},
-                   "model": model_identity(spec), "data": bench.fingerprint()}  # the parser only rescores
-    # owned for the whole run: a second writer is refused, other inputs are refused (or moved aside with --force)
-    with owned_folder(out, fingerprint, force=cfg.force, what="evaluation"):
-        atomic_write_json(out / "run.json", meta)  # what `unconfuse score` reads: model, mode, prompt version
-        return _answer_and_score(cfg, out, bench, spec, prompts, meta)
+    with contextlib.ExitStack() as owned:
+        if launch.is_main:  # owned for the whole run: a second writer is refused, other inputs are refused
+            # (or moved aside with --force); the other processes of a launch start once it is owned
+            fingerprint = {"command": "eval", "settings": {k: v for k, v in meta.items() if k != "benchmark_path"},
+                           "model": model_identity(spec), "data": bench.fingerprint()}  # the parser only rescores
+            owned.enter_context(owned_folder(out, fingerprint, force=cfg.force, what="evaluation"))
+            atomic_write_json(out / "run.json", meta)  # what `unconfuse score` reads: model, mode, prompt version
+        return _answer_and_score(cfg, out, bench, spec, prompts, meta, launch)
 
 
-def _answer_and_score(cfg: EvalConfig, out: Path, bench: Benchmark, spec, prompts, meta: dict[str, Any]) -> dict[str, Any]:
+def _answer_and_score(cfg: EvalConfig, out: Path, bench: Benchmark, spec, prompts, meta: dict[str, Any],
+                      launch: LaunchState) -> dict[str, Any] | None:
     from tqdm import tqdm
 
     from .models import load_model
 
     pred_path = out / "predictions.jsonl"
-    done = read_done(pred_path)
+    if launch.is_main:
+        gather_predictions(out, bench)  # what the processes of a killed launch wrote counts as done
+        done = read_done(pred_path)
+    launch.wait()  # nothing is written to predictions.jsonl from here until every process is done
+    if not launch.is_main:
+        done = read_done(pred_path)
     batch_pairs = cfg.batch_size or spec.batch_size or DEFAULT_BATCH_PAIRS
     todo = [chunk for chunk in _chunks(bench.pairs, batch_pairs)
             if any((p.id, s) not in done for p in chunk for s in (1, 2))]
+    todo = [todo[i] for i in assign_chunks(bench, todo, launch.processes)[launch.rank]]
+    if launch.processes > 1:
+        print(f"process {launch.rank} of {launch.processes}: {sum(len(c) for c in todo)} pairs to answer "
+              f"({len(todo)} batches)", file=sys.stderr)
     if todo:
         if not cfg.progress:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        adapter, spec = load_model(spec, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+        adapter, spec = load_model(spec, device=cfg.device or launch.device, trust_remote_code=cfg.trust_remote_code)
         judge = None
         if cfg.mode == "freeform":
             from .judge import Judge
 
             judge = Judge(cfg.judge_url, cfg.judge_model, prompts, temperature=cfg.judge_temperature)
         bar = tqdm(total=sum(len(c) for c in todo), unit="pair", desc=f"{spec.name} {cfg.mode}",
-                   disable=not cfg.progress)
-        with open(pred_path, "a", encoding="utf-8") as fh:
+                   disable=not (cfg.progress and launch.is_main))
+        target = pred_path if launch.processes == 1 else part_path(out, launch.rank)
+        target.parent.mkdir(exist_ok=True)
+        with open(target, "a", encoding="utf-8") as fh:
             for chunk in todo:
                 records = answer_pairs(adapter, spec, cfg, prompts, bench, chunk, judge)
                 # a chunk torn by a kill is recomputed whole: write only the questions not on disk yet
@@ -162,7 +187,93 @@ def _answer_and_score(cfg: EvalConfig, out: Path, bench: Benchmark, spec, prompt
                 os.fsync(fh.fileno())
                 bar.update(len(chunk))
         bar.close()
+    launch.wait()  # every process's answers are on disk
+    if not launch.is_main:
+        return None
+    gather_predictions(out, bench)
     return score_run(out, bench, parser=cfg.parser, meta=meta)
+
+
+def assign_chunks(bench: Benchmark, chunks: list[list[Pair]], processes: int) -> list[list[int]]:
+    """Which of ``chunks`` (the batches of a one-process run) each of ``processes`` answers, as
+    ascending chunk indices per process.
+
+    Chunks are never cut, so each batch, and the prefix sharing within it, is the one-process run's.
+    Chunks linked by a shared image form a group that one process takes whole (every image is encoded
+    by one process, as in a one-process run), largest group first, to the least loaded process. No
+    process takes more than ceil(chunks / processes): a group bigger than the room left (MediConfusion
+    at 8 pairs per batch is one group) is cut, in breadth-first order of its image links so that
+    chunks sharing an image stay together where they can; an image on a cut is encoded by two processes.
+    """
+    if processes == 1:
+        return [list(range(len(chunks)))]
+    from .splits import image_key
+
+    chunks_of_image: dict[str, list[int]] = {}
+    for i, chunk in enumerate(chunks):
+        for pair in chunk:
+            for ref in (pair.image_1, pair.image_2):
+                holders = chunks_of_image.setdefault(image_key(bench, ref), [])
+                if not holders or holders[-1] != i:
+                    holders.append(i)
+    linked: list[set[int]] = [set() for _ in chunks]
+    for holders in chunks_of_image.values():
+        for i in holders:
+            linked[i].update(holders)
+    seen = [False] * len(chunks)
+    groups = []  # each in breadth-first order from its first chunk
+    for first in range(len(chunks)):
+        if seen[first]:
+            continue
+        seen[first] = True
+        group = [first]
+        for i in group:  # grows while it is walked
+            for j in sorted(linked[i]):
+                if not seen[j]:
+                    seen[j] = True
+                    group.append(j)
+        groups.append(group)
+    room = -(-len(chunks) // processes)
+    assigned: list[list[int]] = [[] for _ in range(processes)]
+    for group in sorted(groups, key=lambda g: (-len(g), g[0])):
+        while group:
+            least = min(range(processes), key=lambda r: (len(assigned[r]), r))
+            take = room - len(assigned[least])  # > 0: the chunks left fit in the room left
+            assigned[least] += group[:take]
+            group = group[take:]
+    return [sorted(a) for a in assigned]
+
+
+def part_path(out: Path, rank: int) -> Path:
+    """Where process ``rank`` of a launch appends its answers."""
+    return out / PARTS / f"predictions.rank-{rank}.jsonl"
+
+
+def gather_predictions(out: Path, bench: Benchmark) -> None:
+    """Fold the launched processes' files (``out/parts/``) into ``out/predictions.jsonl``: each question
+    once, in the order a one-process run writes (pair by pair, image 1 then 2; others after, as found),
+    written atomically before the parts are removed. Lines are kept byte for byte; a line torn by a kill
+    is dropped. A file already in that order, with no parts beside it, is left untouched."""
+    pred_path = out / "predictions.jsonl"
+    parts = sorted((out / PARTS).glob("predictions.rank-*.jsonl"), key=lambda p: int(p.stem.rpartition("-")[2]))
+    lines: dict[tuple[str, int], bytes] = {}
+    for path in (pred_path, *parts):
+        if not path.exists():
+            continue
+        data = path.read_bytes()
+        for line in data[:data.rfind(b"\n") + 1].splitlines(keepends=True):
+            if line.strip():
+                rec = json.loads(line)
+                lines.setdefault((str(rec["pair_id"]), int(rec["image"])), line)
+    position = {key: i for i, key in enumerate((p.id, side) for p in bench.pairs for side in (1, 2))}
+    order = sorted(lines, key=lambda key: position.get(key, len(position)))  # stable: others keep their order
+    if not parts and order == list(lines):
+        return
+    atomic_write_bytes(pred_path, b"".join(lines[key] for key in order))
+    for part in parts:
+        part.unlink()
+    with contextlib.suppress(OSError):
+        (out / PARTS).rmdir()
 
 
 def score_run(out: Path, bench: Benchmark, parser: str, meta: dict[str, Any] | None = None,
@@ -193,7 +304,8 @@ def _queries(bench: Benchmark, pairs: list[Pair], render) -> list:
     queries = []
     for pair in pairs:
         for side in (1, 2):
-            path = str(bench.resolve_image(pair.image(side)))
+            # normalised: the same image reached through another split's folder (world/test/../images) shares its cache entry
+            path = os.path.normpath(bench.resolve_image(pair.image(side)))
             if path not in images:
                 images[path] = load_image(path)
             queries.append(Query(path, images[path], render(pair), pair.options, {"pair_id": pair.id, "image": side}))

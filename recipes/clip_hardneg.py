@@ -310,14 +310,24 @@ def main(cfg: ClipHardNegConfig) -> RunResults:
     vision_trains = any(p.requires_grad for n, p in model.named_parameters() if encoder.is_vision(n))
     text_trains = any(p.requires_grad for n, p in model.named_parameters() if not encoder.is_vision(n) and "logit" not in n)
 
+    cached_at = {"step": 0}  # the optimizer step the training adapter's cached embeddings were computed at
+
+    def fresh(scorer, trainer) -> None:
+        """Drop the cached embeddings a training step has made stale: those of the towers that train, once
+        a step has passed since they were computed. A frozen tower's stay valid for the whole run, and a
+        loaded checkpoint's (the test stage's ``best``) never change."""
+        step = trainer.state.global_step if trainer is not None else 0
+        if scorer is adapter and step != cached_at["step"]:
+            if vision_trains:
+                scorer._image_emb.clear()
+            if text_trains:
+                scorer._text_emb.clear()
+            cached_at["step"] = step
+
     def evaluate(bench, mode, scorer=adapter, trainer=None):
         with lifecycle.whole_weights(trainer):  # under ZeRO-3, gathered for the pass
             model.eval()
-            # embeddings of a frozen tower stay valid between evaluations: only recompute what trains
-            if vision_trains or scorer is not adapter:
-                scorer._image_emb.clear()
-            if text_trains or scorer is not adapter:
-                scorer._text_emb.clear()
+            fresh(scorer, trainer)
             records = predict(scorer, spec, mode, bench, run.prompts, cfg.val_batch_pairs)
             model.train()
         return records, score_records(bench, records, prompt_version=run.prompts.version)
@@ -325,8 +335,7 @@ def main(cfg: ClipHardNegConfig) -> RunResults:
     def retain(rset, scorer=adapter, trainer=None):
         with lifecycle.whole_weights(trainer):
             model.eval()
-            scorer._image_emb.clear()
-            scorer._text_emb.clear()
+            fresh(scorer, trainer)  # the same images as the pairs' (the world's test split) are encoded once
             records = answer_encoder(scorer, rset, run.prompts.template("clip", spec.clip_prompt))
             model.train()
         return records

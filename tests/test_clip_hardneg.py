@@ -245,7 +245,7 @@ def test_frozen_vision_tower_encodes_validation_images_once(world, tmp_path, mon
         counts["images"] = 0
         cfg = config(world, tmp_path / trainable, max_steps=4, eval_steps=2, save_steps=4)
         cfg.trainable = trainable
-        cfg.data.retention = "none"  # retention encodes its own images (counted in test_retention)
+        # retention (auto: questions on the test images) reuses the test stage's encodings: none is encoded for it
         clip_hardneg.main(cfg)
         runs[trainable] = counts["images"]
     assert runs["locked_vision"] == n_val + 2 * n_test  # val once for 3 evaluations; test before and after

@@ -6,12 +6,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"eval": "unconfuse.eval", "train": "unconfuse.train", "recipes": "unconfuse.recipes"}
-# the eval core: data model, images, benchmark arguments, scorer, prompts, adapters, runner, checkpoint conversion
+# the eval core: data model, images, benchmark arguments, scorer, prompts, adapters, runner, launcher, checkpoint conversion
 # (convert: the CLI in eval/tools and the tiny twins in eval/world both use it)
 CORE = ("unconfuse.eval.home", "unconfuse.eval.io", "unconfuse.eval.pairs", "unconfuse.eval.benchmarks",
         "unconfuse.eval.images", "unconfuse.eval.scorer", "unconfuse.eval.prompts", "unconfuse.eval.models",
         "unconfuse.eval.runner", "unconfuse.eval.runs", "unconfuse.eval.judge", "unconfuse.eval.download",
-        "unconfuse.eval.splits", "unconfuse.eval.http", "unconfuse.eval.options", "unconfuse.eval.convert")
+        "unconfuse.eval.splits", "unconfuse.eval.http", "unconfuse.eval.options", "unconfuse.eval.convert",
+        "unconfuse.eval.launch")
 
 
 def module_graph() -> dict[str, set[str]]:

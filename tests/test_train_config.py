@@ -1,4 +1,5 @@
 """Recipe configs: typed, strict, overridable; every shipped config loads."""
+import contextlib
 import json
 from pathlib import Path
 
@@ -58,6 +59,11 @@ def test_every_shipped_yaml_opens_with_its_command_and_loads():
             assert first.startswith(f"# unconfuse train {recipe} --config configs/{recipe}/{path.name}"), path
             load_config(RECIPE_CONFIGS[recipe], path)
             assert all(not line.rstrip().endswith("}") for line in path.read_text().splitlines()), f"{path}: one key per line"
+        elif recipe == "studies":  # its configs and overrides check out (paths are from the repository)
+            from unconfuse.train.commands.study import load_study
+
+            with contextlib.chdir(CONFIGS.parent):
+                assert first.startswith(f"# unconfuse study plan configs/studies/{path.name}") and load_study(path).strategies
         elif recipe == "accelerate":
             assert data["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED")
             if data["distributed_type"] == "DEEPSPEED":

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from unconfuse.eval.benchmarks import load_benchmark
-from unconfuse.eval.io import atomic_folder, atomic_write_json, atomic_write_text, owned_folder, sha256_file
+from unconfuse.eval.io import atomic_folder, atomic_write_json, atomic_write_text, json_lines, owned_folder, sha256_file
 from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.prompts import PromptSet, load_prompts
 from unconfuse.eval.retention import RetentionSet, load_retention, retention_block, summarize
-from unconfuse.eval.runs import (RunResults, read_scored, scored_folder, write_run_results, write_scored)
+from unconfuse.eval.runs import (RunFormatError, RunResults, read_scored, scored_folder, write_run_results, write_scored)
 from unconfuse.eval.scorer import SCORER_VERSION
 from unconfuse.train.callbacks import PairValidationCallback
 from unconfuse.train.config import ConfigError, TrainSettings, dump_config, to_dict
@@ -339,7 +339,7 @@ def retention_stage(run: Run, stage: str, retain: Retain) -> list[dict[str, Any]
     """The retention records of ``stage`` (``retention/<stage>.jsonl``; the base's are reused on resume)."""
     path = run.dir / "retention" / f"{stage}.jsonl"
     if stage == "base" and path.exists():
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [value for _, _, value in json_lines(path.read_text().splitlines(), path, RunFormatError)]
     records = retain(run.retention)
     if run.is_main:
         path.parent.mkdir(exist_ok=True)
@@ -593,13 +593,11 @@ def recipe_cli(recipe: str, argv: list[str] | None = None) -> int:
     return 0
 
 
-EXIT_STATUS_ENV = "UNCONFUSE_EXIT_STATUS_FILE"
-
-
 def _failed(exc: Exception, status: int) -> int:
     """One error line, and the exit status also written where ``unconfuse train --launch`` reads it
     (accelerate launch reports every failing process as exit 1)."""
+    from unconfuse.eval.launch import record_exit_status
+
     print(f"error: {exc}", file=sys.stderr)
-    if os.environ.get(EXIT_STATUS_ENV):
-        Path(os.environ[EXIT_STATUS_ENV]).write_text(str(status))
+    record_exit_status(status)
     return status

@@ -5,10 +5,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..options import add_config_arguments, config_from_args
+from ..launch import accelerate_launch, launch_state, read_accelerate_config, record_exit_status
+from ..options import add_config_arguments, config_from_args, config_to_argv
 from ..scorer import PARSERS
 from ..world import prepare
+
+if TYPE_CHECKING:
+    from ..runner import EvalConfig
 
 EXIT_BAD_INPUT = 2
 # a config's `progress` field is the command line's `--quiet` (stores False)
@@ -20,6 +25,8 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="evaluate a model on a benchmark (writes predictions.jsonl, results.json, report.md)")
     add_config_arguments(p, EvalConfig, flags={"progress": QUIET})
+    p.add_argument("--launch", metavar="ACCELERATE_YAML", help="accelerate config (configs/accelerate/ddp.yaml): the "
+                   "pairs split across its processes (one per GPU), one predictions.jsonl as a one-process run writes")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help="score a predictions.jsonl on a benchmark")
@@ -101,6 +108,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
     print(f"error: {message}", file=sys.stderr)
+    record_exit_status(code)  # under `--launch`, the status the launching command returns
     return code
 
 
@@ -112,20 +120,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..scorer import PredictionsError, render_report
 
     cfg = config_from_args(EvalConfig, args)
+    if getattr(args, "launch", None):
+        return launch_eval(cfg, args.launch)
+    state = launch_state()  # under accelerate launch: the distributed state, before any model loads
     try:
-        prepare(benchmarks=[cfg.benchmark])  # the embedded world, when asked for (seconds)
-        check_inputs(cfg)  # bad input fails here, before a tiny preset is built (minutes for the base models)
-        prepare(models=[cfg.model])
-        results = run_eval(cfg)
+        with state.main_first():  # one process builds the world and tiny models, the others then find them
+            prepare(benchmarks=[cfg.benchmark])  # the embedded world, when asked for (seconds)
+            check_inputs(cfg)  # bad input fails here, before a tiny preset is built (minutes for the base models)
+            prepare(models=[cfg.model])
+        results = run_eval(cfg, state)
     except EvalInputError as exc:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return _fail(str(exc))
     except (BenchmarkError, PredictionsError, ModelLoadError, FileNotFoundError, RunDirError) as exc:
         return _fail(str(exc))
+    if results is None:  # a launched process other than the main one: the main one reports
+        return 0
     print(render_report(results))
     print(f"wrote {Path(args.out) / 'results.json'}")
     return 0
+
+
+def launch_eval(cfg: EvalConfig, accelerate_config: str) -> int:
+    """``unconfuse eval --launch ACCEL``: the same evaluation in every process ``accelerate launch`` starts
+    (``python -m unconfuse.eval.tools.cli eval ...``); they split the batches and the main one gathers."""
+    path = Path(accelerate_config)
+    if not path.is_file():
+        return _fail(f"--launch {accelerate_config}: no such file (configs/accelerate/ddp.yaml is one)")
+    if read_accelerate_config(path).get("distributed_type") == "DEEPSPEED":
+        return _fail(f"--launch {accelerate_config}: DeepSpeed shards training state; evaluation runs whole "
+                     "models side by side: use a DDP config (configs/accelerate/ddp.yaml)")
+    return accelerate_launch("unconfuse.eval.tools.cli", path, ["eval", *config_to_argv(cfg, flags={"progress": QUIET})])
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -265,3 +291,16 @@ def cmd_convert_llava_med(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print(f"converted {args.src} -> {out} (LlavaForConditionalGeneration; eval it with --model {out})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """These commands alone (what every process of ``unconfuse eval --launch`` runs):
+    ``python -m unconfuse.eval.tools.cli eval ...``."""
+    parser = argparse.ArgumentParser(prog="unconfuse")
+    add_eval_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -38,8 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cv directory (default runs/cv-<recipe>-<time>); rerun to resume")
     p.add_argument("--force", action="store_true", help="start afresh in a cv directory holding another cv "
                    "(its contents are moved aside, not deleted)")
+    jobs = p.add_mutually_exclusive_group()
+    jobs.add_argument("--fold", type=int, metavar="K", help="run fold K alone (its own job: run the folds side by side, "
+                      "then --collect); rerun to resume it")
+    jobs.add_argument("--collect", action="store_true", help="pool the folds run with --fold (refused, listing them, "
+                      "while any has not finished)")
+    p.add_argument("--launch", help="accelerate config YAML: each fold trains under accelerate launch")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides for every fold's run")
     p.set_defaults(func=_cmd_cv)
+
+    study = sub.add_parser("study", help="a mitigation study (strategies x seeds x folds) as independent cv fold jobs "
+                           "for any scheduler").add_subparsers(dest="study_command", required=True)
+    p = study.add_parser("plan", help="print one command per job (a cv fold), one per line: for a Slurm array "
+                         "(configs/slurm/array.sbatch), a shell loop or any scheduler")
+    p.add_argument("study", help="study YAML (see configs/studies/)")
+    p.set_defaults(func=_cmd_study_plan)
+    p = study.add_parser("collect", help="pool every cv of the study (--collect) and compare all of them in one "
+                         "`unconfuse compare`")
+    p.add_argument("study", help="study YAML")
+    p.set_defaults(func=_cmd_study_collect)
 
     p = sub.add_parser("merge", help="merge LoRA adapters (a run's checkpoints/best) into a model folder that eval loads")
     p.add_argument("adapters", help="folder with adapter_config.json, e.g. RUN/checkpoints/best")
@@ -81,32 +98,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def launch(recipe: str, accelerate_config: str, argv: list[str]) -> int:
     """``accelerate launch --config_file ACCEL -m unconfuse.recipes.RECIPE ARGV`` (the recipe's own
-    command line: ``--config``, ``--output-dir``, overrides).
-
-    On a machine without GPUs, DDP configs need ``--multi_gpu`` to start real processes (``--cpu``
-    starts one), and the recipe switches the trainer to CPU itself.
+    command line: ``--config``, ``--output-dir``, overrides) through ``unconfuse.eval.launch.accelerate_launch``,
+    the one launcher (``--multi_gpu`` for DDP configs on CPU; the recipe's own exit status, 2 or 3,
+    comes back). The recipe switches the trainer to CPU itself.
     """
-    import subprocess
-    import tempfile
+    from unconfuse.eval.launch import accelerate_launch
 
-    import torch
-    import yaml
-
-    from unconfuse.train.run import EXIT_STATUS_ENV
-
-    with open(accelerate_config, encoding="utf-8") as fh:
-        accel = yaml.safe_load(fh) or {}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
-    if not torch.cuda.is_available() and accel.get("distributed_type") == "MULTI_GPU":
-        command.append("--multi_gpu")
-    command += ["-m", f"unconfuse.recipes.{recipe}", *argv]
-    # accelerate launch turns any failing child into exit 1: the recipe leaves its own exit status
-    # (2: bad input, 3: the run diverged) in a file, and that is what this command returns
-    with tempfile.TemporaryDirectory(prefix="unconfuse-launch-") as tmp:
-        status_file = Path(tmp) / "exit_status"
-        returncode = subprocess.call(command, env={**os.environ, EXIT_STATUS_ENV: str(status_file)})
-        recorded = status_file.read_text().strip() if status_file.exists() else ""
-    return int(recorded) if returncode and recorded.isdigit() else returncode
+    return accelerate_launch(f"unconfuse.recipes.{recipe}", accelerate_config, argv)
 
 
 def _cmd_cv(args: argparse.Namespace) -> int:
@@ -116,21 +114,68 @@ def _cmd_cv(args: argparse.Namespace) -> int:
 
     from ..callbacks import NonFiniteError
     from ..config import ConfigError
-    from ..run import LeakageError
-    from .cv import cv_summary, run_cv
+    from unconfuse.eval.scorer import fmt
 
+    from ..run import LeakageError
+    from .cv import FoldFailed, collect_cv, cv_summary, run_cv, run_fold
+
+    if args.out is None and (args.fold is not None or args.collect):
+        print("error: --fold and --collect need --out (the cv directory every job of the cv shares)", file=sys.stderr)
+        return 2
     out = args.out or f"runs/cv-{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    common = (args.recipe, args.config, args.folds, args.benchmark, out)
     try:
-        results = run_cv(args.recipe, args.config, args.folds, args.benchmark, out, args.seed, args.overrides,
-                         force=args.force)
+        if args.fold is not None:
+            if args.force:
+                raise ValueError("--force with --fold: a fold job never moves the cv aside; give the fold's "
+                                 "own run force=true, or start the whole cv afresh without --fold")
+            fold = run_fold(*common, args.fold, args.seed, args.overrides, launch=args.launch)
+            print(f"fold {args.fold}: set accuracy {fmt(fold.final['set_accuracy'])} (base "
+                  f"{fmt(fold.base['set_accuracy'])}); when every fold is done: unconfuse cv ... --collect")
+            print(f"fold directory: {Path(out) / f'fold-{args.fold}'}")
+            return 0
+        if args.collect:
+            results = collect_cv(*common, args.seed, args.overrides)
+        else:
+            results = run_cv(*common, args.seed, args.overrides, force=args.force, launch=args.launch)
     except (BenchmarkError, ConfigError, LeakageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except FoldFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.status
     print(cv_summary(results))
     print(f"cv directory: {out}")
+    return 0
+
+
+def _cmd_study_plan(args: argparse.Namespace) -> int:
+    from .study import StudyError, load_study, plan_lines
+
+    try:
+        print("\n".join(plan_lines(load_study(args.study))))
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_study_collect(args: argparse.Namespace) -> int:
+    from unconfuse.eval.tools.compare import CompareError, compare_summary
+
+    from .cv import MissingFolds
+    from .study import StudyError, collect_study, load_study
+
+    try:
+        study = load_study(args.study)
+        summary = collect_study(study)
+    except (StudyError, MissingFolds, CompareError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(compare_summary(summary, study.compare_dir))
     return 0
 
 

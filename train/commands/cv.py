@@ -6,6 +6,10 @@ the aggregate over folds (mean and std), and all folds' test predictions pooled 
 prediction file over the whole benchmark, scored with bootstrap CIs. The cv directory has the
 shape of a run directory (config.yaml, leakage.json and val_history.jsonl over the folds, base/,
 test/, a ``kind: cv`` run record), so ``unconfuse compare`` reads it like any run.
+
+Folds also run as separate jobs, side by side (``--fold K``: ``run_fold``), then pool with
+``--collect`` (``collect_cv``) into the same cv directory, with the same numbers as the sequential
+run: that is how ``unconfuse study`` spreads a study over a cluster.
 """
 from __future__ import annotations
 
@@ -17,13 +21,13 @@ from typing import Any
 import numpy as np
 
 from unconfuse.eval.benchmarks import Benchmark, load_benchmark
-from unconfuse.eval.io import atomic_write_json, atomic_write_text, owned_folder
+from unconfuse.eval.io import atomic_write_json, atomic_write_text, join_folder, owned_folder
 from unconfuse.eval.pairs import write_jsonl
 from unconfuse.eval.runs import RunResults, read_run_results, write_run_results, write_scored
 from unconfuse.eval.scorer import fmt, fmt_ci, read_predictions
 from unconfuse.eval.splits import fold_benchmark, grouped_folds, write_splits
 from unconfuse.recipes import recipe_module
-from unconfuse.train.callbacks import score_records
+from unconfuse.train.callbacks import NonFiniteError, score_records
 from unconfuse.train.config import dump_config, load_config, to_dict
 from unconfuse.train.run import run_recipe
 
@@ -45,15 +49,14 @@ def fold_data(bench: Benchmark, assignment: list[int], folds: int, k: int, seed:
             "val": fold_benchmark(train_all, inner, [0], f"fold-{k}-val"), "test": test}
 
 
-def run_cv(recipe: str, config: str, folds: int, benchmark: str, out: str | Path, seed: int = 0,
-           overrides: list[str] | None = None, force: bool = False) -> RunResults:
-    """Train and test ``recipe`` once per fold; write the cv run record and the pooled predictions.
-    The cv directory is owned for the whole run (``unconfuse.eval.io.owned_folder``): rerun with the
-    same settings to resume (folds with their run record are reused); other settings, folds or data
-    are refused unless ``force``."""
+class MissingFolds(ValueError):
+    """``--collect`` before every fold has finished; the message lists the folds that have not."""
+
+
+def _open_cv(recipe: str, config: str, folds: int, benchmark: str, seed: int, overrides: list[str] | None):
+    """The benchmark, the recipe config and the cv fingerprint (what every job of this cv must share)."""
     from unconfuse.eval.world import prepare
 
-    out = Path(out)
     prepare(benchmarks=[benchmark])
     bench = load_benchmark(benchmark)
     cfg = load_config(recipe_module(recipe).CONFIG_CLASS, config, list(overrides or []))
@@ -61,32 +64,96 @@ def run_cv(recipe: str, config: str, folds: int, benchmark: str, out: str | Path
                 if k not in ("output_dir", "resume_from_checkpoint", "report_to", "force", "data")}
     fingerprint = {"command": f"cv {recipe}", "settings": settings, "folds": folds, "split_seed": seed,
                    "data": bench.fingerprint()}
+    return bench, cfg, fingerprint
+
+
+def run_cv(recipe: str, config: str, folds: int, benchmark: str, out: str | Path, seed: int = 0,
+           overrides: list[str] | None = None, force: bool = False, launch: str | None = None) -> RunResults:
+    """Train and test ``recipe`` once per fold, one fold after another; write the cv run record and
+    the pooled predictions. The cv directory is owned for the whole run (``unconfuse.eval.io.owned_folder``):
+    rerun with the same settings to resume (folds with their run record are reused, including folds
+    run alone with ``run_fold``); other settings, folds or data are refused unless ``force``. With
+    ``launch`` (an accelerate config), each fold trains under ``accelerate launch``."""
+    out = Path(out)
+    bench, cfg, fingerprint = _open_cv(recipe, config, folds, benchmark, seed, overrides)
     with owned_folder(out, fingerprint, force=force, what=f"cv of {recipe}"):
-        return _run_folds(recipe, config, cfg, folds, benchmark, bench, out, seed, overrides)
+        for k in range(folds):
+            if not (out / f"fold-{k}" / "results.json").exists():
+                _train_fold(recipe, config, bench, folds, k, out, seed, overrides, launch)
+        return _collect(recipe, cfg, folds, benchmark, bench, out, seed)
 
 
-def _run_folds(recipe: str, config: str, cfg: Any, folds: int, benchmark: str, bench: Benchmark, out: Path, seed: int,
-               overrides: list[str] | None) -> RunResults:
-    start = time.time()
-    splits_dir = out / "splits"
-    splits = write_splits(bench, folds, splits_dir, seed)
+def run_fold(recipe: str, config: str, folds: int, benchmark: str, out: str | Path, fold: int, seed: int = 0,
+             overrides: list[str] | None = None, launch: str | None = None) -> RunResults:
+    """Fold ``fold`` of a cv alone (``unconfuse cv ... --fold K``): its run directory ``out/fold-<K>``
+    (owned by the recipe's run, resumable, with its own launch), so that folds run as separate jobs,
+    side by side. The cv directory is joined, not owned: a job with other settings is refused.
+    ``collect_cv`` pools the folds once all have finished."""
+    if not 0 <= fold < folds:
+        raise ValueError(f"--fold {fold}: a cv of {folds} folds has folds 0 to {folds - 1}")
+    out = Path(out)
+    bench, _, fingerprint = _open_cv(recipe, config, folds, benchmark, seed, overrides)
+    join_folder(out, fingerprint, what=f"cv of {recipe}")
+    if not (out / f"fold-{fold}" / "results.json").exists():
+        _train_fold(recipe, config, bench, folds, fold, out, seed, overrides, launch)
+    return read_run_results(out / f"fold-{fold}")
+
+
+def collect_cv(recipe: str, config: str, folds: int, benchmark: str, out: str | Path, seed: int = 0,
+               overrides: list[str] | None = None) -> RunResults:
+    """Pool the finished folds of a cv run as separate jobs (``unconfuse cv ... --collect``), exactly
+    as the sequential cv pools them. Refuses, listing them, while any fold has not finished."""
+    out = Path(out)
+    bench, cfg, fingerprint = _open_cv(recipe, config, folds, benchmark, seed, overrides)
+    if not out.is_dir():
+        raise MissingFolds(f"{out}: no cv here yet; run its folds first (unconfuse cv {recipe} ... --fold K)")
+    with owned_folder(out, fingerprint, what=f"cv of {recipe}"):
+        missing = [f"fold-{k} ({'started, not finished' if (out / f'fold-{k}').exists() else 'not started'})"
+                   for k in range(folds) if not (out / f"fold-{k}" / "results.json").exists()]
+        if missing:
+            raise MissingFolds(f"{out}: {len(missing)} of {folds} folds have no results yet: {', '.join(missing)}; "
+                               f"run each with `unconfuse cv {recipe} ... --fold K` (same settings), then --collect again")
+        return _collect(recipe, cfg, folds, benchmark, bench, out, seed)
+
+
+def _train_fold(recipe: str, config: str, bench: Benchmark, folds: int, k: int, out: Path, seed: int,
+                overrides: list[str] | None, launch: str | None) -> None:
+    splits = write_splits(bench, folds, out / "splits", seed)  # deterministic: every job writes the same files
     assignment = [splits["assignment"][p.id] for p in bench.pairs]
-    fold_runs: list[RunResults] = []
-    for k in range(folds):
-        run_dir = out / f"fold-{k}"
-        if not (run_dir / "results.json").exists():
-            data_dir = splits_dir / f"fold-{k}"  # the fold's train/val/test pairs (not in its run directory, which it owns)
-            paths = {}
-            for name, part in fold_data(bench, assignment, folds, k, seed).items():
-                paths[name] = data_dir / f"{name}.jsonl"
-                write_jsonl(part.pairs, paths[name])
-            print(f"cv fold {k + 1}/{folds}: {recipe} on {sum(1 for a in assignment if a != k)} pairs "
-                  f"(test: {sum(1 for a in assignment if a == k)} pairs)", flush=True)
-            run_recipe(recipe, config, [*(overrides or []), f"output_dir={run_dir}", f"data.train={paths['train']}",
-                                        f"data.val={paths['val']}", f"data.test={paths['test']}"])
-        fold_runs.append(read_run_results(run_dir))
+    data_dir = out / "splits" / f"fold-{k}"  # the fold's train/val/test pairs (not in its run directory, which it owns)
+    paths = {}
+    for name, part in fold_data(bench, assignment, folds, k, seed).items():
+        paths[name] = data_dir / f"{name}.jsonl"
+        write_jsonl(part.pairs, paths[name])
+    print(f"cv fold {k + 1}/{folds}: {recipe} on {sum(1 for a in assignment if a != k)} pairs "
+          f"(test: {sum(1 for a in assignment if a == k)} pairs)", flush=True)
+    fold_overrides = [*(overrides or []), f"output_dir={out / f'fold-{k}'}", f"data.train={paths['train']}",
+                      f"data.val={paths['val']}", f"data.test={paths['test']}"]
+    if launch is None:
+        run_recipe(recipe, config, fold_overrides)
+        return
+    from unconfuse.eval.launch import accelerate_launch
 
+    status = accelerate_launch(f"unconfuse.recipes.{recipe}", launch, ["--config", str(config), *fold_overrides])
+    if status == 3:
+        raise NonFiniteError(f"fold {k}: training diverged (see {out / f'fold-{k}'})")
+    if status:
+        raise FoldFailed(f"fold {k}: the launched run exited with status {status} (its error is above)", status)
+
+
+class FoldFailed(RuntimeError):
+    """A fold's run under ``accelerate launch`` exited with an error (its status is kept)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def _collect(recipe: str, cfg: Any, folds: int, benchmark: str, bench: Benchmark, out: Path, seed: int) -> RunResults:
+    start = time.time()
+    fold_runs = [read_run_results(out / f"fold-{k}") for k in range(folds)]
     first = fold_runs[0]
+    write_splits(bench, folds, out / "splits", seed)
     dump_config(cfg, out / "config.yaml")
     atomic_write_json(out / "leakage.json", {"folds": {f"fold-{k}": json.loads((out / f"fold-{k}" / "leakage.json").read_text())
                                                        for k in range(folds)}})
@@ -106,7 +173,9 @@ def _run_folds(recipe: str, config: str, cfg: Any, folds: int, benchmark: str, b
     results = RunResults(
         kind="cv", recipe=recipe, strategy=first.strategy, model=first.model, train_data=benchmark, test_data=benchmark,
         seed=first.seed, mode=first.mode, base=pooled["base"], final=pooled["test"],
-        steps=sum(r.steps for r in fold_runs), best_step=None, best_val=None, wall_time_s=time.time() - start,
+        steps=sum(r.steps for r in fold_runs), best_step=None, best_val=None,
+        # the folds' own training and scoring time (run as separate jobs, the cv's wall clock is theirs)
+        wall_time_s=sum(r.wall_time_s or 0 for r in fold_runs) + time.time() - start,
         scorer_version=first.scorer_version, prompt_version=first.prompt_version,
         details={"folds": folds, "split_seed": seed, "per_fold": per_fold,
                  "fold_mean": {m: _mean(r[m] for r in per_fold) for m in METRICS},

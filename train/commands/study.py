@@ -1,0 +1,216 @@
+"""``unconfuse study``: a mitigation study (strategies x seeds x folds) as independent jobs.
+
+A study file names the benchmark, the folds, the seeds and the strategies (each a recipe, its config
+and overrides). ``study plan`` expands it to one ``unconfuse cv ... --fold K`` command per job, one
+per line, so that any scheduler runs them (a Slurm array over the lines: configs/slurm/array.sbatch;
+a shell loop; GNU parallel); every job is resumable (rerun the same line). ``study collect`` pools
+each cv (``cv --collect``) and compares all of them in one ``unconfuse compare``, against the pooled
+base model of the baseline strategy. No scheduler of our own: the jobs are plain commands.
+
+Relative paths in a study file are relative to the directory the command runs in (as ``--config``
+is everywhere); the plan prints absolute paths, so its lines run from anywhere.
+
+    benchmark: world:test        # any benchmark argument
+    folds: 2
+    split_seed: 0                # one fold assignment for every strategy and seed
+    seeds: [0, 1]                # training seeds (train.seed)
+    out: runs/study-world        # <out>/<strategy>/seed-<s>/ is each cv; <out>/compare/ the comparison
+    launch: null                 # optional accelerate config each fold trains under
+    overrides: [report_to=none]  # for every job
+    baseline: hardneg            # whose pooled base model the comparison is against (default: the first)
+    strategies:
+      - {name: hardneg, recipe: clip_hardneg, config: configs/clip_hardneg/tiny.yaml}
+      - {name: clip-ft, recipe: clip_hardneg, config: configs/clip_hardneg/tiny.yaml, overrides: [loss.hardneg_weight=0]}
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unconfuse.recipes import RECIPES, recipe_module
+from unconfuse.train.config import ConfigError, load_config
+
+STUDY_KEYS = {"benchmark", "folds", "split_seed", "seeds", "out", "launch", "overrides", "baseline", "strategies"}
+STRATEGY_KEYS = {"name", "recipe", "config", "overrides"}
+# set by the study for every job: a strategy's own override of these would silently lose
+STUDY_SET = ("strategy", "train.seed", "output_dir", "resume_from_checkpoint")
+
+
+class StudyError(ValueError):
+    """A bad study file; the message names the file and the key."""
+
+
+@dataclass
+class Strategy:
+    name: str
+    recipe: str
+    config: Path
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Study:
+    path: Path
+    benchmark: str
+    folds: int
+    split_seed: int
+    seeds: list[int]
+    out: Path
+    launch: Path | None
+    overrides: list[str]
+    baseline: str
+    strategies: list[Strategy]
+
+    def cv_dir(self, strategy: Strategy, seed: int) -> Path:
+        return self.out / strategy.name / f"seed-{seed}"
+
+    @property
+    def compare_dir(self) -> Path:
+        return self.out / "compare"
+
+    def job_overrides(self, strategy: Strategy, seed: int) -> list[str]:
+        """Every fold job's overrides of one (strategy, seed): the study's, the strategy's, then what
+        the study sets (the strategy name groups seeds in compare; latest resumes a requeued job)."""
+        return [*self.overrides, *strategy.overrides, f"strategy={strategy.name}", f"train.seed={seed}",
+                "resume_from_checkpoint=latest"]
+
+
+def _path(value: Any, where: str, must_exist: bool = True) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise StudyError(f"{where}: a path is needed")
+    path = Path(value).expanduser()
+    if must_exist and not path.exists():
+        raise StudyError(f"{where}: {value} not found (relative paths are from the current directory)")
+    return path.resolve()
+
+
+def _overrides(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or any(not isinstance(v, str) or "=" not in v for v in value):
+        raise StudyError(f"{where}: a list of key=value overrides is needed")
+    for item in value:
+        if item.split("=", 1)[0] in STUDY_SET:
+            raise StudyError(f"{where}: {item!r}: the study sets {item.split('=', 1)[0]} itself "
+                             f"({', '.join(STUDY_SET)}); use seeds: and the strategy's name")
+    return list(value)
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study file: every key known, every recipe and config present, names unique."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StudyError(f"{path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise StudyError(f"{path}: not YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise StudyError(f"{path}: a mapping of study keys is needed ({', '.join(sorted(STUDY_KEYS))})")
+    unknown = sorted(set(data) - STUDY_KEYS)
+    if unknown:
+        raise StudyError(f"{path}: unknown key {unknown[0]!r}; study keys: {', '.join(sorted(STUDY_KEYS))}")
+    for key in ("benchmark", "folds", "out", "strategies"):
+        if data.get(key) in (None, "", []):
+            raise StudyError(f"{path}: {key!r} is required")
+    folds = data["folds"]
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
+        raise StudyError(f"{path}: folds: an integer of at least 2 is needed, got {folds!r}")
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or any(not isinstance(s, int) or isinstance(s, bool) for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise StudyError(f"{path}: seeds: a list of distinct integers is needed, got {seeds!r}")
+    split_seed = data.get("split_seed", 0)
+    if not isinstance(split_seed, int) or isinstance(split_seed, bool):
+        raise StudyError(f"{path}: split_seed: an integer is needed, got {split_seed!r}")
+    if not isinstance(data["strategies"], list):
+        raise StudyError(f"{path}: strategies: a list of {{name, recipe, config, overrides}} is needed")
+    strategies = []
+    for i, item in enumerate(data["strategies"]):
+        where = f"{path}: strategies[{i}]"
+        if not isinstance(item, dict):
+            raise StudyError(f"{where}: a mapping of {', '.join(sorted(STRATEGY_KEYS))} is needed")
+        unknown = sorted(set(item) - STRATEGY_KEYS)
+        if unknown:
+            raise StudyError(f"{where}: unknown key {unknown[0]!r}; strategy keys: {', '.join(sorted(STRATEGY_KEYS))}")
+        name = item.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
+            raise StudyError(f"{where}: name: letters, digits and . _ + - are needed (it names a folder), got {name!r}")
+        if item.get("recipe") not in RECIPES:
+            raise StudyError(f"{where}: recipe {item.get('recipe')!r} is not one of {', '.join(RECIPES)}")
+        strategies.append(Strategy(name, item["recipe"], _path(item.get("config"), f"{where}: config"),
+                                   _overrides(item.get("overrides"), f"{where}: overrides")))
+    names = [s.name for s in strategies]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise StudyError(f"{path}: strategies: the name {duplicate!r} is used twice")
+    baseline = data.get("baseline", names[0])
+    if baseline not in names:
+        raise StudyError(f"{path}: baseline {baseline!r} is not a strategy's name ({', '.join(names)})")
+    overrides = _overrides(data.get("overrides"), f"{path}: overrides")
+    for i, strategy in enumerate(strategies):  # a bad key or value fails here, not in job 37 of 45
+        try:
+            load_config(recipe_module(strategy.recipe).CONFIG_CLASS, strategy.config, [*overrides, *strategy.overrides])
+        except ConfigError as exc:
+            raise StudyError(f"{path}: strategies[{i}] ({strategy.name}): {exc}") from None
+    benchmark = str(data["benchmark"])
+    if Path(benchmark).expanduser().exists():  # a folder or file: absolute, so the jobs run from anywhere
+        benchmark = str(Path(benchmark).expanduser().resolve())
+    return Study(path, benchmark, folds, split_seed, seeds, _path(data["out"], f"{path}: out", must_exist=False),
+                 _path(data["launch"], f"{path}: launch") if data.get("launch") else None,
+                 overrides, baseline, strategies)
+
+
+def cv_arguments(study: Study, strategy: Strategy, seed: int) -> list[str]:
+    """``unconfuse cv`` arguments of one (strategy, seed), the same for its fold jobs and its collect."""
+    return ["cv", strategy.recipe, "--config", str(strategy.config), "--folds", str(study.folds),
+            "--benchmark", study.benchmark, "--seed", str(study.split_seed), "--out", str(study.cv_dir(strategy, seed))]
+
+
+def plan_lines(study: Study) -> list[str]:
+    """One shell command per job: every strategy x seed x fold, as ``unconfuse cv ... --fold K``."""
+    lines = []
+    for strategy in study.strategies:
+        for seed in study.seeds:
+            for fold in range(study.folds):
+                argv = ["unconfuse", *cv_arguments(study, strategy, seed), "--fold", str(fold),
+                        *(["--launch", str(study.launch)] if study.launch else []), *study.job_overrides(strategy, seed)]
+                lines.append(shlex.join(argv))
+    return lines
+
+
+def collect_study(study: Study) -> dict[str, Any]:
+    """Pool every cv of the study and compare them all (seeds grouped per strategy) against the
+    baseline strategy's pooled base model; refuses, listing them, while any job has not finished."""
+    from unconfuse.eval.io import atomic_write_json
+    from unconfuse.eval.tools.compare import run_compare
+
+    from .cv import MissingFolds, collect_cv
+
+    cells = [(s, seed) for s in study.strategies for seed in study.seeds]
+    missing = [f"{study.cv_dir(s, seed).relative_to(study.out)}/fold-{k}" for s, seed in cells for k in range(study.folds)
+               if not (study.cv_dir(s, seed) / f"fold-{k}" / "results.json").exists()]
+    if missing:
+        raise MissingFolds(f"{study.out}: {len(missing)} of {len(cells) * study.folds} jobs have not finished: "
+                           f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} "
+                           f"(`unconfuse study plan {study.path}` lists their commands)")
+    for strategy, seed in cells:
+        print(f"collecting {strategy.name} seed {seed}", flush=True)
+        collect_cv(strategy.recipe, str(strategy.config), study.folds, study.benchmark, study.cv_dir(strategy, seed),
+                   study.split_seed, study.job_overrides(strategy, seed))
+    baseline = next(s for s in study.strategies if s.name == study.baseline)
+    summary = run_compare([study.cv_dir(s, seed) for s, seed in cells], study.cv_dir(baseline, study.seeds[0]) / "base",
+                          study.compare_dir, title=f"study {study.path.name}: {len(study.strategies)} strategies x "
+                                                   f"{len(study.seeds)} seeds x {study.folds} folds")
+    # the study's record: every cv and the comparison's rows and seed groups, for scripts
+    atomic_write_json(study.out / "study.json", {
+        "study": str(study.path.resolve()), "benchmark": study.benchmark, "folds": study.folds, "seeds": study.seeds,
+        "cvs": {f"{s.name}/seed-{seed}": str(study.cv_dir(s, seed)) for s, seed in cells},
+        "comparison": str(study.compare_dir / "comparison.md"),
+        "rows": summary["rows"], "groups": summary["groups"]})
+    return summary
