@@ -32,7 +32,8 @@ def _embed(model, paths):
                            for i in range(0, len(paths), 64)])
 
 
-def test_blocked_search_equals_brute_force():
+@pytest.mark.parametrize("memory_mapped", [False, True])
+def test_blocked_search_equals_brute_force(memory_mapped, tmp_path):
     rng = np.random.default_rng(0)
     base = rng.normal(size=(60, 16))
     emb = np.concatenate([base, base[:40] + 0.3 * rng.normal(size=(40, 16))])  # near copies: many hits
@@ -41,10 +42,15 @@ def test_blocked_search_equals_brute_force():
     i, j = np.nonzero(np.triu(sims >= 0.9, k=1))
     expected = set(zip(i.tolist(), j.tolist()))
     assert len(expected) > 20
-    for search, block in (("numpy", 7), ("numpy", 1000), ("faiss", 9)):
+    searched = emb.astype(np.float32)
+    if memory_mapped:  # as mining searches: tiles read from an .npy on disk
+        np.save(tmp_path / "emb.npy", searched)
+        searched = np.load(tmp_path / "emb.npy", mmap_mode="r")
+    # faiss: 3 tiles (6 tile pairs, one range search each; OpenMP start-up per call dominates tiny tiles)
+    for search, block in (("numpy", 7), ("numpy", 1000), ("faiss", 40)):
         if search == "faiss":
             pytest.importorskip("faiss")
-        pairs, found_sims, backend = candidate_pairs(emb.astype(np.float32), 0.9, block_size=block, search=search)
+        pairs, found_sims, backend = candidate_pairs(searched, 0.9, block_size=block, search=search)
         assert backend == search
         assert set(map(tuple, pairs.tolist())) == expected
         assert np.allclose(found_sims, sims[pairs[:, 0], pairs[:, 1]], atol=1e-5)
@@ -104,6 +110,27 @@ def test_mine_follows_the_rule_on_the_world_corpus(corpus, tmp_path, capsys):
                               exclude=[], search="faiss"))
     assert again["candidates_sim_a"] == report["candidates_sim_a"] and again["pairs"] == report["pairs"]
     assert (tmp_path / "faiss" / "pairs.jsonl").read_text() == (out / "pairs.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_approximate_mining_records_its_backend_and_recall(corpus, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    args = ["--corpus", str(corpus), *ENCODERS, "--min-sim-a", "0.9", "--max-sim-b", "0.6", "--no-exclude"]
+    # auto turns approximate above --ivf-above images (the world corpus has 2000)
+    assert main(["mine", *args, "--out", str(tmp_path / "ivf"), "--ivf-above", "1000", "--ivf-nprobe", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert main(["mine", *args, "--out", str(tmp_path / "exact"), "--search", "numpy"]) == 0
+    approximate, exact = (json.loads((tmp_path / name / "mining.json").read_text()) for name in ("ivf", "exact"))
+    assert approximate["search_backend"] == "ivf" and exact["search_backend"] == "numpy" and exact["approximate"] is None
+    recall = approximate["approximate"]
+    assert recall["queries"] == 1000 and recall["exact_pairs"] > 50 and recall["recall"] >= 0.95
+    assert recall["found_pairs"] == round(recall["recall"] * recall["exact_pairs"])
+    assert f"recall {recall['recall']:.4f} of the exact pairs of 1000 random images" in printed
+    # approximate only in what it may miss: its candidates are exact ones, and nearly all of them
+    assert 0.95 * exact["candidates_sim_a"] <= approximate["candidates_sim_a"] <= exact["candidates_sim_a"]
+    mined = load_benchmark(tmp_path / "ivf" / "pairs.jsonl").pairs
+    assert len(mined) > 20 and all(p.sims["a"] >= 0.9 and p.sims["b"] <= 0.6 for p in mined)
+    assert not list((tmp_path / "ivf").glob(".search-matrix-*"))  # the run-local matrices are removed
 
 
 @pytest.mark.slow
@@ -206,5 +233,9 @@ def test_mine_options_come_from_the_config_fields():
     cfg = config_from_args(MiningConfig, args)
     assert (cfg.exclude, cfg.search, cfg.make_questions, cfg.min_sim_a) == (["x", "y"], "numpy", True, 0.8)
     assert build_parser().parse_args(["mine", "--corpus", "c", "--out", "o", "--no-exclude"]).no_exclude
+    args = build_parser().parse_args(["mine", "--corpus", "c", "--out", "o", "--search", "ivf", "--ivf-nprobe", "32",
+                                      "--num-workers", "0"])
+    cfg = config_from_args(MiningConfig, args)
+    assert (cfg.search, cfg.ivf_nprobe, cfg.num_workers, cfg.ivf_nlist) == ("ivf", 32, 0, 0)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["mine", "--corpus", "c", "--out", "o", "--search", "annoy"])
