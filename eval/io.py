@@ -11,14 +11,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never half."""
+@contextlib.contextmanager
+def atomic_writer(path: str | Path) -> Iterator[Any]:
+    """A binary file to write ``path`` through: readers see the old file or the whole new one, never
+    half (a temporary sibling, synced, then renamed over ``path``; removed if the block fails)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -26,6 +28,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never half."""
+    with atomic_writer(path) as fh:
+        fh.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -118,19 +126,26 @@ def join_folder(folder: str | Path, fingerprint: dict[str, Any], *, what: str = 
         raise RunDirError(f"cannot write to {folder}: {exc.strerror or exc}") from exc
     with handle:  # held for the check and the record only: jobs starting together take turns
         fcntl.flock(handle, fcntl.LOCK_EX)
-        record = folder / FINGERPRINT
-        old = json.loads(record.read_text()) if record.exists() else None
-        if old is not None and old != fingerprint:
-            changed = _differences(old, fingerprint)
-            raise RunDirError(f"{folder} holds another {what} ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}); "
-                              "give every job of it the same settings, or use another folder")
+        old, reason = _held_by_another(folder, fingerprint, what)
+        if reason:
+            raise RunDirError(f"{folder} {reason}; give every job of it the same settings, or use another folder")
         if old is None:
-            others = [p for p in folder.iterdir() if p.name not in (LOCK, JOIN_LOCK)]
-            if others:
-                raise RunDirError(f"{folder} is not empty and holds no unconfuse {what} ({len(others)} entries, "
-                                  f"e.g. {others[0].name}); use another folder")
-            atomic_write_json(record, fingerprint)
+            atomic_write_json(folder / FINGERPRINT, fingerprint)
     return folder
+
+
+def _held_by_another(folder: Path, fingerprint: dict[str, Any], what: str) -> tuple[Any, str | None]:
+    """The fingerprint ``folder`` records (None when it has none), and why the folder cannot take
+    ``fingerprint``: it holds another run (its differences named), or files that are no unconfuse run."""
+    record = folder / FINGERPRINT
+    old = json.loads(record.read_text()) if record.exists() else None
+    if old is not None and old != fingerprint:
+        changed = _differences(old, fingerprint)
+        return old, f"holds another {what} ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})"
+    others = [p for p in folder.iterdir() if p.name not in (LOCK, JOIN_LOCK)] if old is None else []
+    if others:
+        return old, f"is not empty and holds no unconfuse {what} ({len(others)} entries, e.g. {others[0].name})"
+    return old, None
 
 
 @contextlib.contextmanager
@@ -176,20 +191,14 @@ def owned_folder(folder: str | Path, fingerprint: dict[str, Any], *, force: bool
         handle.truncate()
         handle.write(f"pid {os.getpid()} ({' '.join(sys.argv[:3])}, since {time.strftime('%H:%M:%S')})")
         handle.flush()
-        old = json.loads(record.read_text()) if record.exists() else None
-        others = [p for p in folder.iterdir() if p.name not in (LOCK, JOIN_LOCK)]
-        if (old is not None and old != fingerprint) or (old is None and others):
-            if old is not None:
-                changed = _differences(old, fingerprint)
-                reason = f"holds another {what} ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})"
-            else:
-                reason = f"is not empty and holds no unconfuse {what} ({len(others)} entries, e.g. {others[0].name})"
+        _, reason = _held_by_another(folder, fingerprint, what)
+        if reason:
             if not force:
                 raise RunDirError(f"{folder} {reason}; rerun with the same settings to resume it, use another folder, "
                                   "or --force to start afresh (the old contents are moved aside, not deleted)")
             aside = folder.parent / f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
             aside.mkdir()
-            for path in others:
+            for path in [p for p in folder.iterdir() if p.name not in (LOCK, JOIN_LOCK)]:
                 os.replace(path, aside / path.name)
             print(f"--force: the old contents of {folder} are in {aside}", file=sys.stderr)
         atomic_write_json(record, fingerprint)

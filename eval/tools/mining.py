@@ -33,7 +33,7 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
-from unconfuse.eval.io import atomic_write_json, owned_folder, sha256_file
+from unconfuse.eval.io import atomic_write_json, atomic_writer, owned_folder, sha256_file
 from unconfuse.eval.home import unconfuse_home
 from unconfuse.eval.pairs import Pair, write_jsonl
 
@@ -210,19 +210,8 @@ class DecodedImages:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as fh:
+        np.save(fh, array)
 
 
 class EmbeddingCache:
@@ -330,26 +319,15 @@ class EmbeddingCache:
         """Rows of ``hashes``' embeddings (zeros where one is not cached). With ``path``, they are
         written there as ``.npy`` a block at a time and returned memory-mapped, so a corpus-sized
         matrix is paged by the OS instead of held in memory."""
-        import os
-        import tempfile
-
         shard, row = self.locate(hashes)
         shape = (len(hashes), self.dim or 0)
         if path is None:
             return self._gather(shard, row)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            # plain writes, not a writable memmap: its dirty pages would count against this process
-            with os.fdopen(fd, "wb") as fh:
-                np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": shape})
-                for start in range(0, len(hashes), GATHER_ROWS):
-                    fh.write(self._gather(shard[start:start + GATHER_ROWS], row[start:start + GATHER_ROWS]).tobytes())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # plain writes, not a writable memmap: its dirty pages would count against this process
+        with atomic_writer(path) as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            for start in range(0, len(hashes), GATHER_ROWS):
+                fh.write(self._gather(shard[start:start + GATHER_ROWS], row[start:start + GATHER_ROWS]).tobytes())
         return np.load(path, mmap_mode="r")
 
     def _gather(self, shard: np.ndarray, row: np.ndarray) -> np.ndarray:

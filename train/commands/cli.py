@@ -164,15 +164,14 @@ def _cmd_study_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_study_collect(args: argparse.Namespace) -> int:
-    from unconfuse.eval.tools.compare import CompareError, compare_summary
+    from unconfuse.eval.tools.compare import compare_summary
 
-    from .cv import MissingFolds
-    from .study import StudyError, collect_study, load_study
+    from .study import collect_study, load_study
 
     try:
         study = load_study(args.study)
         summary = collect_study(study)
-    except (StudyError, MissingFolds, CompareError, ValueError) as exc:
+    except ValueError as exc:  # StudyError, MissingFolds, CompareError, RunDirError: a one-line reason
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(compare_summary(summary, study.compare_dir))

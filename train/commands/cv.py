@@ -77,9 +77,10 @@ def run_cv(recipe: str, config: str, folds: int, benchmark: str, out: str | Path
     out = Path(out)
     bench, cfg, fingerprint = _open_cv(recipe, config, folds, benchmark, seed, overrides)
     with owned_folder(out, fingerprint, force=force, what=f"cv of {recipe}"):
+        assignment = _write_splits(bench, folds, out, seed)
         for k in range(folds):
             if not (out / f"fold-{k}" / "results.json").exists():
-                _train_fold(recipe, config, bench, folds, k, out, seed, overrides, launch)
+                _train_fold(recipe, config, bench, assignment, folds, k, out, seed, overrides, launch)
         return _collect(recipe, cfg, folds, benchmark, bench, out, seed)
 
 
@@ -95,7 +96,7 @@ def run_fold(recipe: str, config: str, folds: int, benchmark: str, out: str | Pa
     bench, _, fingerprint = _open_cv(recipe, config, folds, benchmark, seed, overrides)
     join_folder(out, fingerprint, what=f"cv of {recipe}")
     if not (out / f"fold-{fold}" / "results.json").exists():
-        _train_fold(recipe, config, bench, folds, fold, out, seed, overrides, launch)
+        _train_fold(recipe, config, bench, _write_splits(bench, folds, out, seed), folds, fold, out, seed, overrides, launch)
     return read_run_results(out / f"fold-{fold}")
 
 
@@ -116,10 +117,14 @@ def collect_cv(recipe: str, config: str, folds: int, benchmark: str, out: str | 
         return _collect(recipe, cfg, folds, benchmark, bench, out, seed)
 
 
-def _train_fold(recipe: str, config: str, bench: Benchmark, folds: int, k: int, out: Path, seed: int,
-                overrides: list[str] | None, launch: str | None) -> None:
-    splits = write_splits(bench, folds, out / "splits", seed)  # deterministic: every job writes the same files
-    assignment = [splits["assignment"][p.id] for p in bench.pairs]
+def _write_splits(bench: Benchmark, folds: int, out: Path, seed: int) -> list[int]:
+    """``out/splits`` (deterministic: every job of a cv writes the same files) and each pair's fold."""
+    splits = write_splits(bench, folds, out / "splits", seed)
+    return [splits["assignment"][p.id] for p in bench.pairs]
+
+
+def _train_fold(recipe: str, config: str, bench: Benchmark, assignment: list[int], folds: int, k: int, out: Path,
+                seed: int, overrides: list[str] | None, launch: str | None) -> None:
     data_dir = out / "splits" / f"fold-{k}"  # the fold's train/val/test pairs (not in its run directory, which it owns)
     paths = {}
     for name, part in fold_data(bench, assignment, folds, k, seed).items():
@@ -153,7 +158,6 @@ def _collect(recipe: str, cfg: Any, folds: int, benchmark: str, bench: Benchmark
     start = time.time()
     fold_runs = [read_run_results(out / f"fold-{k}") for k in range(folds)]
     first = fold_runs[0]
-    write_splits(bench, folds, out / "splits", seed)
     dump_config(cfg, out / "config.yaml")
     atomic_write_json(out / "leakage.json", {"folds": {f"fold-{k}": json.loads((out / f"fold-{k}" / "leakage.json").read_text())
                                                        for k in range(folds)}})
