@@ -35,7 +35,7 @@ import numpy as np
 from .home import default_world_root
 from .io import json_lines
 from .pairs import BenchmarkError, _read_text
-from .scorer import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, paired_accuracy
+from .scorer import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MLLM_MODES = ("greedy", "prefix")
@@ -296,6 +296,13 @@ def metrics_of(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return out
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """A run's retention records (``retention/<stage>.jsonl``); a torn or foreign line is refused naming it."""
+    from .runs import RunFormatError
+
+    return [value for _, _, value in json_lines(path.read_text().splitlines(), path, RunFormatError)]
+
+
 def _ci(values: np.ndarray, samples: int, seed: int) -> list[float]:
     rng = np.random.default_rng(seed)
     means = 100.0 * values[rng.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
@@ -313,16 +320,44 @@ def retention_block(rset: RetentionSet, mode: str, before: list[dict[str, Any]],
     """``results.json``'s ``retention``: per metric, before and after with intervals, the paired difference
     (after - before) with its bootstrap interval, and the exact McNemar test on the same items. The headline
     metric (``headline``) is question accuracy when the set has questions, else caption retrieval R@1."""
-    metrics_before, metrics_after = metrics_of(before), metrics_of(after)
-    if set(metrics_before) != set(metrics_after) or any(len(metrics_before[k]) != len(metrics_after[k]) for k in metrics_before):
-        raise ValueError("retention before and after were scored on different items")
-    summary_before, summary_after = summarize(before, samples, seed), summarize(after, samples, seed)
+    return pooled_retention_block(rset.name, rset.fingerprint(), mode, [before], [after], samples, seed)
+
+
+def pooled_retention_block(name: str, fingerprint: str, mode: str, befores: list[list[dict[str, Any]]],
+                           afters: list[list[dict[str, Any]]], samples: int = BOOTSTRAP_SAMPLES,
+                           seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """The retention block of one run (one ``before``/``after``) or of several runs scored on the same items
+    (a cv's folds: each fold's model against its base). Per item, the change is its mean over the runs; the
+    interval bootstraps items (an item is one unit however many runs scored it), and ``mcnemar_p`` is the
+    exact sign test on the items whose mean change is not zero, which for one run is McNemar's exact test."""
+    from scipy.stats import binomtest
+
+    if len(befores) != len(afters) or not befores:
+        raise ValueError("retention: one before and one after per run")
+    per_run = [(metrics_of(b), metrics_of(a)) for b, a in zip(befores, afters)]
+    names = set(per_run[0][0])
+    for metrics_before, metrics_after in per_run:
+        if {*metrics_before} != names or {*metrics_after} != names or any(
+                len(metrics_before[k]) != len(per_run[0][0][k]) or len(metrics_after[k]) != len(per_run[0][0][k]) for k in names):
+            raise ValueError("retention before and after were scored on different items")
     metrics = {}
-    for name in metrics_before:
-        paired = paired_accuracy(metrics_before[name], metrics_after[name], samples, seed)
-        metrics[name] = {"before": summary_before[name]["value"], "before_ci": summary_before[name]["ci"],
-                         "after": summary_after[name]["value"], "after_ci": summary_after[name]["ci"],
-                         "diff": paired["diff"], "diff_ci": paired["diff_ci"], "mcnemar_p": paired["mcnemar_p"],
-                         "n": summary_before[name]["n"]}
-    return {"benchmark": rset.name, "fingerprint": rset.fingerprint(), "mode": mode,
-            "headline": "accuracy" if "accuracy" in metrics else "retrieval_r1", "metrics": metrics}
+    for metric in metrics_of(befores[0]):  # the order records give (accuracy, then retrieval)
+        before = np.mean([b[metric] for b, _ in per_run], axis=0)  # per item, over runs
+        after = np.mean([a[metric] for _, a in per_run], axis=0)
+        change = after - before
+        idx = np.random.default_rng(seed).integers(0, len(change), size=(samples, len(change)))
+        diff_samples = 100.0 * change[idx].mean(axis=1)
+        gained, lost = int((change > 0).sum()), int((change < 0).sum())
+        metrics[metric] = {"before": 100.0 * float(before.mean()), "before_ci": _ci(before, samples, seed),
+                           "after": 100.0 * float(after.mean()), "after_ci": _ci(after, samples, seed),
+                           "diff": float(100.0 * after.sum() / len(change) - 100.0 * before.sum() / len(change)),
+                           "diff_ci": [float(np.percentile(diff_samples, 2.5)), float(np.percentile(diff_samples, 97.5))],
+                           "mcnemar_p": float(binomtest(gained, gained + lost, 0.5).pvalue) if gained + lost else 1.0,
+                           "n": int(len(change))}
+        if len(per_run) > 1:
+            metrics[metric]["after_per_run"] = [100.0 * float(a[metric].mean()) for _, a in per_run]
+    block = {"benchmark": name, "fingerprint": fingerprint, "mode": mode,
+             "headline": "accuracy" if "accuracy" in metrics else "retrieval_r1", "metrics": metrics}
+    if len(per_run) > 1:
+        block["runs"] = len(per_run)
+    return block

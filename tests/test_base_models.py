@@ -1,5 +1,5 @@
 """The world's base models are honestly confused; the same encoder trained on captions that name
-the findings is not. Slow: about 3 minutes the first time (pretraining on 2 cores)."""
+the findings is not. Slow: about 4 minutes the first time (pretraining, on one thread)."""
 import pytest
 import yaml
 
@@ -9,7 +9,7 @@ from unconfuse.eval.runner import EvalConfig, run_eval
 from unconfuse.eval.scorer import compare, read_predictions, resolve_answers
 from unconfuse.eval.world import default_world, prepare
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # pretraining: ~3.5 min alone on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # pretraining (one thread): ~4 min alone
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,8 @@ def test_base_mllm_learned_what_its_corpus_taught(world):
 
 def test_base_models_answer_the_retention_questions_well_above_chance(world):
     """Retention measures what pretraining gave: the world's modality and body-part questions on the test images
-    (4 options, chance 25%). Measured: tiny-llava-base (prefix) 65.3% [60.0, 70.6]; greedy letters 21% (it never
-    learned a letter format); tiny-clip-base zero-shot 88.8%, caption R@1 95.0%."""
+    (4 options, chance 25%). Measured (2026-11-26, base models built on one thread): tiny-llava-base (prefix)
+    57.5% [52.2, 62.8]; tiny-clip-base zero-shot 88.8% [85.3, 92.2], caption R@1 91.9% [87.5, 95.6]."""
     from unconfuse.eval.retention import answer_encoder, answer_mllm, load_retention, summarize
 
     rset = load_retention("world:test")

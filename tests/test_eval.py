@@ -40,7 +40,8 @@ def test_every_mode_runs_and_scores_its_own_predictions(tmp_path, sample_bench, 
             assert "answer" not in rec and isinstance(rec["raw"], str)
 
 
-@pytest.mark.parametrize("model, mode", [("tiny-llava", "prefix"), ("tiny-qwen2-vl", "mc"), ("tiny-clip", "clip")])
+@pytest.mark.parametrize("model, mode", [("tiny-llava", "prefix"), ("tiny-clip", "clip"),  # fast lane: resume is model-agnostic
+                                         pytest.param("tiny-qwen2-vl", "mc", marks=pytest.mark.slow)])
 def test_interrupted_eval_resumes_to_the_same_results(tmp_path, sample_bench, model, mode, monkeypatch):
     full = tmp_path / "full"
     run_eval(EvalConfig(model=model, mode=mode, benchmark=str(sample_bench), out=str(full), batch_size=2, progress=False))

@@ -78,6 +78,28 @@ def test_paired_statistics_on_known_numbers():
         retention_block(rset, "prefix", before, after[:-1])
 
 
+def test_retention_pooled_over_folds_on_known_numbers():
+    """Two folds' models on the same 20 items: per item the change is its mean over the folds; the interval
+    resamples items and the test is the sign test on the items that moved (McNemar's for one fold)."""
+    from scipy.stats import binomtest
+
+    from unconfuse.eval.retention import pooled_retention_block
+
+    before = [{"id": str(i), "correct": i < 15} for i in range(20)]  # 75% for both folds' base
+    after_a = [{"id": str(i), "correct": i < 5 or i >= 18} for i in range(20)]  # 10 lost (5-14), 2 gained (18, 19)
+    after_b = [{"id": str(i), "correct": i < 15} for i in range(20)]  # unchanged
+    block = pooled_retention_block("known", "f", "prefix", [before, before], [after_a, after_b])
+    acc = block["metrics"]["accuracy"]
+    assert block["runs"] == 2 and acc["after_per_run"] == [35.0, 75.0]
+    assert (acc["before"], acc["after"], acc["diff"], acc["n"]) == pytest.approx((75.0, 55.0, -20.0, 20))
+    assert acc["mcnemar_p"] == pytest.approx(binomtest(2, 12, 0.5).pvalue)  # items 5-14 down, 18-19 up
+    assert acc["diff_ci"][0] < -20 < acc["diff_ci"][1] < 0
+    one_fold = pooled_retention_block("known", "f", "prefix", [before], [after_a])["metrics"]["accuracy"]
+    assert one_fold["after"] == 35.0 and "after_per_run" not in one_fold
+    with pytest.raises(ValueError, match="different items"):
+        pooled_retention_block("known", "f", "prefix", [before, before], [after_a, after_b[:-1]])
+
+
 def test_clip_run_reports_retention_before_and_after(world, tmp_path):
     cfg = ClipHardNegConfig(model="tiny-clip", output_dir=str(tmp_path / "run"), report_to="none",
                             data=ClipData(train=str(world.root / "train"), val=str(world.root / "val"),

@@ -56,7 +56,8 @@ def test_splits_command_writes_folds_and_table(mediconfusion_dir, tmp_path, caps
 def test_cv_on_the_world_pools_folds_into_one_scored_run(tmp_path, capsys):
     out = tmp_path / "cv"
     args = ["cv", "clip_hardneg", "--config", "configs/clip_hardneg/tiny.yaml", "--folds", "2", "--benchmark", "world:test",
-            "--out", str(out), "train.max_steps=6", "train.eval_steps=3", "train.save_steps=3", "report_to=none"]
+            "--out", str(out), "train.max_steps=6", "train.eval_steps=3", "train.save_steps=3", "report_to=none",
+            "data.retention=world:val"]  # images no fold trains on
     assert main(args) == 0
     bench = load_benchmark("world:test")
     cv = json.loads((out / "results.json").read_text())
@@ -81,8 +82,16 @@ def test_cv_on_the_world_pools_folds_into_one_scored_run(tmp_path, capsys):
                                  progress=False))
     assert cv["base"]["set_accuracy"] == pytest.approx(direct["set_accuracy"])
     assert cv["base"]["confusion"] == pytest.approx(direct["confusion"])
+    # retention pooled over the folds: every fold's model on the same items, before (the one base) and after
+    folds = [json.loads((out / f"fold-{k}" / "results.json").read_text())["retention"]["metrics"]["accuracy"] for k in range(2)]
+    pooled_retention = cv["retention"]["metrics"]["accuracy"]
+    assert cv["retention"]["runs"] == 2 and pooled_retention["n"] == folds[0]["n"] == folds[1]["n"]
+    assert pooled_retention["before"] == pytest.approx(folds[0]["before"]) and folds[0]["before"] == folds[1]["before"]
+    assert pooled_retention["after_per_run"] == pytest.approx([f["after"] for f in folds])
+    assert pooled_retention["after"] == pytest.approx((folds[0]["after"] + folds[1]["after"]) / 2)
+    assert pooled_retention["diff"] == pytest.approx(pooled_retention["after"] - pooled_retention["before"])
     printed = capsys.readouterr().out
-    assert "pooled trained (80 pairs)" in printed
+    assert "pooled trained (80 pairs)" in printed and "retention (world:val, accuracy" in printed
     # rerun resumes: finished folds are not trained again
     stamp = (out / "fold-0" / "results.json").stat().st_mtime_ns
     assert main(args) == 0

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from unconfuse.eval.benchmarks import load_benchmark
-from unconfuse.eval.io import atomic_folder, atomic_write_json, atomic_write_text, json_lines, owned_folder, sha256_file
+from unconfuse.eval.io import atomic_folder, atomic_write_json, atomic_write_text, owned_folder, sha256_file
 from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.prompts import PromptSet, load_prompts
-from unconfuse.eval.retention import RetentionSet, load_retention, retention_block, summarize
-from unconfuse.eval.runs import (RunFormatError, RunResults, read_scored, scored_folder, write_run_results, write_scored)
+from unconfuse.eval.retention import RetentionSet, load_retention, read_records, retention_block, summarize
+from unconfuse.eval.runs import (RunResults, read_scored, scored_folder, write_run_results, write_scored)
 from unconfuse.eval.scorer import SCORER_VERSION
 from unconfuse.train.callbacks import PairValidationCallback
 from unconfuse.train.config import ConfigError, TrainSettings, dump_config, to_dict
@@ -339,7 +339,7 @@ def retention_stage(run: Run, stage: str, retain: Retain) -> list[dict[str, Any]
     """The retention records of ``stage`` (``retention/<stage>.jsonl``; the base's are reused on resume)."""
     path = run.dir / "retention" / f"{stage}.jsonl"
     if stage == "base" and path.exists():
-        return [value for _, _, value in json_lines(path.read_text().splitlines(), path, RunFormatError)]
+        return read_records(path)
     records = retain(run.retention)
     if run.is_main:
         path.parent.mkdir(exist_ok=True)

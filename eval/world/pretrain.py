@@ -41,7 +41,7 @@ def _load_images(world: World, records: list[dict[str, Any]]):
     return [load_image(world.root / r["image"]) for r in records]
 
 
-def pretrain_open_clip(model_dir: Path, world: World, steps: int = 600, batch_size: int = 64, lr: float = 1e-3,
+def pretrain_open_clip(model_dir: Path, world: World, steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
                        seed: int = 0, captions: str = "corpus") -> dict[str, float]:
     """Contrastive pretraining of the open_clip model saved in ``model_dir``, in place."""
     import open_clip
@@ -144,12 +144,20 @@ def pretrain_llava(model_dir: Path, world: World, steps: int = 300, batch_size: 
 
 
 def _steps(steps: int, what: str):
-    """range(steps) with a progress bar on a terminal (pretraining takes minutes on a CPU)."""
+    """range(steps) with a progress bar on a terminal, else a line every tenth of the way (pretraining
+    takes minutes on a CPU)."""
     import sys
 
     from tqdm.auto import tqdm
 
-    return tqdm(range(steps), desc=what, unit="step", leave=False, disable=not sys.stderr.isatty())
+    if sys.stderr.isatty():
+        yield from tqdm(range(steps), desc=what, unit="step", leave=False)
+        return
+    every = max(1, steps // 10)
+    for step in range(steps):
+        yield step
+        if (step + 1) % every == 0 or step + 1 == steps:
+            print(f"{what}: step {step + 1}/{steps}", file=sys.stderr, flush=True)
 
 
 PRETRAINERS = {"clip": pretrain_open_clip, "llava": pretrain_llava}

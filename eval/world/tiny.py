@@ -6,6 +6,7 @@ checkpoint. Builds are deterministic (fixed seed, tokenizer trained on a fixed c
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import string
@@ -682,8 +683,10 @@ def materialize(name: str, build: dict[str, Any]) -> Path:
                 from .pretrain import PRETRAINERS
 
                 task = pretrain.pop("task")
+                with _one_thread():  # the same weights whatever the process's thread count (demo workers, tests)
+                    result = PRETRAINERS[task](tmp, world, **pretrain)
                 record["pretrain"] = {"task": task, **pretrain, "world": str(world.root), "world_hash": world.hash,
-                                      "result": PRETRAINERS[task](tmp, world, **pretrain)}
+                                      "result": result}
             _relocate_hf_text_tower(tmp, target)  # after pretraining, which loads the model from tmp
             (tmp / "unconfuse_build.json").write_text(json.dumps(record, indent=2))
             (tmp / ".complete").write_text("")
@@ -693,4 +696,19 @@ def materialize(name: str, build: dict[str, Any]) -> Path:
     return target
 
 
-BUILD_VERSION = 3  # bump when a builder changes, so cached tiny models are rebuilt
+BUILD_VERSION = 4  # bump when a builder changes, so cached tiny models are rebuilt
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Torch on one intra-op thread inside the block: float sums are then added in one order, so a
+    pretrained model's weights (and every number measured on it) do not depend on how many cores or
+    threads the process that built it had, while the cache keys them by settings alone."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

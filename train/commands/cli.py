@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where everything goes (default runs/demo-<time>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mllm-steps", type=int, default=None,
-                   help="training steps of both MLLM runs (default: sft 600, dpo 400; 0 skips the act)")
+                   help="training steps of every MLLM run (default: the demo's own per recipe; 0 skips act 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="jobs (base-model builds, runs) side by side in this many processes, each on its share of "
+                        "the cores (default: 2 on 2 cores or more; 1 runs them in turn in this process)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -193,7 +196,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from .demo import run_demo
 
-    run_demo(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}", seed=args.seed, mllm_steps=args.mllm_steps)
+    run_demo(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}", seed=args.seed, mllm_steps=args.mllm_steps,
+             workers=args.workers)
     return 0
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from unconfuse.eval.benchmarks import Benchmark, load_benchmark
 from unconfuse.eval.io import atomic_write_json, atomic_write_text, join_folder, owned_folder
 from unconfuse.eval.pairs import write_jsonl
+from unconfuse.eval.retention import pooled_retention_block, read_records
 from unconfuse.eval.runs import RunResults, read_run_results, write_run_results, write_scored
 from unconfuse.eval.scorer import fmt, fmt_ci, read_predictions
 from unconfuse.eval.splits import fold_benchmark, grouped_folds, write_splits
@@ -183,9 +184,24 @@ def _collect(recipe: str, cfg: Any, folds: int, benchmark: str, bench: Benchmark
         scorer_version=first.scorer_version, prompt_version=first.prompt_version,
         details={"folds": folds, "split_seed": seed, "per_fold": per_fold,
                  "fold_mean": {m: _mean(r[m] for r in per_fold) for m in METRICS},
-                 "fold_std": {m: _std(r[m] for r in per_fold) for m in METRICS}})
+                 "fold_std": {m: _std(r[m] for r in per_fold) for m in METRICS}},
+        retention=_pooled_retention(out, fold_runs))
     write_run_results(out, results)
     return results
+
+
+def _pooled_retention(out: Path, fold_runs: list[RunResults]) -> dict[str, Any] | None:
+    """The folds' retention, pooled: every fold's model scored the same held-out items before and after its
+    training; per item the change is its mean over the folds (``eval.retention.pooled_retention_block``).
+    None when the folds measured none."""
+    blocks = [r.retention for r in fold_runs]
+    if not any(blocks):
+        return None
+    if not all(blocks) or len({(b["fingerprint"], b["mode"]) for b in blocks}) > 1:
+        raise ValueError(f"{out}: the folds measured retention on different sets or modes; rerun them with one data.retention")
+    folders = [out / f"fold-{k}" / "retention" for k in range(len(fold_runs))]
+    return pooled_retention_block(blocks[0]["benchmark"], blocks[0]["fingerprint"], blocks[0]["mode"],
+                                  [read_records(f / "base.jsonl") for f in folders], [read_records(f / "test.jsonl") for f in folders])
 
 
 def _mean(values) -> float | None:
@@ -211,4 +227,11 @@ def cv_summary(results: RunResults) -> str:
     for name, res in (("base", results.base), ("trained", results.final)):
         lines.append(f"pooled {name} ({res['n_pairs']} pairs): set accuracy {fmt(res['set_accuracy'])} "
                      f"{fmt_ci(res['ci']['set_accuracy'])}, confusion {fmt(res['confusion'])} {fmt_ci(res['ci']['confusion'])}")
+    if results.retention:
+        block = results.retention
+        numbers = block["metrics"][block["headline"]]
+        lines.append(f"retention ({block['benchmark']}, {block['headline']}, every fold's model on the same {numbers['n']} items): "
+                     f"{numbers['before']:.1f} -> {numbers['after']:.1f} (folds: "
+                     f"{', '.join(f'{v:.1f}' for v in numbers.get('after_per_run', [numbers['after']]))}), change "
+                     f"{numbers['diff']:+.1f} {fmt_ci(numbers['diff_ci'])}, sign test p {numbers['mcnemar_p']:.2g}")
     return "\n".join(lines)

@@ -18,16 +18,19 @@ from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.runner import EvalConfig, run_eval
 from unconfuse.eval.scorer import fmt, fmt_ci, score_table
 from unconfuse.eval.world import default_world, prepare
+from unconfuse.train.commands.jobs import Job, run_jobs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIG = CONFIGS / "clip_hardneg" / "tiny.yaml"
 MLLM_BASE_RUNS = [("tiny-llava-base", "greedy"), ("tiny-llava-base", "prefix")]
 STRATEGIES = [("clip_hardneg", []), ("clip-ft (hardneg_weight 0)", ["loss.hardneg_weight=0"])]
-# the second act: (label, recipe, run folder, training steps, overrides); tested in greedy mode, the
-# validation mode. Step counts and batch sizes are the demo's, chosen to fit its time budget on 2 CPU
-# cores (the configs' own are for a full run); GRPO samples 4 rollouts per image instead of 8.
+# Step counts and batch sizes are the demo's, chosen so that the whole demo takes under 5 minutes from an
+# empty cache on 2 CPU cores (the configs' own are for a full run). Act 1: 200 steps of
+# configs/clip_hardneg/tiny.yaml (its own: 300). Act 2: (label, recipe, run folder, training steps,
+# overrides), tested in greedy mode, the validation mode; GRPO samples 4 rollouts per image instead of 8.
+ENCODER_STEPS = 200
 MLLM_STRATEGIES = [("mllm_sft", "mllm_sft", "mllm_sft", 300, []),
-                   ("mllm_dpo (image contrast)", "mllm_dpo", "mllm_dpo", 300, []),
+                   ("mllm_dpo (image contrast)", "mllm_dpo", "mllm_dpo", 200, []),
                    ("mllm_grpo", "mllm_grpo", "mllm_grpo", 150, ["grpo.num_generations=4"])]
 
 
@@ -53,49 +56,64 @@ def _table(base_name: str, names: list[str], summary: dict[str, Any]) -> list[st
     return lines
 
 
-def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> dict[str, Any]:
+# Seconds on one core of this 2-core machine (measured 2026-11-26; a base model's build, a recipe's training
+# step), only to order the jobs: the ready job heading the longest chain of expected work starts first.
+JOB_SECONDS = {"tiny-clip-base": 90.0, "tiny-llava-base": 35.0, "clip_hardneg": 0.19, "mllm_sft": 0.25,
+               "mllm_dpo": 0.49, "mllm_grpo": 0.49}
+
+
+def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None, workers: int | None = None) -> dict[str, Any]:
     """Act 1: the encoder, base vs clip_hardneg vs plain fine-tuning. Act 2: the MLLM, base vs
     mllm_sft vs mllm_dpo with the image-contrast term vs mllm_grpo. Both on the world's test pairs,
     compared with ``unconfuse compare`` (whose tables the report shows, with each run's retention change),
-    and ending in a failure atlas per act. ``mllm_steps`` replaces the act-2 step counts; 0 skips act 2."""
+    and ending in a failure atlas per act. ``mllm_steps`` replaces the act-2 step counts; 0 skips act 2.
+    The base models' builds and the runs are jobs that ``workers`` processes take in turn (default: 2 when
+    the machine has 2 cores or more), each on its share of the cores; 1 runs them one after another here."""
     from unconfuse.eval.tools.atlas import atlas_summary, write_atlas
     from unconfuse.eval.tools.compare import compare_summary, run_compare
-    from unconfuse.train.run import run_recipe
 
     import os
 
     out = Path(out)
     start = time.time()
     os.environ.setdefault("WANDB_SILENT", "true")  # the demo says where the offline runs are, once
-    steps = 5 if mllm_steps == 0 else 8
-    print(f"1/{steps} building or reusing the embedded world and its base models (first time: about a minute) ...", flush=True)
-    prepare(models=["tiny-clip-base", *(m for m, _ in MLLM_BASE_RUNS)])
+    workers = workers or min(2, os.cpu_count() or 1)
+    print("building or reusing the embedded world ...", flush=True)
     world = default_world()
     test = load_benchmark(world.root / "test")
     n_train, n_val = len(load_benchmark(world.root / "train").pairs), len(load_benchmark(world.root / "val").pairs)
     mllm_base = {mode: out / f"{m}-{mode}" for m, mode in MLLM_BASE_RUNS}
-    mllm_rows = [(f"{m} / {mode}", run_eval(EvalConfig(model=m, mode=mode, benchmark=str(world.root / "test"),
-                                                       out=str(mllm_base[mode]), progress=False)))
-                 for m, mode in MLLM_BASE_RUNS]
-
+    base_model = MLLM_BASE_RUNS[0][0]
+    jobs = [Job("tiny-clip-base", _build_model, ("tiny-clip-base",), cost=JOB_SECONDS["tiny-clip-base"],
+                what="building the base encoder (pretraining on the world corpus; cached)"),
+            Job(base_model, _base_mllm, (base_model, [mode for _, mode in MLLM_BASE_RUNS], str(world.root / "test"),
+                                        [str(mllm_base[mode]) for _, mode in MLLM_BASE_RUNS]),
+                cost=JOB_SECONDS[base_model], what="building the base MLLM (cached) and scoring it on the test pairs")]
     runs: dict[str, dict[str, Any]] = {}
-    for i, (name, overrides) in enumerate(STRATEGIES, start=2):
-        print(f"{i}/{steps} training {name} on {n_train} train pairs (validation: {n_val} val pairs) ...", flush=True)
+    for name, overrides in STRATEGIES:
         run_dir = out / name.split(" ")[0]
-        runs[name] = {"dir": run_dir, "results": run_recipe("clip_hardneg", CONFIG,
-                                                            [*overrides, f"output_dir={run_dir}", f"train.seed={seed}"])}
-
+        runs[name] = {"dir": run_dir}
+        jobs.append(Job(name, _run_recipe, ("clip_hardneg", str(CONFIG), [
+            *overrides, f"output_dir={run_dir}", f"train.seed={seed}", f"train.max_steps={ENCODER_STEPS}"]),
+            after=("tiny-clip-base",), cost=ENCODER_STEPS * JOB_SECONDS["clip_hardneg"],
+            what=f"training tiny-clip-base for {ENCODER_STEPS} steps on {n_train} train pairs (validation: {n_val} val pairs)"))
     mllm_runs: dict[str, dict[str, Any]] = {}
     if mllm_steps != 0:
-        for i, (name, recipe, folder, default_steps, overrides) in enumerate(MLLM_STRATEGIES, start=4):
+        for name, recipe, folder, default_steps, overrides in MLLM_STRATEGIES:
             n_steps = mllm_steps or default_steps
-            print(f"{i}/{steps} training {name} (tiny-llava-base, {n_steps} steps) on {n_train} train pairs ...", flush=True)
             run_dir = out / folder
-            mllm_runs[name] = {"dir": run_dir, "results": run_recipe(recipe, CONFIGS / recipe / "tiny.yaml", [
+            mllm_runs[name] = {"dir": run_dir}
+            jobs.append(Job(name, _run_recipe, (recipe, str(CONFIGS / recipe / "tiny.yaml"), [
                 f"output_dir={run_dir}", f"train.seed={seed}", f"train.max_steps={n_steps}",
-                f"train.eval_steps={max(1, n_steps // 3)}", f"train.save_steps={n_steps}", "test_modes=[greedy]", *overrides])}
+                f"train.eval_steps={max(1, n_steps // 3)}", f"train.save_steps={n_steps}", "test_modes=[greedy]", *overrides]),
+                after=(base_model,), cost=n_steps * JOB_SECONDS[recipe],
+                what=f"training {base_model} for {n_steps} steps on {n_train} train pairs"))
+    done = run_jobs(jobs, workers, start=start)
+    mllm_rows = [(f"{m} / {mode}", res) for (m, mode), res in zip(MLLM_BASE_RUNS, done[base_model])]
+    for name, run in {**runs, **mllm_runs}.items():
+        run["results"] = done[name]
 
-    print(f"{steps - 1}/{steps} comparing on the test pairs", flush=True)
+    print(f"[{time.time() - start:4.0f} s] comparing on the test pairs", flush=True)
     first = next(iter(runs.values()))
     acts = {"compare-encoder": ("tiny-clip-base (base)", runs, first["dir"] / "base")}
     if mllm_runs:
@@ -104,7 +122,7 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> d
     for folder, (_, act_runs, baseline) in acts.items():
         dirs = [r["dir"] for r in act_runs.values()]
         summaries[folder] = run_compare(dirs, baseline, out / folder, title=f"unconfuse demo: {folder}")
-    print(f"{steps}/{steps} writing the failure atlas of each act", flush=True)
+    print(f"[{time.time() - start:4.0f} s] writing the failure atlas of each act", flush=True)
     atlases = {}
     for folder, (base_name, act_runs, baseline) in acts.items():
         name = folder.replace("compare-", "atlas-")
@@ -153,6 +171,24 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None) -> d
     print(f"\nreport: {out / 'report.md'}, plot: {plot} ({time.time() - start:.0f} s)")
     return {"rows": rows, "comparisons": comparisons, "runs": runs, "mllm_runs": mllm_runs, "summaries": summaries,
             "atlases": atlases, "seconds": time.time() - start}
+
+
+def _build_model(name: str) -> None:
+    prepare(models=[name])
+
+
+def _base_mllm(model: str, modes: list[str], benchmark: str, outs: list[str]) -> list[dict[str, Any]]:
+    """Build the base MLLM (once; cached) and score it on ``benchmark`` in each mode."""
+    prepare(models=[model])
+    return [run_eval(EvalConfig(model=model, mode=mode, benchmark=benchmark, out=out, progress=False))
+            for mode, out in zip(modes, outs)]
+
+
+def _run_recipe(recipe: str, config: str, overrides: list[str]):
+    """One recipe run as a demo job (a module-level function, so a spawned worker can run it)."""
+    from unconfuse.train.run import run_recipe
+
+    return run_recipe(recipe, config, overrides)
 
 
 def plot_validation(path: Path, run_dirs: dict[str, Path], results: dict[str, Any]) -> Path:
