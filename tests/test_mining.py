@@ -56,6 +56,29 @@ def test_blocked_search_equals_brute_force(memory_mapped, tmp_path):
         assert np.allclose(found_sims, sims[pairs[:, 0], pairs[:, 1]], atol=1e-5)
 
 
+def test_embedding_cache_key_follows_the_weights_not_the_folder(tmp_path):
+    """A model rebuilt or retrained in the same folder gets a new cache key (a rebuilt tiny-clip-base once read
+    its predecessor's cached embeddings); the same weights copied or re-saved keep theirs."""
+    from safetensors.torch import load_file, save_file
+
+    from unconfuse.eval.home import built_model_dir
+    from unconfuse.eval.models import resolve_model
+    from unconfuse.eval.tools.mining import model_key
+
+    prepare(models=["tiny-clip"])
+    folder = tmp_path / "encoder"
+    shutil.copytree(built_model_dir("tiny-clip"), folder)
+    key = model_key(resolve_model(f"local-dir:{folder}"))
+    weights_file = folder / "open_clip_model.safetensors"
+    weights = load_file(weights_file)
+    save_file(weights, str(weights_file))
+    assert model_key(resolve_model(f"local-dir:{folder}")) == key  # same tensors, written again
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, str(weights_file))
+    assert model_key(resolve_model(f"local-dir:{folder}")) != key
+
+
 def test_select_pairs_caps_images_and_prefers_the_most_confusing():
     pairs = np.array([[0, 1], [0, 2], [1, 2], [3, 4]])
     sim_a = np.array([0.95, 0.99, 0.91, 0.92])
@@ -117,7 +140,7 @@ def test_approximate_mining_records_its_backend_and_recall(corpus, tmp_path, cap
     pytest.importorskip("faiss")
     args = ["--corpus", str(corpus), *ENCODERS, "--min-sim-a", "0.9", "--max-sim-b", "0.6", "--no-exclude"]
     # auto turns approximate above --ivf-above images (the world corpus has 2000)
-    assert main(["mine", *args, "--out", str(tmp_path / "ivf"), "--ivf-above", "1000", "--ivf-nprobe", "4"]) == 0
+    assert main(["mine", *args, "--out", str(tmp_path / "ivf"), "--ivf-above", "1000", "--ivf-nprobe", "8"]) == 0
     printed = capsys.readouterr().out
     assert main(["mine", *args, "--out", str(tmp_path / "exact"), "--search", "numpy"]) == 0
     approximate, exact = (json.loads((tmp_path / name / "mining.json").read_text()) for name in ("ivf", "exact"))

@@ -385,11 +385,15 @@ class _ShardWriter:
         self.written += len(hashes)
 
 
-def model_key(adapter, spec) -> str:
-    """Cache key of a model's weights: its name plus the folder or hub id it was loaded from."""
-    source = getattr(getattr(adapter, "model", None), "name_or_path", None) or spec.model_id or spec.name
-    digest = hashlib.sha256(f"{spec.name}|{source}|{spec.pretrained}|{spec.revision}".encode()).hexdigest()[:12]
-    return f"{spec.name.replace('/', '_').replace(':', '_')}-{digest}"
+def model_key(spec) -> str:
+    """Cache key of a model's weights: its name and ``model_identity`` (the run fingerprints' identity of the
+    weights: for a local or built folder, the hashes of its files), so a model rebuilt or retrained in the same
+    folder never reads the embeddings of the one before (keyed by name and folder, a rebuilt tiny-clip-base read
+    its predecessor's)."""
+    from unconfuse.eval.models import model_identity
+
+    identity = json.dumps([model_identity(spec), spec.pretrained], sort_keys=True, default=str)
+    return f"{spec.name.replace('/', '_').replace(':', '_')}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
 
 
 def default_workers() -> int:
@@ -408,7 +412,7 @@ class Encoder:
         self.adapter, spec = load_model(model, device=device)
         if not hasattr(self.adapter, "encode_images"):
             raise MiningError(f"{model}: mining needs an image encoder (open-clip, hf-clip or hf-vision), not {spec.family}")
-        self.cache = EmbeddingCache(unconfuse_home() / "embeddings", model_key(self.adapter, spec), shard_size)
+        self.cache = EmbeddingCache(unconfuse_home() / "embeddings", model_key(spec), shard_size)
         self.batch_size = batch_size
         self.num_workers = default_workers() if num_workers is None else num_workers
 
