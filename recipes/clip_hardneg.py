@@ -30,7 +30,7 @@ from unconfuse.eval.runs import RunResults
 from unconfuse.train import run as lifecycle
 from unconfuse.eval.retention import answer_encoder
 from unconfuse.train.callbacks import predict, score_records
-from unconfuse.train.config import ConfigError, TrainSettings, setting, to_dict
+from unconfuse.train.config import ConfigError, RecipeSettings, TrainSettings, setting, to_dict
 from unconfuse.train.data import ClipCollator, PairBatches, PairItems
 from unconfuse.train.losses import clip_hardneg_loss
 
@@ -74,13 +74,12 @@ class EncoderLora:
 
 
 @dataclass
-class ClipHardNegConfig:
+class ClipHardNegConfig(RecipeSettings):
     """clip_hardneg's settings: YAML keys, or ``key=value`` on the command line."""
 
     model: str = setting("tiny-clip-base", "preset, local folder, local-dir:/path, hf-hub:org/name, or hub id")
     strategy: str | None = setting(None, "name that groups runs in compare and W&B (default: hardneg, or "
                                          "clip-ft when both pair weights are 0)")
-    output_dir: str | None = setting(None, "the run directory (default runs/clip_hardneg-<time>)")
     trainable: Literal["full", "locked_text", "locked_vision", "lora"] = setting(
         "full", "what trains: everything, the vision tower (text locked), the text tower, or LoRA on the vision tower")
     lora: EncoderLora = setting(help="LoRA settings (trainable: lora)", factory=EncoderLora)
@@ -88,13 +87,6 @@ class ClipHardNegConfig:
     loss: PairLoss = setting(help="the pair terms", factory=PairLoss)
     train: TrainSettings = setting(help="training settings", factory=lambda: TrainSettings(
         max_steps=150, pairs_per_batch=16, learning_rate=1e-4, weight_decay=0.1, warmup_steps=10))
-    report_to: Literal["wandb", "none"] = setting("wandb", "W&B logging (offline without an API key)")
-    allow_leakage: bool = setting(False, "train even when training images appear in the val/test pairs")
-    allow_toy_data: bool = setting(False, "let a real model (not a tiny preset) train or test on the embedded "
-                                          "world's 64-px images")
-    resume_from_checkpoint: str | None = setting(None, "a checkpoint folder, or latest")
-    force: bool = setting(False, "start afresh in an output_dir that holds another run (its contents are moved "
-                                 "aside, not deleted); without it such a run is refused")
     val_batch_pairs: int = setting(32, "pairs per batch when scoring val and test", min=1)
 
 

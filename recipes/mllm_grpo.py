@@ -44,9 +44,9 @@ from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.runs import RunResults
 from unconfuse.eval.scorer import parse_strict
 from unconfuse.train import run as lifecycle
-from unconfuse.train.config import TrainSettings, setting, to_dict
+from unconfuse.train.config import setting, to_dict
 from unconfuse.train.data import PairRepeatSampler
-from unconfuse.train.mllm import (EvalMode, MllmData, MllmLora, attach_lora, letter_examples, load_best_adapters,
+from unconfuse.train.mllm import (MllmData, MllmRecipeSettings, attach_lora, letter_examples, load_best_adapters,
                                   load_mllm, retention_scorer, scorer, with_eval_bos)
 
 RECIPE = "mllm_grpo"
@@ -72,29 +72,12 @@ class GrpoSettings:
 
 
 @dataclass
-class MllmGrpoConfig:
+class MllmGrpoConfig(MllmRecipeSettings):
     """mllm_grpo's settings: YAML keys, or ``key=value`` on the command line."""
 
-    model: str = setting("tiny-llava-base", "preset, local folder or hub id of an image-text-to-text model")
     strategy: str | None = setting(None, "name that groups runs in compare and W&B (default: grpo, or grpo-letter "
                                          "when grpo.pair_weight is 0)")
-    output_dir: str | None = setting(None, "the run directory (default runs/mllm_grpo-<time>)")
-    data: MllmData = setting(help="the pairs and the prompts", factory=MllmData)
-    lora: MllmLora = setting(help="LoRA placement", factory=MllmLora)
     grpo: GrpoSettings = setting(help="rollouts, reward and loss", factory=GrpoSettings)
-    train: TrainSettings = setting(help="training settings", factory=TrainSettings)
-    val_mode: EvalMode = setting("greedy", "scoring mode of the validation loop (mc generates: slow)")
-    test_modes: list[EvalMode] = setting(help="scoring modes of the test split; the val mode is the main one "
-                                              "(base/, test/), others go to base-<mode>/, test-<mode>/",
-                                         factory=lambda: ["greedy", "prefix", "mc"])
-    report_to: Literal["wandb", "none"] = setting("wandb", "W&B logging (offline without an API key)")
-    allow_leakage: bool = setting(False, "train even when training images appear in the val/test pairs")
-    allow_toy_data: bool = setting(False, "let a real model (not a tiny preset) train or test on the embedded "
-                                          "world's 64-px images")
-    resume_from_checkpoint: str | None = setting(None, "a checkpoint folder, or latest")
-    force: bool = setting(False, "start afresh in an output_dir that holds another run (its contents are moved "
-                                 "aside, not deleted); without it such a run is refused")
-    val_batch_pairs: int = setting(8, "pairs per batch when scoring val and test", min=1)
 
 
 CONFIG_CLASS = MllmGrpoConfig

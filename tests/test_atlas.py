@@ -150,6 +150,7 @@ def _chromium() -> str:
     return executable
 
 
+@pytest.mark.slow  # launches a browser process
 def test_atlas_in_chromium(runs, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
                                    "(`pip install -e '.[dev]'`)")

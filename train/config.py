@@ -196,6 +196,23 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any 
 
 
 @dataclass
+class RecipeSettings:
+    """The run-level settings every recipe's config has (each config subclasses this and redefines ``model``
+    with its own default; its own sections follow these in ``--help`` and config.yaml)."""
+
+    model: str = setting("", "preset, local folder or hub id of the model to train")
+    strategy: str | None = setting(None, "name that groups runs in compare and W&B (default: the recipe's)")
+    output_dir: str | None = setting(None, "the run directory (default runs/<recipe>-<time>)")
+    report_to: Literal["wandb", "none"] = setting("wandb", "W&B logging (offline without an API key)")
+    allow_leakage: bool = setting(False, "train even when training images appear in the val/test pairs")
+    allow_toy_data: bool = setting(False, "let a real model (not a tiny preset) train or test on the embedded "
+                                          "world's 64-px images")
+    resume_from_checkpoint: str | None = setting(None, "a checkpoint folder, or latest")
+    force: bool = setting(False, "start afresh in an output_dir that holds another run (its contents are moved "
+                                 "aside, not deleted); without it such a run is refused")
+
+
+@dataclass
 class TrainSettings:
     """The training settings every recipe has (``train.*``); a recipe picks its own defaults."""
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from unconfuse.train.callbacks import predict, score_records
-from unconfuse.train.config import ConfigError, setting
+from unconfuse.train.config import ConfigError, RecipeSettings, TrainSettings, setting
 
 # Where image-text-to-text architectures keep their parts (module-name suffixes): LLaVA, LLaVA-NeXT and
 # Gemma 3 have a multi_modal_projector beside a vision_tower; Qwen2/2.5-VL keep the projector (merger)
@@ -54,6 +54,21 @@ class MllmLora:
     dropout: float = setting(0.05, "LoRA dropout", min=0)
     projector: Part = setting("none", "the multimodal projector: frozen, LoRA, or trained in full")
     vision: Part = setting("none", "the vision tower: frozen, LoRA, or trained in full")
+
+
+@dataclass
+class MllmRecipeSettings(RecipeSettings):
+    """The settings the MLLM recipes share (each recipe's config subclasses this and adds its own section)."""
+
+    model: str = setting("tiny-llava-base", "preset, local folder or hub id of an image-text-to-text model")
+    data: MllmData = setting(help="the pairs, and how each image is asked (examples, prompts)", factory=MllmData)
+    lora: MllmLora = setting(help="LoRA placement", factory=MllmLora)
+    train: TrainSettings = setting(help="training settings", factory=TrainSettings)
+    val_mode: EvalMode = setting("greedy", "scoring mode of the validation loop (mc generates: slow)")
+    test_modes: list[EvalMode] = setting(help="scoring modes of the test split; the val mode is the main one "
+                                              "(base/, test/), others go to base-<mode>/, test-<mode>/",
+                                         factory=lambda: ["greedy", "prefix", "mc"])
+    val_batch_pairs: int = setting(8, "pairs per batch when scoring val and test", min=1)
 
 
 @dataclass
