@@ -34,3 +34,10 @@ def fail(message: str) -> None:
 def sleep(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+def die() -> None:
+    """The worker process is killed (as the kernel's OOM killer would)."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)

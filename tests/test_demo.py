@@ -59,6 +59,20 @@ def test_demo_trains_and_shows_a_real_gain(tmp_path, capsys, monkeypatch):
     assert "$ unconfuse compare" in printed
 
 
+@pytest.mark.slow  # spawns the demo's two workers
+def test_a_demo_job_with_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """The demo's run folder holding something else: the job that owns it fails with one line naming the folder;
+    the other jobs are stopped."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    (tmp_path / "clip_hardneg").mkdir()
+    (tmp_path / "clip_hardneg" / "notes.txt").write_text("not a run")
+    assert main(["demo", "--out", str(tmp_path), "--mllm-steps", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: clip_hardneg: ") and str(tmp_path / "clip_hardneg") in err[-1]
+    assert "holds no unconfuse clip_hardneg run" in err[-1] and "Traceback" not in "\n".join(err)
+    assert (tmp_path / "clip_hardneg" / "notes.txt").read_text() == "not a run"  # nothing it held is lost
+
+
 def test_data_sample_command(tmp_path, capsys):
     assert main(["data", "sample", "--out", str(tmp_path / "s")]) == 0
     assert len(load_benchmark(tmp_path / "s").pairs) == 6

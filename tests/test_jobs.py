@@ -57,3 +57,7 @@ def test_two_workers_run_jobs_side_by_side_on_their_share_of_the_cores(tmp_path,
     with pytest.raises(JobFailed, match="^broken: bad row 3$"):
         run_jobs([Job("sleeper", jobs_work.sleep, (60,)), Job("broken", jobs_work.fail, ("bad row 3",))], workers=2)
     assert time.time() - started < 40
+
+    # a worker killed outright (no Python exception to send back) is reported, not waited on forever
+    with pytest.raises(JobFailed, match="a worker process died while running them"):
+        run_jobs([Job("sleeper", jobs_work.sleep, (60,)), Job("killed", jobs_work.die, ())], workers=2)

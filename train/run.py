@@ -564,12 +564,8 @@ def recipe_cli(recipe: str, argv: list[str] | None = None) -> int:
     ``--help`` listing every config field. Bad config or data: exit 2 with a one-line message."""
     import argparse
 
-    from unconfuse.eval.benchmarks import BenchmarkError
-    from unconfuse.eval.io import RunDirError
-    from unconfuse.eval.models import ModelLoadError
     from unconfuse.recipes import recipe_module
-    from unconfuse.train.callbacks import NonFiniteError
-    from unconfuse.train.config import ConfigError, describe
+    from unconfuse.train.config import describe
 
     module = recipe_module(recipe)
     parser = argparse.ArgumentParser(prog=f"unconfuse train {recipe}", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -586,11 +582,26 @@ def recipe_cli(recipe: str, argv: list[str] | None = None) -> int:
                  *(["force=true"] if args.force else [])]
     try:
         print(summary(run_recipe(recipe, args.config, overrides)))
-    except (ConfigError, LeakageError, BenchmarkError, ModelLoadError, RunDirError) as exc:
-        return _failed(exc, 2)
-    except NonFiniteError as exc:  # exit 3: the run diverged (not a bad input)
-        return _failed(exc, 3)
+    except Exception as exc:
+        status = exit_status(exc)
+        if status is None:
+            raise
+        return _failed(exc, status)
     return 0
+
+
+def exit_status(exc: BaseException) -> int | None:
+    """The exit status of a run that raised ``exc``: 2 for bad input (config, data, model, run folder), 3 for a
+    run that diverged, None for anything else (a bug: let its traceback show)."""
+    from unconfuse.eval.benchmarks import BenchmarkError
+    from unconfuse.eval.io import RunDirError
+    from unconfuse.eval.models import ModelLoadError
+    from unconfuse.train.callbacks import NonFiniteError
+    from unconfuse.train.config import ConfigError
+
+    if isinstance(exc, (ConfigError, LeakageError, BenchmarkError, ModelLoadError, RunDirError)):
+        return 2
+    return 3 if isinstance(exc, NonFiniteError) else None
 
 
 def _failed(exc: Exception, status: int) -> int:

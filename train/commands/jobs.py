@@ -12,9 +12,10 @@ import graphlib
 import io
 import multiprocessing
 import os
-import queue
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,7 +35,8 @@ class Job:
 
 
 class JobFailed(RuntimeError):
-    """A job raised: its name and its error (the worker's traceback is the exception's cause)."""
+    """A job failed: the message names it; ``__cause__`` is the job's own exception (from a worker, with the
+    worker's traceback as that exception's cause), or the broken pool when a worker process died."""
 
 
 class _Prefixed(io.TextIOBase):
@@ -113,7 +115,7 @@ def run_jobs(jobs: list[Job], workers: int, start: float | None = None) -> dict[
         raise ValueError(f"jobs wait on each other in a cycle: {', '.join(sorted(set(exc.args[1])))}") from None
     start = time.time() if start is None else start
     chains = _chains(jobs)
-    pending, results, running = list(jobs), {}, {}
+    pending, results, running = list(jobs), {}, {}  # running: future -> job (workers > 1)
 
     def ready() -> list[Job]:
         return sorted((j for j in pending if all(a in results for a in j.after)), key=lambda j: -chains[j.name])
@@ -138,18 +140,30 @@ def run_jobs(jobs: list[Job], workers: int, start: float | None = None) -> dict[
         return results
     threads = max(1, (os.cpu_count() or 1) // workers)
     print(f"{len(jobs)} jobs on {workers} worker processes ({threads} thread{'s' * (threads > 1)} each)", flush=True)
-    reports: queue.Queue = queue.Queue()
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(threads,))
+    completed = False
+    try:
         while pending or running:
             for job in ready()[:max(0, workers - len(running))]:
                 started(job)
-                running[job.name] = job
-                pool.apply_async(_run_job, (job.name, job.fn, job.args),
-                                 callback=lambda res, job=job: reports.put((job, res, None)),
-                                 error_callback=lambda exc, job=job: reports.put((job, None, exc)))
-            job, res, exc = reports.get()
-            del running[job.name]
-            if exc is not None:  # leaving the with-block terminates the workers
-                raise JobFailed(f"{job.name}: {exc}") from exc
-            finished(job, *res)
+                running[pool.submit(_run_job, job.name, job.fn, job.args)] = job
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool as exc:  # every running job's future fails: which one died is unknown
+                    names = ", ".join([job.name, *(j.name for j in running.values())])
+                    raise JobFailed(f"{names}: a worker process died while running them (killed, or out of memory?)") from exc
+                except Exception as exc:
+                    raise JobFailed(f"{job.name}: {exc}") from exc
+                finished(job, *result)
+        completed = True
+    finally:
+        if not completed:  # a failed job or an interrupt: the jobs beside it stop now (their run folders resume)
+            # no public way to stop running workers before Python 3.14's terminate_workers()
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
     return results
