@@ -335,13 +335,11 @@ def pooled_retention_block(name: str, fingerprint: str, mode: str, befores: list
     if len(befores) != len(afters) or not befores:
         raise ValueError("retention: one before and one after per run")
     per_run = [(metrics_of(b), metrics_of(a)) for b, a in zip(befores, afters)]
-    names = set(per_run[0][0])
-    for metrics_before, metrics_after in per_run:
-        if {*metrics_before} != names or {*metrics_after} != names or any(
-                len(metrics_before[k]) != len(per_run[0][0][k]) or len(metrics_after[k]) != len(per_run[0][0][k]) for k in names):
-            raise ValueError("retention before and after were scored on different items")
+    sizes = {k: len(v) for k, v in per_run[0][0].items()}  # metric -> items, in the order records give them
+    if any({k: len(v) for k, v in scored.items()} != sizes for run in per_run for scored in run):
+        raise ValueError("retention before and after were scored on different items")
     metrics = {}
-    for metric in metrics_of(befores[0]):  # the order records give (accuracy, then retrieval)
+    for metric in sizes:
         before = np.mean([b[metric] for b, _ in per_run], axis=0)  # per item, over runs
         after = np.mean([a[metric] for _, a in per_run], axis=0)
         change = after - before

@@ -65,6 +65,9 @@ def test_plan_is_one_resumable_cv_fold_command_per_job(tmp_path, capsys):
     ({"strategies": [{"name": "a", "recipe": "nope", "config": "x.yaml"}]}, "recipe 'nope' is not one of"),
     ({"strategies": [{"name": "a b", "recipe": "clip_hardneg", "config": "x.yaml"}]}, "name: letters, digits"),
     ({"strategies": [{"name": "a", "recipe": "clip_hardneg", "config": "missing.yaml"}]}, "missing.yaml not found"),
+    # a real model's config on the world's toy pairs: its folds are files, so the study's benchmark is what shows it
+    ({"strategies": [{"name": "a", "recipe": "clip_hardneg", "config": str(REPO / "configs/clip_hardneg/biomedclip.yaml")}]},
+     "--benchmark: the embedded world's 64-px toy images, with the real model 'biomedclip'"),
 ])
 def test_bad_study_files_are_one_line_errors(tmp_path, capsys, change, message):
     assert main(["study", "plan", str(_study(tmp_path, **change))]) == 2

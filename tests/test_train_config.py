@@ -121,6 +121,12 @@ def test_real_model_configs_use_real_held_out_data_and_toy_data_is_refused(tmp_p
         check_toy_data(ClipHardNegConfig(model="biomedclip"))
     check_toy_data(ClipHardNegConfig(model="biomedclip", allow_toy_data=True))  # forced
     check_toy_data(ClipHardNegConfig(model="tiny-clip-base"))  # the world's own models
+    # a cv folds its --benchmark into the data: a real model's config on world folds is refused too
+    real = load_config(ClipHardNegConfig, CONFIGS / "clip_hardneg" / "biomedclip.yaml")
+    check_toy_data(real, "mediconfusion")
+    with pytest.raises(ConfigError, match="^--benchmark: the embedded world's 64-px toy images, with the real model"):
+        check_toy_data(real, "world:test")
+    check_toy_data(ClipHardNegConfig(model="tiny-clip-base"), "world:test")
 
 
 def test_train_help_without_a_recipe_lists_recipes_and_launch(capsys):

@@ -162,12 +162,14 @@ def release_run_dir(run_dir: Path) -> None:
         stack.close()
 
 
-def check_toy_data(cfg: Any) -> None:
+def check_toy_data(cfg: Any, benchmark: str | None = None) -> None:
     """A real model (anything but a preset built from config) on the embedded world's 64-px toy
-    images measures nothing about it: refused unless ``allow_toy_data``."""
+    images measures nothing about it: refused unless ``allow_toy_data``. ``benchmark``: the benchmark a cv
+    folds into the config's data (its folds are files, so the data keys alone would not show the world)."""
     from unconfuse.eval.models import find_preset
 
     toy = [f"data.{k}" for k in ("train", "val", "test") if str(getattr(cfg.data, k)).startswith("world:")]
+    toy += ["--benchmark"] if str(benchmark or "").startswith("world:") else []
     preset = find_preset(cfg.model)
     if toy and not cfg.allow_toy_data and not (preset is not None and preset.build):
         raise ConfigError(f"{', '.join(toy)}: the embedded world's 64-px toy images, with the real model {cfg.model!r}; "

@@ -475,10 +475,11 @@ def candidate_pairs(emb: np.ndarray, min_sim: float, block_size: int = 4096, sea
     backend = resolve_search(search, len(emb), ivf_above)
     if backend == "ivf":
         pairs = _ivf_candidates(emb, min_sim, block_size, ivf_lists(len(emb), nlist), nprobe)
-        sims = pair_cosines(emb, pairs)
-        pairs, sims = pairs[sims >= min_sim], sims[sims >= min_sim]
     else:
-        pairs, sims = _exact_pairs(emb, min_sim, block_size, _faiss() if backend == "faiss" else None)
+        pairs = _exact_pairs(emb, min_sim, block_size, _faiss() if backend == "faiss" else None)
+    # one cosine for every backend (not each backend's rounding), so the pairs kept do not depend on it
+    sims = pair_cosines(emb, pairs)
+    pairs, sims = pairs[sims >= min_sim], sims[sims >= min_sim]
     order = np.lexsort((pairs[:, 1], pairs[:, 0]))
     return pairs[order], sims[order], backend
 
@@ -487,9 +488,9 @@ def _tile(emb: np.ndarray, start: int, size: int) -> np.ndarray:
     return np.ascontiguousarray(emb[start:start + size], dtype=np.float32)
 
 
-def _exact_pairs(emb: np.ndarray, min_sim: float, block_size: int, faiss) -> tuple[np.ndarray, np.ndarray]:
+def _exact_pairs(emb: np.ndarray, min_sim: float, block_size: int, faiss) -> np.ndarray:
     n = len(emb)
-    pairs, sims = [np.zeros((0, 2), np.int64)], [np.zeros(0, np.float32)]
+    pairs = [np.zeros((0, 2), np.int64)]
     for i0 in range(0, n, block_size):
         rows = _tile(emb, i0, block_size)
         for j0 in range(i0, n, block_size):
@@ -497,19 +498,17 @@ def _exact_pairs(emb: np.ndarray, min_sim: float, block_size: int, faiss) -> tup
             if faiss is None:
                 tile = rows @ cols.T
                 ii, jj = np.nonzero(tile >= min_sim)
-                found = tile[ii, jj]
             else:
                 index = faiss.IndexFlatIP(cols.shape[1])
                 index.add(cols)
                 # range_search keeps sims > radius; nudge so ">= min_sim" holds as documented
                 lims, found, jj = index.range_search(rows, float(np.nextafter(min_sim, -np.inf)))
                 ii = np.repeat(np.arange(len(rows)), np.diff(lims).astype(np.int64))
-                ii, jj, found = ii[found >= min_sim], jj[found >= min_sim], found[found >= min_sim]
+                ii, jj = ii[found >= min_sim], jj[found >= min_sim]
             gi, gj = ii + i0, jj + j0
             keep = gj > gi
             pairs.append(np.stack([gi[keep], gj[keep]], axis=1).astype(np.int64))
-            sims.append(found[keep].astype(np.float32))
-    return np.concatenate(pairs), np.concatenate(sims)
+    return np.concatenate(pairs)
 
 
 def _ivf_candidates(emb: np.ndarray, min_sim: float, block_size: int, nlist: int, nprobe: int,
@@ -779,11 +778,8 @@ def _mine_with_matrices(cfg: MiningConfig, out: Path, items: list, hashes: list[
     emb_a = cache_a.matrix([hashes[i] for i in keep_idx], matrix_a)
     timings["exclude_s"] = time.time() - t
     t = time.time()
-    local, _, backend = candidate_pairs(emb_a, cfg.min_sim_a, cfg.block_size, cfg.search, cfg.ivf_nlist,
-                                        cfg.ivf_nprobe, cfg.ivf_above)
-    # both similarities recomputed one way, so the result does not depend on the search backend's rounding
-    sim_a = pair_cosines(emb_a, local)
-    local, sim_a = local[sim_a >= cfg.min_sim_a], sim_a[sim_a >= cfg.min_sim_a]
+    local, sim_a, backend = candidate_pairs(emb_a, cfg.min_sim_a, cfg.block_size, cfg.search, cfg.ivf_nlist,
+                                            cfg.ivf_nprobe, cfg.ivf_above)
     cand = keep_idx[local] if len(local) else np.zeros((0, 2), np.int64)
     sim_b = pair_cosines(emb_b, cand)
     rule = sim_b <= cfg.max_sim_b

@@ -202,7 +202,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         run_demo(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}", seed=args.seed, mllm_steps=args.mllm_steps,
                  workers=args.workers)
     except JobFailed as exc:  # a job's bad input (its run folder, config, data): one line, as `unconfuse train` does
-        status = exit_status(exc.__cause__) if exc.__cause__ is not None else None
+        status = exit_status(exc.__cause__)
         if status is None:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -30,7 +30,7 @@ from unconfuse.eval.splits import fold_benchmark, grouped_folds, write_splits
 from unconfuse.recipes import recipe_module
 from unconfuse.train.callbacks import NonFiniteError, score_records
 from unconfuse.train.config import dump_config, load_config, to_dict
-from unconfuse.train.run import run_recipe
+from unconfuse.train.run import check_toy_data, run_recipe
 
 METRICS = ("set_accuracy", "confusion", "individual_accuracy")
 
@@ -61,6 +61,7 @@ def _open_cv(recipe: str, config: str, folds: int, benchmark: str, seed: int, ov
     prepare(benchmarks=[benchmark])
     bench = load_benchmark(benchmark)
     cfg = load_config(recipe_module(recipe).CONFIG_CLASS, config, list(overrides or []))
+    check_toy_data(cfg, benchmark)
     settings = {k: v for k, v in to_dict(cfg).items()
                 if k not in ("output_dir", "resume_from_checkpoint", "report_to", "force", "data")}
     fingerprint = {"command": f"cv {recipe}", "settings": settings, "folds": folds, "split_seed": seed,

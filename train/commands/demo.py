@@ -19,6 +19,7 @@ from unconfuse.eval.runner import EvalConfig, run_eval
 from unconfuse.eval.scorer import fmt, fmt_ci, score_table
 from unconfuse.eval.world import default_world, prepare
 from unconfuse.train.commands.jobs import Job, run_jobs
+from unconfuse.train.run import run_recipe
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIG = CONFIGS / "clip_hardneg" / "tiny.yaml"
@@ -84,7 +85,7 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None, work
     n_train, n_val = len(load_benchmark(world.root / "train").pairs), len(load_benchmark(world.root / "val").pairs)
     mllm_base = {mode: out / f"{m}-{mode}" for m, mode in MLLM_BASE_RUNS}
     base_model = MLLM_BASE_RUNS[0][0]
-    jobs = [Job("tiny-clip-base", _build_model, ("tiny-clip-base",), cost=JOB_SECONDS["tiny-clip-base"],
+    jobs = [Job("tiny-clip-base", prepare, (["tiny-clip-base"],), cost=JOB_SECONDS["tiny-clip-base"],
                 what="building the base encoder (pretraining on the world corpus; cached)"),
             Job(base_model, _base_mllm, (base_model, [mode for _, mode in MLLM_BASE_RUNS], str(world.root / "test"),
                                         [str(mllm_base[mode]) for _, mode in MLLM_BASE_RUNS]),
@@ -93,7 +94,7 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None, work
     for name, overrides in STRATEGIES:
         run_dir = out / name.split(" ")[0]
         runs[name] = {"dir": run_dir}
-        jobs.append(Job(name, _run_recipe, ("clip_hardneg", str(CONFIG), [
+        jobs.append(Job(name, run_recipe, ("clip_hardneg", str(CONFIG), [
             *overrides, f"output_dir={run_dir}", f"train.seed={seed}", f"train.max_steps={ENCODER_STEPS}"]),
             after=("tiny-clip-base",), cost=ENCODER_STEPS * JOB_SECONDS["clip_hardneg"],
             what=f"training tiny-clip-base for {ENCODER_STEPS} steps on {n_train} train pairs (validation: {n_val} val pairs)"))
@@ -103,7 +104,7 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None, work
             n_steps = mllm_steps or default_steps
             run_dir = out / folder
             mllm_runs[name] = {"dir": run_dir}
-            jobs.append(Job(name, _run_recipe, (recipe, str(CONFIGS / recipe / "tiny.yaml"), [
+            jobs.append(Job(name, run_recipe, (recipe, str(CONFIGS / recipe / "tiny.yaml"), [
                 f"output_dir={run_dir}", f"train.seed={seed}", f"train.max_steps={n_steps}",
                 f"train.eval_steps={max(1, n_steps // 3)}", f"train.save_steps={n_steps}", "test_modes=[greedy]", *overrides]),
                 after=(base_model,), cost=n_steps * JOB_SECONDS[recipe],
@@ -173,22 +174,11 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None, work
             "atlases": atlases, "seconds": time.time() - start}
 
 
-def _build_model(name: str) -> None:
-    prepare(models=[name])
-
-
 def _base_mllm(model: str, modes: list[str], benchmark: str, outs: list[str]) -> list[dict[str, Any]]:
     """Build the base MLLM (once; cached) and score it on ``benchmark`` in each mode."""
     prepare(models=[model])
     return [run_eval(EvalConfig(model=model, mode=mode, benchmark=benchmark, out=out, progress=False))
             for mode, out in zip(modes, outs)]
-
-
-def _run_recipe(recipe: str, config: str, overrides: list[str]):
-    """One recipe run as a demo job (a module-level function, so a spawned worker can run it)."""
-    from unconfuse.train.run import run_recipe
-
-    return run_recipe(recipe, config, overrides)
 
 
 def plot_validation(path: Path, run_dirs: dict[str, Path], results: dict[str, Any]) -> Path:

@@ -16,7 +16,7 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 
@@ -31,7 +31,6 @@ class Job:
     after: tuple[str, ...] = ()
     cost: float = 1.0
     what: str = ""
-    started: float = field(default=0.0, repr=False)
 
 
 class JobFailed(RuntimeError):
@@ -122,8 +121,7 @@ def run_jobs(jobs: list[Job], workers: int, start: float | None = None) -> dict[
 
     def started(job: Job) -> None:
         pending.remove(job)
-        job.started = time.time()
-        print(f"[{job.started - start:4.0f} s] {job.name}: {job.what or 'started'} ...", flush=True)
+        print(f"[{time.time() - start:4.0f} s] {job.name}: {job.what or 'started'} ...", flush=True)
 
     def finished(job: Job, result: Any, seconds: float) -> None:
         results[job.name] = result

@@ -32,6 +32,7 @@ from typing import Any
 
 from unconfuse.recipes import RECIPES, recipe_module
 from unconfuse.train.config import ConfigError, load_config
+from unconfuse.train.run import check_toy_data
 
 STUDY_KEYS = {"benchmark", "folds", "split_seed", "seeds", "out", "launch", "overrides", "baseline", "strategies"}
 STRATEGY_KEYS = {"name", "recipe", "config", "overrides"}
@@ -153,12 +154,13 @@ def load_study(path: str | Path) -> Study:
     if baseline not in names:
         raise StudyError(f"{path}: baseline {baseline!r} is not a strategy's name ({', '.join(names)})")
     overrides = _overrides(data.get("overrides"), f"{path}: overrides")
+    benchmark = str(data["benchmark"])
     for i, strategy in enumerate(strategies):  # a bad key or value fails here, not in job 37 of 45
         try:
-            load_config(recipe_module(strategy.recipe).CONFIG_CLASS, strategy.config, [*overrides, *strategy.overrides])
+            cfg = load_config(recipe_module(strategy.recipe).CONFIG_CLASS, strategy.config, [*overrides, *strategy.overrides])
+            check_toy_data(cfg, benchmark)
         except ConfigError as exc:
             raise StudyError(f"{path}: strategies[{i}] ({strategy.name}): {exc}") from None
-    benchmark = str(data["benchmark"])
     if Path(benchmark).expanduser().exists():  # a folder or file: absolute, so the jobs run from anywhere
         benchmark = str(Path(benchmark).expanduser().resolve())
     return Study(path, benchmark, folds, split_seed, seeds, _path(data["out"], f"{path}: out", must_exist=False),
