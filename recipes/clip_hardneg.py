@@ -32,7 +32,8 @@ from unconfuse.eval.retention import answer_encoder
 from unconfuse.train.callbacks import predict, score_records
 from unconfuse.train.config import ConfigError, RecipeSettings, TrainSettings, setting, to_dict
 from unconfuse.train.data import ClipCollator, PairBatches, PairItems
-from unconfuse.train.losses import clip_hardneg_loss
+from unconfuse.train.losses import clip_hardneg_loss, distill_loss
+from unconfuse.train.replay import FRACTION_HELP, REPLAY_HELP, caption_items, with_replay
 
 RECIPE = "clip_hardneg"
 
@@ -51,14 +52,27 @@ class ClipData:
                                      "a JSONL file, a captioned-image folder (metadata.jsonl) or hf:<id>")
     val_retention: str = setting("auto", "the validation side's retention set (train.selection with a retention floor "
                                          "only); never the test side's")
+    replay: str = setting("none", REPLAY_HELP + "; an encoder replays image-caption records (contrastive loss on them, "
+                                  "no pair term)")
+    replay_fraction: float = setting(0.5, FRACTION_HELP)
+    replay_text: Literal["caption", "answer", "both"] = setting(
+        "both", "what a replay image is matched to: its caption, its question's right option in the scoring prompt "
+                   "(the text zero-shot classification compares), or both (one record each)")
 
 
 @dataclass
 class PairLoss:
-    """The pair terms added to CLIP's InfoNCE."""
+    """The pair terms added to CLIP's InfoNCE, and the anchor to the base model."""
 
     hardneg_weight: float = setting(1.0, "image vs (own text, partner's text); 0 = plain CLIP fine-tuning", min=0)
     image_side_weight: float = setting(0.0, "text vs (own image, partner image)", min=0)
+    hardneg_label_smoothing: float = setting(0.0, "label smoothing of the pair terms' two-way targets (FSC-CLIP's "
+                                                  "calibrated hard negatives); 0 = the plain NegCLIP term", min=0)
+    distill_weight: float = setting(0.0, "weight of the distillation toward the frozen base model (open_clip's "
+                                         "DistillClipLoss: its image-text logits on the batch as soft targets); 0 = none",
+                                    min=0)
+    distill_on: Literal["batch", "replay"] = setting("batch", "the items distilled: the whole batch, or its replay "
+                                                              "items only (needs data.replay)")
 
 
 @dataclass
@@ -70,7 +84,8 @@ class EncoderLora:
     dropout: float = setting(0.0, "LoRA dropout", min=0)
     target_modules: str | None = setting(None, "regex (full match) over module names to adapt; default: every "
                                                "linear layer and attention block of the vision tower (q, k and v "
-                                               "of nn.MultiheadAttention included)")
+                                               "of nn.MultiheadAttention included), or the convolutions of a "
+                                               "ModifiedResNet tower (RN50 family, tiny-clip-base)")
 
 
 @dataclass
@@ -79,7 +94,7 @@ class ClipHardNegConfig(RecipeSettings):
 
     model: str = setting("tiny-clip-base", "preset, local folder, local-dir:/path, hf-hub:org/name, or hub id")
     strategy: str | None = setting(None, "name that groups runs in compare and W&B (default: hardneg, or "
-                                         "clip-ft when both pair weights are 0)")
+                                         "clip-ft when both pair weights are 0; +replay with data.replay)")
     trainable: Literal["full", "locked_text", "locked_vision", "lora"] = setting(
         "full", "what trains: everything, the vision tower (text locked), the text tower, or LoRA on the vision tower")
     lora: EncoderLora = setting(help="LoRA settings (trainable: lora)", factory=EncoderLora)
@@ -96,7 +111,7 @@ CONFIG_CLASS = ClipHardNegConfig
 def strategy_name(cfg: ClipHardNegConfig) -> str:
     if cfg.strategy:
         return cfg.strategy
-    return "clip-ft" if not (cfg.loss.hardneg_weight or cfg.loss.image_side_weight) else "hardneg"
+    return with_replay("clip-ft" if not (cfg.loss.hardneg_weight or cfg.loss.image_side_weight) else "hardneg", cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,21 +211,42 @@ def _shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
+def _weights_read_directly(modules: dict[str, torch.nn.Module]) -> set[str]:
+    """Linear layers whose forward is never called: open_clip's ``AttentionPool2d`` (the RN50 family's attention
+    pool, tiny-clip-base's) hands its q/k/v/c_proj weights to ``F.multi_head_attention_forward`` itself, so an
+    adapter on those Linears would never run."""
+    from open_clip.modified_resnet import AttentionPool2d
+
+    pools = [name for name, m in modules.items() if isinstance(m, AttentionPool2d)]
+    return {name for name in modules for pool in pools if name.startswith(pool + ".")}
+
+
 def lora_targets(encoder: TrainableEncoder, pattern: str | None) -> list[str]:
     """The exact module names LoRA adapts: those ``pattern`` fully matches, or by default every linear
     layer and every ``nn.MultiheadAttention`` of the vision tower (open_clip's native ViT keeps q, k and v
     in the attention block's ``in_proj_weight``, which only an adapter on the block itself reaches; its
-    ``out_proj`` is adapted with the block). An empty result is an error, never a silent no-op."""
+    ``out_proj`` is adapted with the block); a convolutional tower whose linear layers are never called
+    (open_clip's ModifiedResNet: its attention pool reads their weights directly) gets its convolutions. An
+    empty result, or a target whose adapter would never run, is an error, never a silent no-op."""
     import re
 
     modules = dict(encoder.weights.named_modules())
     attention = {name for name, m in modules.items() if isinstance(m, torch.nn.MultiheadAttention)}
+    never_called = _weights_read_directly(modules)
     if pattern is not None:
         targets = [name for name in modules if name and re.fullmatch(pattern, name)]
         where = f"lora.target_modules {pattern!r}"
+        unreachable = [name for name in targets if name in never_called]
+        if unreachable:
+            raise ConfigError(f"lora.target_modules: {', '.join(unreachable)}: an adapter there would never run "
+                              "(open_clip's AttentionPool2d uses these weights directly); target the tower's "
+                              "convolutions instead")
     else:
-        targets = [name for name, m in modules.items() if name.startswith(encoder.tower + ".")
+        tower = {name: m for name, m in modules.items() if name.startswith(encoder.tower + ".")}
+        targets = [name for name, m in tower.items() if name not in never_called
                    and (name in attention or (isinstance(m, torch.nn.Linear) and name.rpartition(".")[0] not in attention))]
+        if not targets:  # a convolutional tower (ModifiedResNet): its convolutions
+            targets = [name for name, m in tower.items() if isinstance(m, torch.nn.Conv2d)]
         where = f"the vision tower ({encoder.tower})"
     if not targets:
         raise ConfigError(f"trainable: lora: {where} has no module to adapt in {type(encoder.weights).__name__}")
@@ -257,19 +293,33 @@ def unscalar_parameters(model: torch.nn.Module) -> None:
 
 
 class ClipHardNegTrainer(PairBatches, Trainer):
-    """transformers.Trainer with whole-pair batches and the pair loss."""
+    """transformers.Trainer with whole-pair batches (and replay items), the pair loss and, with a ``teacher``
+    (the frozen base), the distillation term."""
 
-    def __init__(self, *args, loss_config: PairLoss, **kwargs):
+    def __init__(self, *args, loss_config: PairLoss, teacher: torch.nn.Module | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_config = loss_config
+        self.loss_config, self.teacher = loss_config, teacher
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = model(inputs["pixel_values"], inputs["input_ids"])
-        image_features, text_features, logit_scale = (out["image_features"], out["text_features"], out["logit_scale"]) \
-            if isinstance(out, dict) else out[:3]
+        config = self.loss_config
+        image_features, text_features, logit_scale = _features(model(inputs["pixel_values"], inputs["input_ids"]))
         parts = clip_hardneg_loss(image_features, text_features, logit_scale, inputs["text_ids"], inputs["partner"],
-                                  self.loss_config.hardneg_weight, self.loss_config.image_side_weight)
+                                  config.hardneg_weight, config.image_side_weight, replay=inputs["replay"],
+                                  hardneg_label_smoothing=config.hardneg_label_smoothing)
+        if self.teacher is not None:
+            on = inputs["replay"] if config.distill_on == "replay" else torch.ones_like(inputs["replay"])
+            if on.any():
+                with torch.no_grad():
+                    teacher = _features(self.teacher(inputs["pixel_values"], inputs["input_ids"]))
+                parts["distill"] = distill_loss(image_features[on], text_features[on], logit_scale,
+                                                teacher[0][on], teacher[1][on], teacher[2])
+                parts["loss"] = parts["loss"] + config.distill_weight * parts["distill"]
         return (parts["loss"], parts) if return_outputs else parts["loss"]
+
+
+def _features(out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image features, text features, logit scale) of an open_clip CLIP (dict or tuple) or ``HFClipForTraining``."""
+    return (out["image_features"], out["text_features"], out["logit_scale"]) if isinstance(out, dict) else tuple(out[:3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +332,8 @@ def main(cfg: ClipHardNegConfig) -> RunResults:
     if cfg.train.activation_checkpointing:
         raise ConfigError("train.activation_checkpointing: not supported by clip_hardneg (CLIP-style encoders train "
                           "without it)")
+    if cfg.loss.distill_weight and cfg.loss.distill_on == "replay" and cfg.data.replay == "none":
+        raise ConfigError("loss.distill_on: replay needs data.replay (there are no replay items to distill on)")
     run = lifecycle.open_run(RECIPE, cfg, strategy_name(cfg), modes=["clip"])
 
     # model
@@ -293,6 +345,7 @@ def main(cfg: ClipHardNegConfig) -> RunResults:
     torch.manual_seed(cfg.train.seed)
     adapter, spec = load_model(spec, device=device)
     encoder = (open_clip_encoder if spec.family == "open-clip" else hf_clip_encoder)(adapter, spec)
+    teacher = copy.deepcopy(encoder.trained).eval().requires_grad_(False) if cfg.loss.distill_weight else None
     torch.manual_seed(cfg.train.seed)  # LoRA init must not depend on whether the base model was just built
     freeze(encoder, cfg.trainable, cfg.lora)
     if run.launch["deepspeed"]:
@@ -337,9 +390,12 @@ def main(cfg: ClipHardNegConfig) -> RunResults:
     # trainer (the encoder is loaded whole: encoders are small; ZeRO-3 partitions it when training starts)
     width = max(p.shape[-1] for p in model.parameters() if p.dim() == 2)  # for DeepSpeed's auto bucket sizes
     args = TrainingArguments(**lifecycle.trainer_arguments(run, cfg.train, model_width=width), remove_unused_columns=False)
-    trainer = ClipHardNegTrainer(model=model, args=args, train_dataset=PairItems(run.train, encoder.preprocess, cfg.data.text),
-                                 data_collator=ClipCollator(encoder.tokenize),
-                                 pairs_per_batch=cfg.train.pairs_per_batch, loss_config=cfg.loss)
+    replay = run.replay_rows(caption_items(run.replay, cfg.data.replay, cfg.data.replay_text,
+                                           run.prompts.template("clip", spec.clip_prompt)) if run.replay else [])
+    per_batch = run.replay_per_batch
+    trainer = ClipHardNegTrainer(model=model, args=args, train_dataset=PairItems(run.train, encoder.preprocess, cfg.data.text, replay),
+                                 data_collator=ClipCollator(encoder.tokenize), pairs_per_batch=cfg.train.pairs_per_batch,
+                                 replay_items=len(replay), replay_per_batch=per_batch, loss_config=cfg.loss, teacher=teacher)
     callback = lifecycle.validation(run, lambda bench, mode: evaluate(bench, mode, trainer=trainer), encoder.save,
                                     val_mode="clip", saved_parameters=lambda: list(model.parameters()),
                                     retain=lambda rset: retain(rset, trainer=trainer))
@@ -351,7 +407,8 @@ def main(cfg: ClipHardNegConfig) -> RunResults:
     final = lifecycle.score_stage(run, "test", lambda bench, mode: evaluate(bench, mode, best), spec.name,
                                   retain=lambda rset: retain(rset, best))
     return lifecycle.finish(run, spec.name, base, final, trainer, callback,
-                            details={"loss": to_dict(cfg.loss), "trainable": cfg.trainable})
+                            details={"loss": to_dict(cfg.loss), "trainable": cfg.trainable,
+                                     "replay": {"items": len(replay), "per_batch": per_batch}})
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ from unconfuse.train.config import setting, to_dict
 from unconfuse.train.data import PairBatches
 from unconfuse.train.losses import image_contrast_loss
 from unconfuse.train.mllm import (MllmData, MllmRecipeSettings, attach_lora, letter_examples, load_best_adapters,
-                                  load_mllm, retention_scorer, scorer, with_eval_bos)
+                                  load_mllm, replay_examples, retention_scorer, scorer, warm_start, with_eval_bos)
+from unconfuse.train.replay import with_replay
 
 RECIPE = "mllm_dpo"
 
@@ -51,7 +52,7 @@ class MllmDpoConfig(MllmRecipeSettings):
     """mllm_dpo's settings: YAML keys, or ``key=value`` on the command line."""
 
     strategy: str | None = setting(None, "name that groups runs in compare and W&B (default: dpo+image-contrast, "
-                                         "or dpo when the weight is 0)")
+                                         "or dpo when the weight is 0; +replay with data.replay)")
     preference: PreferenceSettings = setting(help="the preference loss", factory=PreferenceSettings)
 
 
@@ -99,16 +100,18 @@ def image_tokens_vary(processor) -> bool:
     return len(lengths) > 1
 
 
-def partner_rows(inputs: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
-    """For each chosen row i of a whole-pair [chosen; rejected] batch (pair partners 2k, 2k+1), the batch row
-    that asks the same prompt with the same answer, with the pair partner's image: the partner's rejected row
-    (the two images of a pair share the prompt and need opposite answers), or its chosen row where a pair's
-    answers agree. Rows match token for token, so each pair's images must give one image-token count."""
-    partner = torch.arange(rows, device=inputs["input_ids"].device) ^ 1
+def partner_rows(inputs: dict[str, torch.Tensor], rows: int, pair_rows: int | None = None) -> torch.Tensor:
+    """For each chosen row i of a whole-pair [chosen; rejected] batch (pair partners 2k, 2k+1 among its first
+    ``pair_rows`` chosen rows, default all; replay rows follow them), the batch row that asks the same prompt with
+    the same answer, with the pair partner's image: the partner's rejected row (the two images of a pair share the
+    prompt and need opposite answers), or its chosen row where a pair's answers agree. Rows match token for token,
+    so each pair's images must give one image-token count."""
+    pair_rows = rows if pair_rows is None else pair_rows
+    partner = torch.arange(pair_rows, device=inputs["input_ids"].device) ^ 1
     rows_of = {k: inputs[k] for k in ("input_ids", "attention_mask", "completion_mask")}
     found = torch.full_like(partner, -1)
     for candidate in (partner + rows, partner):  # the partner's rejected row, then its chosen row
-        same = torch.stack([(v[:rows] == v[candidate]).all(-1) for v in rows_of.values()]).all(0)
+        same = torch.stack([(v[:pair_rows] == v[candidate]).all(-1) for v in rows_of.values()]).all(0)
         found = torch.where((found < 0) & same, candidate, found)
     if (found < 0).any():
         raise ValueError("the image-contrast term needs the two images of a pair to share the prompt and to give one "
@@ -142,19 +145,23 @@ def make_trainer_class():
         latter is already in DPO's batch: it is the partner's rejected row (``partner_rows``). So the term
         reads the per-row log-probs of the two forwards TRL's ``_compute_loss`` makes anyway (the policy,
         then the reference: TRL's "ref" adapter; TRL cannot precompute reference log-probs for image data),
-        and TRL's own code computes the DPO loss and metrics, unchanged."""
+        and TRL's own code computes the DPO loss and metrics, unchanged. Replay rows (after the pair rows of a
+        batch: ``pair_rows`` counts the pair rows) take DPO's loss only."""
+
+        count_pair_rows = True
 
         def __init__(self, *args, image_contrast_weight: float = 0.0, **kwargs):
             super().__init__(*args, **kwargs)
             self.image_contrast_weight = image_contrast_weight
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            rows = inputs["input_ids"].shape[0] // 2  # the batch is [chosen rows; rejected rows]
+            pair_rows = int(inputs.pop("pair_rows", rows))
             if not self.image_contrast_weight:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            rows = inputs["input_ids"].shape[0] // 2  # the batch is [chosen rows; rejected rows]
-            if rows % 2:
+            if pair_rows % 2:
                 raise ValueError("the image-contrast term needs whole pairs in every batch")
-            partner = partner_rows(inputs, rows)
+            partner = partner_rows(inputs, rows, pair_rows=pair_rows)
             captured: list[torch.Tensor] = []
             # the policy forward reaches self.model through any DDP/DeepSpeed wrapper; the reference forward calls it
             modules = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
@@ -164,7 +171,7 @@ def make_trainer_class():
                 raise RuntimeError(f"expected TRL's policy and reference forwards, saw {len(captured)} forwards")
             completion = inputs["completion_mask"].shape[1] - 1  # log-probs are zero outside the completion
             policy, reference = (log_probs[:, -completion:].sum(dim=1) for log_probs in captured)
-            term = image_contrast_loss(policy[:rows], reference[:rows], policy[partner], reference[partner], self.beta)
+            term = image_contrast_loss(policy[:pair_rows], reference[:pair_rows], policy[partner], reference[partner], self.beta)
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["image_contrast"].append(term.item())
             if return_outputs:
@@ -180,7 +187,7 @@ def main(cfg: MllmDpoConfig) -> RunResults:
     from trl import DPOConfig
 
     # data: run directory, pairs, leakage audit
-    strategy = cfg.strategy or ("dpo+image-contrast" if cfg.preference.image_contrast_weight else "dpo")
+    strategy = cfg.strategy or with_replay("dpo+image-contrast" if cfg.preference.image_contrast_weight else "dpo", cfg)
     run = lifecycle.open_run(RECIPE, cfg, strategy, modes=[cfg.val_mode, *cfg.test_modes])
     sft = cfg.preference.sft_weight
     args = DPOConfig(**lifecycle.trainer_arguments(run, cfg.train), max_length=None,  # never cut image tokens
@@ -191,11 +198,15 @@ def main(cfg: MllmDpoConfig) -> RunResults:
     adapter, spec = load_mllm(run, RECIPE)
     lifecycle.start_wandb(run, spec.name)
     model = attach_lora(adapter, cfg.lora, cfg.train.seed)
+    warm_start(model, cfg.init_adapters)  # before the trainer: TRL's reference adapter copies it
     examples = preference_examples(run.train, run.prompts, cfg.data, cfg.train.seed,
                                    same_size_pairs=bool(cfg.preference.image_contrast_weight)
                                    and image_tokens_vary(adapter.processor))
+    replay = replay_examples(run, "dpo", run.prompts, cfg.train.seed)
     trainer = make_trainer_class()(model=model, args=args, processing_class=with_eval_bos(adapter.processor),
-                                   train_dataset=Dataset.from_list(examples), pairs_per_batch=cfg.train.pairs_per_batch,
+                                   train_dataset=Dataset.from_list([{**ex, "replay": False} for ex in examples] + replay),
+                                   pairs_per_batch=cfg.train.pairs_per_batch, replay_items=len(replay),
+                                   replay_per_batch=run.replay_per_batch,
                                    image_contrast_weight=cfg.preference.image_contrast_weight)
     evaluate = scorer(run, spec, adapter, trainer, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
     retain = retention_scorer(run, adapter, trainer)

@@ -47,7 +47,8 @@ from unconfuse.train import run as lifecycle
 from unconfuse.train.config import setting, to_dict
 from unconfuse.train.data import PairRepeatSampler
 from unconfuse.train.mllm import (MllmData, MllmRecipeSettings, attach_lora, letter_examples, load_best_adapters,
-                                  load_mllm, retention_scorer, scorer, with_eval_bos)
+                                  load_mllm, replay_examples, retention_scorer, scorer, warm_start, with_eval_bos)
+from unconfuse.train.replay import with_replay
 
 RECIPE = "mllm_grpo"
 
@@ -76,7 +77,7 @@ class MllmGrpoConfig(MllmRecipeSettings):
     """mllm_grpo's settings: YAML keys, or ``key=value`` on the command line."""
 
     strategy: str | None = setting(None, "name that groups runs in compare and W&B (default: grpo, or grpo-letter "
-                                         "when grpo.pair_weight is 0)")
+                                         "when grpo.pair_weight is 0; +replay with data.replay)")
     grpo: GrpoSettings = setting(help="rollouts, reward and loss", factory=GrpoSettings)
 
 
@@ -101,17 +102,19 @@ def completion_text(completion) -> str:
 def pair_rewards(completions: list, answer: list[str], pair_id: list[int], side: list[int]) -> tuple[list[float], list[float]]:
     """Per completion: ``(right, pair term)``. ``right`` is 1 when the completion's letter (eval's strict parser)
     is the image's answer; the pair term is ``right`` times the share of right completions of the pair-partner
-    image in the same batch. A batch holding an image without its partner's rollouts is an error."""
+    image in the same batch (0 for a replay prompt: ``pair_id`` -1). A batch holding an image without its partner's
+    rollouts is an error."""
     right = [float(parse_strict(completion_text(c)) == a) for c, a in zip(completions, answer, strict=True)]
     totals: dict[tuple[int, int], list[float]] = {}
     for r, p, s in zip(right, pair_id, side):
-        totals.setdefault((p, s), []).append(r)
+        if p >= 0:
+            totals.setdefault((p, s), []).append(r)
     missing = sorted({p for p, s in totals if (p, 1 - s) not in totals})
     if missing:
         raise ValueError(f"mllm_grpo: the reward batch holds an image of pair(s) {missing[:5]} without its partner's "
                          "rollouts; the pair term needs whole pairs (both images and all their generations) per batch")
     share = {key: sum(values) / len(values) for key, values in totals.items()}
-    return right, [r * share[(p, 1 - s)] for r, p, s in zip(right, pair_id, side)]
+    return right, [r * share[(p, 1 - s)] if p >= 0 else 0.0 for r, p, s in zip(right, pair_id, side)]
 
 
 def reward_functions():
@@ -147,17 +150,24 @@ def make_trainer_class():
         """GRPOTrainer whose generation batches hold whole pairs: both images of each pair, each with its
         ``num_generations`` rollouts, in the same process's slice (``PairRepeatSampler``)."""
 
+        def __init__(self, *args, pairs_per_batch: int, replay_items: int = 0, replay_per_batch: int = 0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.pairs_per_batch, self.replay_items, self.replay_per_batch = pairs_per_batch, replay_items, replay_per_batch
+
         def _get_train_sampler(self, dataset=None) -> PairRepeatSampler:
             dataset = self.train_dataset if dataset is None else dataset
             group = 2 * self.num_generations  # one pair's rollouts
             local = self.args.per_device_train_batch_size * self.args.steps_per_generation
-            if local % group or self.args.generation_batch_size % group:
+            unit = (2 * self.pairs_per_batch + self.replay_per_batch) * self.num_generations  # one device batch
+            if self.args.per_device_train_batch_size != unit or self.args.generation_batch_size % unit:
                 raise ValueError(f"mllm_grpo: a process's generation batch of {local} completions cannot hold whole pairs "
-                                 f"of 2 x {self.num_generations} rollouts; per_device_train_batch_size must be a multiple "
-                                 f"of 2 x num_generations")
-            return PairRepeatSampler(len(dataset) // 2, self.num_generations, self.args.generation_batch_size // group,
-                                     repeat_count=self.num_iterations * self.args.steps_per_generation,
-                                     seed=self.args.seed, shuffle=self.shuffle_dataset)
+                                 f"of 2 x {self.num_generations} rollouts; per_device_train_batch_size must be "
+                                 f"(2 x pairs_per_batch + replay per batch) x num_generations = {unit}")
+            units = self.args.generation_batch_size // unit
+            return PairRepeatSampler((len(dataset) - self.replay_items) // 2, self.num_generations,
+                                     units * self.pairs_per_batch, repeat_count=self.num_iterations * self.args.steps_per_generation,
+                                     seed=self.args.seed, shuffle=self.shuffle_dataset, replay_items=self.replay_items,
+                                     replay_per_unit=self.replay_per_batch, pairs_per_unit=self.pairs_per_batch)
 
     return PairGRPOTrainer
 
@@ -169,10 +179,11 @@ def main(cfg: MllmGrpoConfig) -> RunResults:
 
     # data: run directory, pairs, leakage audit
     grpo = cfg.grpo
-    run = lifecycle.open_run(RECIPE, cfg, cfg.strategy or ("grpo" if grpo.pair_weight else "grpo-letter"),
+    run = lifecycle.open_run(RECIPE, cfg, cfg.strategy or with_replay("grpo" if grpo.pair_weight else "grpo-letter", cfg),
                              modes=[cfg.val_mode, *cfg.test_modes])
     arguments = lifecycle.trainer_arguments(run, cfg.train)
-    arguments["per_device_train_batch_size"] *= grpo.num_generations  # GRPO counts completions: whole pairs x rollouts
+    arguments["per_device_train_batch_size"] = (arguments["per_device_train_batch_size"] + run.replay_per_batch) \
+        * grpo.num_generations  # GRPO counts completions: (whole pairs + replay prompts) x rollouts
     letters = grpo.rollouts == "letters"
     args = GRPOConfig(**arguments, num_generations=grpo.num_generations,
                       max_completion_length=1 if letters else grpo.max_completion_length, temperature=grpo.temperature,
@@ -183,13 +194,18 @@ def main(cfg: MllmGrpoConfig) -> RunResults:
     adapter, spec = load_mllm(run, RECIPE)
     lifecycle.start_wandb(run, spec.name)
     model = attach_lora(adapter, cfg.lora, cfg.train.seed)
-    examples = rollout_prompts(run.train, run.prompts, cfg.data, cfg.train.seed)
+    warm_start(model, cfg.init_adapters)  # before the trainer: TRL's reference adapter copies it
+    examples = [{**ex, "replay": False} for ex in rollout_prompts(run.train, run.prompts, cfg.data, cfg.train.seed)]
+    replay = replay_examples(run, "grpo", run.prompts, cfg.train.seed)
     if letters:
         args.generation_kwargs = letters_only(adapter, examples[0])
     trainer = make_trainer_class()(model=model, reward_funcs=reward_functions(), args=args,
                                    processing_class=with_eval_bos(adapter.processor),
-                                   train_dataset=Dataset.from_list(examples))
-    if "ref" in model.peft_config:  # TRL copies a passed-in adapter as the reference; ours is fresh: the base is it
+                                   train_dataset=Dataset.from_list(examples + replay), pairs_per_batch=cfg.train.pairs_per_batch,
+                                   replay_items=len(replay), replay_per_batch=run.replay_per_batch)
+    if "ref" in model.peft_config and not (cfg.init_adapters and grpo.beta):
+        # TRL copies a passed-in adapter as the KL reference: a fresh one is the base (adapters disabled), and
+        # without a KL term no reference is needed; a warm start's copy is the reference of its KL term
         model.delete_adapter("ref")
     evaluate = scorer(run, spec, adapter, trainer, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
     retain = retention_scorer(run, adapter, trainer)

@@ -4,7 +4,8 @@ Each image of a pair becomes one example: the scoring mode's multiple-choice pro
 prompt version as eval) and the correct letter, optionally followed by the option text. The loss
 is on the assistant tokens only (TRL ``assistant_only_loss``; the chat template marks generation
 blocks). Both images of a pair share a batch, and by default the options are swapped (with the
-answer) for half of the pairs, so no letter prior can be learned.
+answer) for half of the pairs, so no letter prior can be learned. With ``data.replay``, general questions
+(answered with the right option's text) or LLaVA conversations join every batch after the pairs.
 
     unconfuse train mllm_sft --config configs/mllm_sft/tiny.yaml [key=value ...]
 
@@ -24,7 +25,8 @@ from unconfuse.train import run as lifecycle
 from unconfuse.train.config import setting
 from unconfuse.train.data import PairBatches
 from unconfuse.train.mllm import (MllmData, MllmRecipeSettings, attach_lora, letter_examples, load_best_adapters,
-                                  load_mllm, retention_scorer, scorer, with_eval_bos)
+                                  load_mllm, replay_examples, retention_scorer, scorer, warm_start, with_eval_bos)
+from unconfuse.train.replay import with_replay
 
 RECIPE = "mllm_sft"
 
@@ -33,7 +35,8 @@ RECIPE = "mllm_sft"
 class MllmSftConfig(MllmRecipeSettings):
     """mllm_sft's settings: YAML keys, or ``key=value`` on the command line."""
 
-    strategy: str | None = setting(None, "name that groups runs in compare and W&B (default: sft)")
+    strategy: str | None = setting(None, "name that groups runs in compare and W&B (default: sft; sft+replay with "
+                                         "data.replay)")
 
 
 CONFIG_CLASS = MllmSftConfig
@@ -55,7 +58,7 @@ def main(cfg: MllmSftConfig) -> RunResults:
         """SFTTrainer whose batches hold whole pairs (both images of a pair)."""
 
     # data: run directory, pairs, leakage audit
-    run = lifecycle.open_run(RECIPE, cfg, cfg.strategy or "sft", modes=[cfg.val_mode, *cfg.test_modes])
+    run = lifecycle.open_run(RECIPE, cfg, cfg.strategy or with_replay("sft", cfg), modes=[cfg.val_mode, *cfg.test_modes])
     args = SFTConfig(**lifecycle.trainer_arguments(run, cfg.train), assistant_only_loss=True,
                      max_length=None)  # never truncate: it could cut image tokens. Made before the model (ZeRO-3)
 
@@ -63,9 +66,12 @@ def main(cfg: MllmSftConfig) -> RunResults:
     adapter, spec = load_mllm(run, RECIPE)
     lifecycle.start_wandb(run, spec.name)
     model = attach_lora(adapter, cfg.lora, cfg.train.seed)
+    warm_start(model, cfg.init_adapters)  # before the trainer: TRL's reference adapter copies it
+    replay = replay_examples(run, "sft", run.prompts, cfg.train.seed)
+    examples = [{**row, "replay": False} for row in sft_examples(run.train, run.prompts, cfg.data, cfg.train.seed)]
     trainer = PairSFTTrainer(model=model, args=args, processing_class=with_eval_bos(adapter.processor),
-                             train_dataset=Dataset.from_list(sft_examples(run.train, run.prompts, cfg.data, cfg.train.seed)),
-                             pairs_per_batch=cfg.train.pairs_per_batch)
+                             train_dataset=Dataset.from_list(examples + replay), pairs_per_batch=cfg.train.pairs_per_batch,
+                             replay_items=len(replay), replay_per_batch=run.replay_per_batch)
     evaluate = scorer(run, spec, adapter, trainer, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
     retain = retention_scorer(run, adapter, trainer)
     base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, base=True), spec.name,

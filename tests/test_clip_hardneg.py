@@ -70,6 +70,59 @@ def test_two_steps_log_the_loss_of_the_first_batch(world, tmp_path):
     assert set(saved["base"]) >= {"set_accuracy", "confusion", "ci", "per_category"} and saved["strategy"] == "hardneg"
 
 
+def test_replay_and_distillation_reach_the_first_steps_loss(world, tmp_path):
+    """The logged loss of step 1 with replay (corpus captions and answers beside the pairs) and distillation toward
+    the frozen base, recomputed by hand: the sampler's first batch, the pair part and the replay part weighted by
+    their shares, plus the distillation term (the student is the teacher at step 1: the teacher's own
+    cross-entropy, i.e. the entropy of its image-text distributions)."""
+    from unconfuse.train.losses import distill_loss
+    from unconfuse.train.replay import caption_items, load_replay
+
+    cfg = config(world, tmp_path / "run")
+    cfg.data.replay, cfg.data.replay_fraction, cfg.data.replay_text = "auto", 0.5, "both"
+    cfg.loss.distill_weight = 0.7
+    clip_hardneg.main(cfg)
+    adapter, _ = load_model("tiny-clip", device="cpu")
+    replay = caption_items(load_replay(str(world.replay)), "auto", "both")
+    items = PairItems(load_benchmark(str(world.root / "train")), adapter.preprocess, replay=replay)
+    sampler = PairBatchSampler((len(items) - len(replay)) // 2, 4, seed=0, replay_items=len(replay), replay_per_batch=8)
+    batch = ClipCollator(tokenize=adapter.tokenizer)([items[i] for i in next(iter(sampler))])
+    assert batch["replay"].tolist() == [False] * 8 + [True] * 8
+    with torch.no_grad():
+        image, text, scale = adapter.model.train()(batch["pixel_values"], batch["input_ids"])[:3]
+        parts = clip_hardneg_loss(image, text, scale, batch["text_ids"], batch["partner"], replay=batch["replay"])
+        distill = distill_loss(image, text, scale, image, text, scale).item()
+    expected = parts["loss"].item() + 0.7 * distill
+    assert _log(tmp_path / "run", 2)[0]["loss"] == pytest.approx(expected, rel=1e-4)
+    assert distill > 0.1 and parts["replay"].item() > 0  # both terms are really there
+    report = json.loads((tmp_path / "run" / "leakage.json").read_text())
+    assert report["replay"]["train_images"] == 10 and not report["leak"]
+
+
+def test_lora_reaches_a_modified_resnet_tower(tmp_path):
+    """open_clip's ModifiedResNet (RN50 family, tiny-clip-base's tower) hands its attention pool's weights to
+    F.multi_head_attention_forward directly: LoRA goes on its convolutions (and a pattern naming the pool's
+    Linears is refused), and a backward reaches the adapters. tiny-clip-base's architecture, unpretrained."""
+    from unconfuse.eval.models import ModelSpec
+    from unconfuse.eval.world.tiny import build_open_clip
+    from unconfuse.recipes.clip_hardneg import EncoderLora, freeze, lora_targets, open_clip_encoder
+    from unconfuse.train.config import ConfigError
+
+    build_open_clip(tmp_path / "rn", image_size=64, embed_dim=64, vision_width=16, context_length=48, vision_tower="resnet")
+    adapter, spec = load_model(ModelSpec(name="rn", family="open-clip", model_id=f"local-dir:{tmp_path / 'rn'}"), device="cpu")
+    encoder = open_clip_encoder(adapter, spec)
+    targets = lora_targets(encoder, None)
+    assert targets and all(isinstance(adapter.model.get_submodule(t), torch.nn.Conv2d) for t in targets)
+    assert not any("attnpool" in t for t in targets)
+    with pytest.raises(ConfigError, match="visual.attnpool.q_proj: an adapter there would never run"):
+        lora_targets(encoder, r"visual\.attnpool\.q_proj")
+    freeze(encoder, "lora", EncoderLora(r=2, alpha=4))
+    image, text = encoder.trained(torch.randn(2, 3, 64, 64), adapter.tokenizer(["a", "b"]))[:2]
+    (image @ text.T).sum().backward()
+    grads = [p.grad for n, p in encoder.trained.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(world, tmp_path, monkeypatch):
     full = clip_hardneg.main(config(world, tmp_path / "full", max_steps=8, save_steps=4, eval_steps=4))
     with killed_at_step(monkeypatch, 6):

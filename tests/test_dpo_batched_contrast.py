@@ -107,7 +107,7 @@ def test_the_term_reads_the_partner_image_rows(tmp_path, monkeypatch):
         assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(separate, abs=1e-5)
         wrong = {"own rows": torch.arange(rows), "partner's chosen rows": torch.arange(rows) ^ 1}
         for name, index in wrong.items():
-            monkeypatch.setattr(mllm_dpo, "partner_rows", lambda inputs, n, index=index: index)
+            monkeypatch.setattr(mllm_dpo, "partner_rows", lambda inputs, n, pair_rows=None, index=index: index)
             loss = trainer.compute_loss(trainer.model, batch).item()
             assert abs(loss - separate) > 1e-3, name
     assert trainer._metrics["train"]["image_contrast"][-2] == pytest.approx(math.log(2), abs=1e-6)

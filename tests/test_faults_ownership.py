@@ -141,9 +141,14 @@ def test_a_writer_failing_midway_keeps_every_line_written(world, tmp_path, monke
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2 * 2 * 2  # two batches of two pairs
     monkeypatch.setattr(runner, "answer_pairs", real)
     assert _eval(world.root / "test", out, "tiny-clip", "--batch-size", "2", "--limit", "8") == 0
-    key = lambda line: (json.loads(line)["pair_id"], json.loads(line)["image"])  # noqa: E731
-    assert sorted((out / "predictions.jsonl").read_text().splitlines(), key=key) == \
-        sorted((full / "predictions.jsonl").read_text().splitlines(), key=key)
+    resumed, uninterrupted = (sorted((json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()),
+                                     key=lambda r: (r["pair_id"], r["image"])) for folder in (out, full))
+    # the same records; scores to float32 rounding: the rerun encodes the texts the first batches had cached in
+    # other batches, and on some CPUs a matmul's last bits depend on the batch it is in
+    assert [{k: v for k, v in r.items() if k != "scores"} for r in resumed] == \
+        [{k: v for k, v in r.items() if k != "scores"} for r in uninterrupted]
+    for a, b in zip(resumed, uninterrupted):
+        assert a["scores"] == pytest.approx(b["scores"], rel=1e-5, abs=1e-6), a["pair_id"]
 
 
 @pytest.mark.slow

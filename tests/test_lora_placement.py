@@ -100,3 +100,14 @@ def test_llava_next_image_newline_stays_with_the_frozen_language_model():
     newline = {n: p for n, p in peft_model.named_parameters() if "image_newline" in n}
     assert list(newline) == ["base_model.model.model.image_newline"]
     assert not any(p.requires_grad for p in newline.values())
+
+
+@pytest.mark.parametrize("lm, names", [("attention", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+                                       ("mlp", {"gate_proj", "up_proj", "down_proj"})])
+@pytest.mark.parametrize("twin", ["tiny-llava", "tiny-qwen2.5-vl", "tiny-gemma3"])
+def test_lora_lm_places_adapters_on_the_attention_or_the_mlp_only(twin, lm, names):
+    adapter, _ = load_model(twin, device="cpu")
+    everything = lora_placement(adapter.model, MllmLora()).lora["language model"]
+    chosen = lora_placement(adapter.model, MllmLora(lm=lm)).lora["language model"]
+    assert chosen and {n.rpartition(".")[2] for n in chosen} == names
+    assert set(chosen) == {n for n in everything if n.rpartition(".")[2] in names}

@@ -141,3 +141,53 @@ def test_two_steps_on_every_twin(world, tmp_path, twin, rollouts):
     assert results.steps == 2 and len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
     assert all(math.isfinite(results.final[m]) for m in ("set_accuracy", "individual_accuracy"))
     assert logs[0]["completions/max_length"] <= (1 if rollouts == "letters" else 3)
+
+
+def test_grpo_from_an_sft_run_starts_at_its_validation_numbers(world, tmp_path, latest_checkpoint_wins):
+    """init_adapters: grpo warm-started from an sft run validates at step 0 exactly where sft's selected adapters did
+    (the same weights on the same val pairs), and its run fingerprint names the adapters it started from."""
+    from unconfuse.recipes import mllm_sft
+    from unconfuse.recipes.mllm_sft import MllmSftConfig
+
+    sft_cfg = MllmSftConfig(model="tiny-llava", output_dir=str(tmp_path / "sft"), report_to="none", val_mode="greedy",
+                            test_modes=["greedy"], lora=MllmLora(dropout=0.0),
+                            data=MllmData(train=str(world.root / "train"), val=str(world.root / "val"),
+                                          test=str(world.root / "test"), retention="none"),
+                            train=TrainSettings(max_steps=3, pairs_per_batch=2, learning_rate=1e-2, warmup_steps=0,
+                                                eval_steps=3, save_steps=3, logging_steps=1))
+    sft = mllm_sft.main(sft_cfg)
+    cfg = config(world, tmp_path / "grpo")
+    cfg.init_adapters = str(tmp_path / "sft")
+    mllm_grpo.main(cfg)
+    sft_best = [json.loads(l) for l in (tmp_path / "sft" / "val_history.jsonl").read_text().splitlines()][-1]
+    grpo_start = json.loads((tmp_path / "grpo" / "val_history.jsonl").read_text().splitlines()[0])
+    assert sft.best_step == 3 and sft_best["step"] == 3 and grpo_start["step"] == 0
+    assert {k: grpo_start[k] for k in ("set_accuracy", "confusion", "individual_accuracy")} == \
+        {k: sft_best[k] for k in ("set_accuracy", "confusion", "individual_accuracy")}
+    assert "init_adapters" in json.loads((tmp_path / "grpo" / "fingerprint.json").read_text())["data"]
+
+
+def test_an_init_run_on_other_data_or_unfinished_or_other_lora_is_refused(world, tmp_path):
+    from unconfuse.eval.benchmarks import load_benchmark
+    from unconfuse.recipes import mllm_sft
+    from unconfuse.recipes.mllm_sft import MllmSftConfig
+    from unconfuse.train.config import ConfigError
+    from unconfuse.train.warm_start import check_init_adapters
+
+    sft_cfg = MllmSftConfig(model="tiny-llava", output_dir=str(tmp_path / "sft"), report_to="none", val_mode="greedy",
+                            test_modes=["greedy"], data=MllmData(train=str(world.root / "train"), val=str(world.root / "val"),
+                                                                 test=str(world.root / "test"), retention="none"),
+                            train=TrainSettings(max_steps=1, pairs_per_batch=2, eval_steps=1, save_steps=1))
+    mllm_sft.main(sft_cfg)
+    with pytest.raises(ConfigError, match="was trained on other data"):
+        check_init_adapters(str(tmp_path / "sft"), "tiny-llava", load_benchmark(str(world.root / "val")))
+    with pytest.raises(ConfigError, match="adapts another base model"):
+        check_init_adapters(str(tmp_path / "sft"), "tiny-qwen2-vl", load_benchmark(str(world.root / "train")))
+    (tmp_path / "sft" / "results.json").rename(tmp_path / "sft" / "results.moved")
+    with pytest.raises(ConfigError, match="has not finished"):
+        check_init_adapters(str(tmp_path / "sft"), "tiny-llava", load_benchmark(str(world.root / "train")))
+    (tmp_path / "sft" / "results.moved").rename(tmp_path / "sft" / "results.json")
+    cfg = config(world, tmp_path / "grpo")
+    cfg.init_adapters, cfg.lora.r = str(tmp_path / "sft"), 4
+    with pytest.raises(ConfigError, match="its LoRA r \\(16\\) is not this run's \\(4\\)"):
+        mllm_grpo.main(cfg)

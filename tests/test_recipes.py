@@ -19,8 +19,8 @@ from unconfuse.train.run import run_recipe
 REPO = Path(__file__).resolve().parents[1]
 RANDOM_TWIN = {"tiny-clip-base": "tiny-clip", "tiny-llava-base": "tiny-llava"}  # pretrained base -> random twin
 GOLDEN_LOSSES = {  # recipe -> losses logged at steps 1 and 2
-    "clip_hardneg": (2.3553, 2.4061),
-    "mllm_sft": (6.0216, 5.9450),
+    "clip_hardneg": (2.2614, 2.1262),  # with the world's replay (corpus captions and answers), as the config ships
+    "mllm_sft": (6.0145, 5.9794),
     "mllm_dpo": (1.3863, 1.4099),  # step 1: policy == reference, so DPO and the image-contrast term are log 2 each
     "mllm_grpo": (0.0, 0.0),  # on-policy, beta 0: the surrogate is -mean(advantage), 0 (centred per image); see test_mllm_grpo
 }
@@ -83,7 +83,7 @@ def test_cv_directory_has_the_run_shape(world, tmp_path, capsys):
     assert cv.kind == "cv" and cv.details["folds"] == 2 and cv.final["n_pairs"] == 8
     assert {json.loads(line)["fold"] for line in (out / "val_history.jsonl").read_text().splitlines()} == {0, 1}
     summary = run_compare([out], out / "base", tmp_path / "compare")
-    assert summary["rows"][1]["strategy"] == "hardneg (cv 2 folds)"
+    assert summary["rows"][1]["strategy"] == "hardneg+replay (cv 2 folds)"
 
 
 @pytest.mark.parametrize("twin", ["tiny-qwen2.5-vl", *(pytest.param(t, marks=pytest.mark.slow)  # fast lane: one twin

@@ -89,3 +89,16 @@ def test_image_contrast_loss_by_hand():
     assert image_contrast_loss(own, ref_own, partner, ref_partner, beta).item() == pytest.approx(sum(expected) / 2, rel=1e-6)
     # at the reference (policy == reference) the term is log 2, whatever the images
     assert image_contrast_loss(own, own, partner, partner, beta).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_hardneg_label_smoothing_changes_the_pair_term_by_its_known_amount():
+    """FSC-CLIP's calibrated hard negatives: with smoothing e, each pair term is (1 - e / 2) * CE(own) + e / 2 * CE(other)."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 4) * 3
+    partner = torch.tensor([1, 0, 3, 2])
+    own = logits[torch.arange(4), torch.arange(4)]
+    other = logits[torch.arange(4), partner]
+    two_way = torch.stack([own, other], dim=1).log_softmax(dim=1)
+    expected = (-(1 - 0.1 / 2) * two_way[:, 0] - 0.1 / 2 * two_way[:, 1]).mean()
+    assert hard_negative_loss(logits, partner, label_smoothing=0.1).item() == pytest.approx(expected.item())
+    assert hard_negative_loss(logits, partner).item() == pytest.approx(-two_way[:, 0].mean().item())

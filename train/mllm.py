@@ -10,6 +10,7 @@ import torch
 
 from unconfuse.train.callbacks import predict, score_records
 from unconfuse.train.config import ConfigError, RecipeSettings, TrainSettings, setting
+from unconfuse.train.replay import FRACTION_HELP, REPLAY_HELP, question_items, wrong_option
 
 # Where image-text-to-text architectures keep their parts (module-name suffixes): LLaVA, LLaVA-NeXT and
 # Gemma 3 have a multi_modal_projector beside a vision_tower; Qwen2/2.5-VL keep the projector (merger)
@@ -18,7 +19,9 @@ from unconfuse.train.config import ConfigError, RecipeSettings, TrainSettings, s
 LANGUAGE_MODELS = ("language_model",)
 PROJECTORS = ("multi_modal_projector", "visual.merger")
 VISION_TOWERS = ("vision_tower", "visual")
-LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LM_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+LM_MLP = ("gate_proj", "up_proj", "down_proj")
+LM_LINEARS = LM_ATTENTION + LM_MLP
 
 EvalMode = Literal["greedy", "prefix", "mc"]
 Part = Literal["none", "lora", "full"]
@@ -43,6 +46,14 @@ class MllmData:
     answer_with_option: bool = setting(False, "reply 'A: <option text>' instead of 'A'")
     swap_options: bool = setting(True, "present the options swapped (answers flipped) for half of the pairs, so no "
                                        "letter prior can be learned")
+    replay: str = setting("none", REPLAY_HELP + "; an MLLM replays single-image questions (sft: the right option's "
+                                  "text as the reply, LLaVA conversations too; dpo: it preferred over another option; "
+                                  "grpo: the right letter of two options rewarded)")
+    replay_fraction: float = setting(0.5, FRACTION_HELP)
+    replay_answer: Literal["option", "letter"] = setting(
+        "option", "how a replay question is asked and answered (sft, dpo): option: as retention's prefix mode asks, the "
+                  "plain question answered with the right option's text; letter: as the pairs are, the right option and "
+                  "one other as lettered options in the scoring mode's prompt, answered with the letter (grpo: always)")
 
 
 @dataclass
@@ -52,6 +63,9 @@ class MllmLora:
     r: int = setting(16, "LoRA rank", min=1)
     alpha: int = setting(32, "LoRA alpha (scale = alpha / r)", min=1)
     dropout: float = setting(0.05, "LoRA dropout", min=0)
+    lm: Literal["all", "attention", "mlp"] = setting("all", "which projections of the language model get LoRA: "
+                                                           "attention and MLP, attention (q, k, v, o) only, or MLP "
+                                                           "(gate, up, down) only")
     projector: Part = setting("none", "the multimodal projector: frozen, LoRA, or trained in full")
     vision: Part = setting("none", "the vision tower: frozen, LoRA, or trained in full")
 
@@ -69,6 +83,10 @@ class MllmRecipeSettings(RecipeSettings):
                                               "(base/, test/), others go to base-<mode>/, test-<mode>/",
                                          factory=lambda: ["greedy", "prefix", "mc"])
     val_batch_pairs: int = setting(8, "pairs per batch when scoring val and test", min=1)
+    init_adapters: str | None = setting(None, "start from another run's selected adapters (a finished run folder, or "
+                                              "a cv folder: each fold starts from the same fold): sft first, then "
+                                              "preference or RL. Its LoRA placement must be this run's, and its "
+                                              "training data too (a warm start from other data would leak)")
 
 
 @dataclass
@@ -104,7 +122,8 @@ def lora_placement(model, settings: MllmLora) -> Placement:
 
     projector = parts["projector"]
     inside_tower = projector is not None and parts["vision"] is not None and projector.startswith(parts["vision"] + ".")
-    lora = {"language model": [n for n in under("language model") if n.rpartition(".")[2] in LM_LINEARS]}
+    lm_linears = {"all": LM_LINEARS, "attention": LM_ATTENTION, "mlp": LM_MLP}[settings.lm]
+    lora = {"language model": [n for n in under("language model") if n.rpartition(".")[2] in lm_linears]}
     full: list[str] = []
     for part in ("projector", "vision"):
         choice = getattr(settings, part)
@@ -123,7 +142,7 @@ def lora_placement(model, settings: MllmLora) -> Placement:
     if inside_tower and settings.vision == "full":
         full.remove(projector)  # trained as part of the tower
     if not lora["language model"]:
-        raise ConfigError(f"{arch}: its language model has none of {', '.join(LM_LINEARS)}")
+        raise ConfigError(f"lora.lm: {settings.lm}: {arch}'s language model has none of {', '.join(lm_linears)}")
     return Placement(lora, full)
 
 
@@ -245,16 +264,40 @@ def retention_scorer(run, adapter, trainer):
 def load_best_adapters(run, model) -> None:
     """Put the selected adapters (``checkpoints/best``) into ``model`` in place, for the final test: no
     second copy of the base model is loaded (under ZeRO-3 the adapters are written into their shards)."""
+    load_adapters(run.best_dir, model)
+
+
+def load_adapters(folder, model) -> None:
+    """Put the adapters saved in ``folder`` into ``model`` in place (under ZeRO-3 written into their shards)."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
     from unconfuse.train.run import gathered
 
-    weights = load_peft_weights(str(run.best_dir), device="cpu")
+    weights = load_peft_weights(str(folder), device="cpu")
     with gathered([p for p in model.parameters() if p.requires_grad], modifier_rank=0):
         result = set_peft_model_state_dict(model, weights)
     if result.unexpected_keys:
-        raise RuntimeError(f"{run.best_dir}: adapter weights this model does not have: {result.unexpected_keys[:3]}")
+        raise RuntimeError(f"{folder}: adapter weights this model does not have: {result.unexpected_keys[:3]}")
+
+
+def warm_start(model, arg: str | None) -> None:
+    """Load ``init_adapters`` into the freshly attached LoRA ``model``; its adapter settings (targets, rank,
+    modules trained in full) must be this run's."""
+    import json
+
+    from unconfuse.train.warm_start import init_adapters_folder
+
+    if not arg:
+        return
+    best = init_adapters_folder(arg)
+    saved, ours = json.loads((best / "adapter_config.json").read_text()), model.peft_config["default"].to_dict()
+    for key in ("target_modules", "r", "lora_alpha", "modules_to_save"):
+        theirs, mine = saved.get(key), ours.get(key)
+        if (sorted(theirs) if isinstance(theirs, list) else theirs) != (sorted(mine) if isinstance(mine, (list, set)) else mine):
+            raise ConfigError(f"init_adapters: {arg}: its LoRA {key} ({theirs!r}) is not this run's ({mine!r}); set the "
+                              "same lora.* as the run it starts from")
+    load_adapters(best, model)
 
 
 def letter_examples(bench, prompts, cfg: MllmData, seed: int) -> list[dict[str, Any]]:
@@ -283,3 +326,50 @@ def letter_examples(bench, prompts, cfg: MllmData, seed: int) -> list[dict[str, 
             other = "B" if correct == "A" else "A"
             examples.append({"image": images[ref], "prompt": prompt, "correct": reply(correct), "other": reply(other)})
     return examples
+
+
+def replay_examples(run, kind: Literal["sft", "dpo", "grpo"], prompts, seed: int) -> list[dict[str, Any]]:
+    """The run's replay items (``run.replay``) as rows of ``kind``, each marked ``"replay": True``: an SFT
+    conversation (the question and its right answer; a LLaVA conversation as it is), a DPO row (the right answer
+    chosen over one other option), or a GRPO prompt rewarded for the right letter (``pair_id`` -1: no pair term).
+    ``data.replay_answer`` says how a question is asked: the plain question answered with the option's text, or
+    (always for GRPO) the right option and one other as lettered options in the scoring mode's prompt, answered
+    with the letter. Empty without replay."""
+    from unconfuse.eval.images import load_image
+
+    if run.replay is None:
+        return []
+    rng = np.random.default_rng(seed)
+    images: dict[str, Any] = {}
+
+    def image(item):
+        if item.image not in images:
+            images[item.image] = load_image(run.replay.resolve_image(item.image))
+        return images[item.image]
+
+    rows: list[dict[str, Any]] = []
+    letter = kind == "grpo" or run.cfg.data.replay_answer == "letter"
+    for item in question_items(run.replay, run.cfg.data.replay, conversations=kind == "sft"):
+        if item.question is None:  # a LLaVA conversation (sft)
+            messages = [{"role": role, "content": text} for turn in item.turns
+                        for role, text in zip(("user", "assistant"), turn)]
+            rows.append({"images": [image(item)], "messages": messages, "replay": True})
+            continue
+        right, wrong = item.correct_option, wrong_option(item, seed)
+        if letter:  # the right option and another as lettered options, in random order
+            first = int(rng.random() < 0.5)
+            options = (wrong, right) if first else (right, wrong)
+            question = prompts.render(run.cfg.data.prompt_mode, item.question, options)
+            right, wrong = "AB"[first], "AB"[1 - first]
+        else:
+            question = item.question
+        user = [{"role": "user", "content": question}]
+        if kind == "sft":
+            rows.append({"images": [image(item)], "messages": [*user, {"role": "assistant", "content": right}], "replay": True})
+        elif kind == "dpo":
+            rows.append({"images": [image(item)], "prompt": user, "chosen": [{"role": "assistant", "content": right}],
+                         "rejected": [{"role": "assistant", "content": wrong}], "replay": True})
+        else:
+            rows.append({"images": [image(item)], "prompt": user, "answer": right, "pair_id": -1, "side": 0, "replay": True})
+    return run.replay_rows(rows)
+

@@ -61,6 +61,7 @@ class Run:
     modes: list[str]  # test modes; the first is the main mode (base/, test/)
     retention: RetentionSet | None = None  # held-out single-image questions scored before and after (data.retention)
     val_retention: RetentionSet | None = None  # the validation side's, for selection with a retention floor
+    replay: RetentionSet | None = None  # general data mixed into every batch (data.replay)
     retention_records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # stage -> records
     start: float = field(default_factory=time.time)
     wandb: Any = None
@@ -72,6 +73,22 @@ class Run:
     @property
     def best_dir(self) -> Path:
         return self.dir / "checkpoints" / "best"
+
+    def replay_rows(self, rows: list) -> list:
+        """``rows``, the recipe's replay rows, after printing what the run replays (the main process)."""
+        from unconfuse.train.replay import describe_replay
+
+        if self.is_main and rows:
+            print(describe_replay(self.replay.name, len(rows), self.replay_per_batch, 2 * self.cfg.train.pairs_per_batch),
+                  flush=True)
+        return rows
+
+    @property
+    def replay_per_batch(self) -> int:
+        """Replay items per training batch beside its ``2 * pairs_per_batch`` pair items (0 without replay)."""
+        from unconfuse.train.replay import replay_per_batch
+
+        return replay_per_batch(self.cfg.data.replay_fraction, 2 * self.cfg.train.pairs_per_batch) if self.replay else 0
 
 
 def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
@@ -90,14 +107,33 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
     is_main = int(os.environ.get("RANK", "0")) == 0  # set by torchrun/accelerate for every process
     train_bench, val_bench, test_bench = (load_benchmark(a) for a in (cfg.data.train, cfg.data.val, cfg.data.test))
     retention, val_retention = retention_sets(cfg)
+    replay = replay_set(cfg, train_bench)
+    init = getattr(cfg, "init_adapters", None)
+    if init:
+        from unconfuse.train.warm_start import check_init_adapters
+
+        init_identity = check_init_adapters(init, cfg.model, train_bench)
     own_run_dir(recipe, cfg, run_dir, (train_bench, val_bench, test_bench), is_main,
                 {"retention": retention.fingerprint() if retention else None,
-                 "val_retention": val_retention.fingerprint() if val_retention else None})
+                 "val_retention": val_retention.fingerprint() if val_retention else None,
+                 **({"replay": replay.fingerprint()} if replay else {}),
+                 **({"init_adapters": init_identity} if init else {})})
     if is_main:
         dump_config(cfg, run_dir / "config.yaml")
-    check_leakage(run_dir, train_bench, {"val": val_bench, "test": test_bench}, cfg.allow_leakage, write=is_main)
-    return Run(recipe, cfg, strategy, run_dir, is_main, train_bench, val_bench, test_bench, load_prompts(), launch,
-               list(dict.fromkeys(modes)), retention, val_retention)
+    check_leakage(run_dir, train_bench, {"val": val_bench, "test": test_bench}, cfg.allow_leakage, write=is_main,
+                  held_out={"retention": retention, "val_retention": val_retention}, replay=replay)
+    run = Run(recipe, cfg, strategy, run_dir, is_main, train_bench, val_bench, test_bench, load_prompts(), launch,
+               list(dict.fromkeys(modes)), retention, val_retention, replay)
+    return run
+
+
+def replay_set(cfg: Any, train: Benchmark) -> RetentionSet | None:
+    """The general data replayed in every batch (``data.replay``, ``data.replay_fraction``), or None."""
+    from unconfuse.train.replay import check_fraction, load_replay, resolve_replay
+
+    check_fraction(cfg.data.replay, cfg.data.replay_fraction)
+    arg = resolve_replay(cfg.data.replay, train)
+    return load_replay(arg) if arg else None
 
 
 def resolve_retention(arg: str, bench_arg: str) -> str | None:
@@ -238,7 +274,16 @@ def deepspeed_config_for_width(path: str, width: int) -> dict[str, Any]:
 # Leakage
 
 
-def leakage_audit(train: Benchmark, others: dict[str, Benchmark], phash_distance: int = 4) -> dict[str, Any]:
+ImageSource = Benchmark | RetentionSet  # pairs, or single images (retention and replay sets)
+
+
+def _image_paths(source: ImageSource) -> dict[str, str]:
+    """Resolved path -> reference of every image of a benchmark or a retention/replay set, each once."""
+    refs = source.unique_images() if isinstance(source, Benchmark) else dict.fromkeys(item.image for item in source.items)
+    return {str(source.resolve_image(ref).resolve()): ref for ref in refs}
+
+
+def leakage_audit(train: ImageSource, others: dict[str, ImageSource], phash_distance: int = 4) -> dict[str, Any]:
     """Training images found in the other splits: by resolved path, by file bytes (sha256) and by decoded
     pixels (a re-encoded copy has other bytes, the same pixels): each one a leak. Near-duplicates by
     perceptual hash (Hamming distance <= ``phash_distance``, as mining uses) are reported, not a leak:
@@ -247,9 +292,6 @@ def leakage_audit(train: Benchmark, others: dict[str, Benchmark], phash_distance
     import numpy as np
 
     from unconfuse.eval.images import UnreadableImage, decode_image, pixel_digest
-
-    def images(bench: Benchmark) -> dict[str, str]:
-        return {str(bench.resolve_image(ref).resolve()): ref for ref in bench.unique_images()}
 
     decoded: dict[str, tuple[str, np.ndarray] | None] = {}
 
@@ -266,14 +308,14 @@ def leakage_audit(train: Benchmark, others: dict[str, Benchmark], phash_distance
     def file_hash(path: str) -> str | None:
         return sha256_file(path) if Path(path).is_file() else None  # a FIFO would block the read
 
-    train_paths = images(train)
+    train_paths = _image_paths(train)
     train_hashes = {file_hash(p) for p in train_paths} - {None}
     train_pixels = {d[0]: p for p in train_paths if (d := pixels(p)) is not None}
     phash_paths = [p for p in train_paths if pixels(p) is not None]
     train_phash = np.stack([pixels(p)[1] for p in phash_paths]) if phash_paths else np.zeros((0, 8), np.uint8)
     report: dict[str, Any] = {"train_images": len(train_paths), "phash_distance": phash_distance, "splits": {}}
     for name, bench in others.items():
-        paths = images(bench)
+        paths = _image_paths(bench)
         by_id = sorted(set(paths) & set(train_paths))
         by_hash = sorted(p for p in paths if p not in train_paths and file_hash(p) in train_hashes)
         by_pixels, near = [], []
@@ -295,18 +337,29 @@ def leakage_audit(train: Benchmark, others: dict[str, Benchmark], phash_distance
     return report
 
 
-def check_leakage(run_dir: Path, train: Benchmark, others: dict[str, Benchmark], allow: bool,
-                  write: bool = True) -> dict[str, Any]:
-    """Write ``leakage.json``; abort before training on a leak unless ``allow``."""
-    report = leakage_audit(train, others)
+def _shared(report: dict[str, Any]) -> dict[str, int]:
+    return {k: len(v["shared_by_id"]) + len(v["shared_by_content"]) + len(v["shared_by_pixels"])
+            for k, v in report["splits"].items()}
+
+
+def check_leakage(run_dir: Path, train: Benchmark, others: dict[str, Benchmark], allow: bool, write: bool = True,
+                  held_out: dict[str, RetentionSet | None] | None = None, replay: RetentionSet | None = None) -> dict[str, Any]:
+    """Write ``leakage.json``; abort before training on a leak unless ``allow``. The training pairs are audited
+    against ``others`` (val, test) and the ``held_out`` retention sets; the ``replay`` set, when there is one,
+    against all of them (its own section, ``replay``: general data must not hold an image the run is judged on)."""
+    held = {name: rset for name, rset in (held_out or {}).items() if rset is not None}
+    report = leakage_audit(train, {**others, **held})
+    if replay is not None:
+        report["replay"] = leakage_audit(replay, {**others, **held})
+        report["leak"] = report["leak"] or report["replay"]["leak"]
     report["allowed"] = allow
     if write:
         atomic_write_json(run_dir / "leakage.json", report)
     if report["leak"] and not allow:
-        shared = {k: len(v["shared_by_id"]) + len(v["shared_by_content"]) + len(v["shared_by_pixels"])
-                  for k, v in report["splits"].items()}
-        raise LeakageError(f"training images appear in other splits {shared}; see {run_dir / 'leakage.json'} "
-                           "(set allow_leakage: true to train anyway)")
+        where = [f"training images appear in other splits {_shared(report)}"] if any(_shared(report).values()) else []
+        if replay is not None and report["replay"]["leak"]:
+            where.append(f"replay images (data.replay) appear in {_shared(report['replay'])}")
+        raise LeakageError(f"{'; '.join(where)}; see {run_dir / 'leakage.json'} (set allow_leakage: true to train anyway)")
     return report
 
 
@@ -593,15 +646,16 @@ def recipe_cli(recipe: str, argv: list[str] | None = None) -> int:
 
 
 def exit_status(exc: BaseException) -> int | None:
-    """The exit status of a run that raised ``exc``: 2 for bad input (config, data, model, run folder), 3 for a
+    """The exit status of a run that raised ``exc``: 2 for bad input (config, data, model, run folder or record), 3 for a
     run that diverged, None for anything else (a bug: let its traceback show)."""
     from unconfuse.eval.benchmarks import BenchmarkError
     from unconfuse.eval.io import RunDirError
     from unconfuse.eval.models import ModelLoadError
+    from unconfuse.eval.runs import RunFormatError
     from unconfuse.train.callbacks import NonFiniteError
     from unconfuse.train.config import ConfigError
 
-    if isinstance(exc, (ConfigError, LeakageError, BenchmarkError, ModelLoadError, RunDirError)):
+    if isinstance(exc, (ConfigError, LeakageError, BenchmarkError, ModelLoadError, RunDirError, RunFormatError)):
         return 2
     return 3 if isinstance(exc, NonFiniteError) else None
 

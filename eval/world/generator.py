@@ -339,6 +339,11 @@ class World:
         return self.root / "corpus.jsonl"
 
     @property
+    def replay(self) -> Path:
+        """General items for replay: the corpus images with captions and questions (``replay_records``)."""
+        return self.root / "replay.jsonl"
+
+    @property
     def hash(self) -> str:
         """A hash of the world's content (all file hashes), for caching what was trained on it."""
         return hashlib.sha256(json.dumps(self.manifest["files"], sort_keys=True).encode()).hexdigest()[:16]
@@ -476,37 +481,66 @@ RETENTION_QUESTIONS = (("modality", "What imaging modality is shown?"), ("anatom
 RETENTION_OPTIONS = 4
 
 
-def retention_records(world: World, split: str) -> list[dict[str, Any]]:
-    """The world's retention questions on ``split``'s images: modality and body part (asked as the tiny
-    LLaVA's pretraining asked them), each with the right answer and three others of this world's sources,
-    in a fixed shuffled order; the image's caption (modality and anatomy) for encoder retrieval."""
+def _question_records(item_prefix: str, image: str, source: Source, used: list[Source]) -> list[dict[str, Any]]:
+    """The modality and body-part questions about one image of ``source`` (asked as the tiny LLaVA's pretraining
+    asked them), each with the right answer and three others of this world's sources in a fixed shuffled order
+    (seeded by the item id), and the image's caption (modality and anatomy)."""
+    records = []
+    for field_name, question in RETENTION_QUESTIONS:
+        right = getattr(source, field_name)
+        others = sorted({getattr(s, field_name) for s in used} - {right})
+        item_id = f"{item_prefix}-{field_name}"
+        rng = np.random.default_rng(int(hashlib.sha256(item_id.encode()).hexdigest()[:8], 16))
+        picked = [others[i] for i in rng.permutation(len(others))[:RETENTION_OPTIONS - 1]]
+        options = [picked[i] if i < len(picked) else right for i in range(len(picked) + 1)]
+        options = [options[i] for i in rng.permutation(len(options))]
+        records.append({"id": item_id, "image": image, "question": question, "options": options,
+                        "answer": "ABCD"[options.index(right)], "category": field_name,
+                        "caption": caption(source, {}, describe=False)})
+    return records
+
+
+def _used_sources(world: World) -> list[Source]:
     by_name = {s.name: s for s in SOURCES}
-    used = [by_name[n] for n in world.config.sources]
+    return [by_name[n] for n in world.config.sources]
+
+
+def retention_records(world: World, split: str) -> list[dict[str, Any]]:
+    """The world's retention questions on ``split``'s images: modality and body part, each with the right
+    answer and three others; the image's caption (modality and anatomy) for encoder retrieval."""
+    by_name = {s.name: s for s in SOURCES}
+    used = _used_sources(world)
     records = []
     for line in (world.root / split / "pairs.jsonl").read_text().splitlines():
         pair = json.loads(line)
         for side in (1, 2):
             source = by_name[pair[f"base_{side}"].rsplit("-", 1)[0]]
-            for field_name, question in RETENTION_QUESTIONS:
-                right = getattr(source, field_name)
-                others = sorted({getattr(s, field_name) for s in used} - {right})
-                item_id = f"{pair['id']}-{side}-{field_name}"
-                rng = np.random.default_rng(int(hashlib.sha256(item_id.encode()).hexdigest()[:8], 16))
-                picked = [others[i] for i in rng.permutation(len(others))[:RETENTION_OPTIONS - 1]]
-                options = [picked[i] if i < len(picked) else right for i in range(len(picked) + 1)]
-                options = [options[i] for i in rng.permutation(len(options))]
-                records.append({"id": item_id, "image": pair[f"image_{side}"], "question": question, "options": options,
-                                "answer": "ABCD"[options.index(right)], "category": field_name,
-                                "caption": caption(source, {}, describe=False)})
+            records += _question_records(f"{pair['id']}-{side}", pair[f"image_{side}"], source, used)
+    return records
+
+
+def replay_records(world: World) -> list[dict[str, Any]]:
+    """General data for replay (``data.replay: auto`` on the world): every corpus image (renders of train-split
+    base images only, never an image of a pair) with its corpus caption, asked the modality and body-part
+    questions of retention. Retention asks them about the test images, so it stays held out."""
+    by_key = {(s.modality, s.anatomy): s for s in SOURCES}
+    used = _used_sources(world)
+    records = []
+    for i, line in enumerate(world.corpus.read_text().splitlines()):
+        row = json.loads(line)
+        for record in _question_records(f"corpus-{i:05d}", row["image"], by_key[(row["modality"], row["anatomy"])], used):
+            records.append({**record, "caption": row["caption"]})
     return records
 
 
 def write_retention(world: World) -> None:
-    """``<world>/retention/<split>.jsonl`` for every split (derived from the pairs, outside the manifest:
-    the world's identity and hash do not change); rewritten only when its content differs."""
-    for split in SPLITS:
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in retention_records(world, split))
-        path = world.root / "retention" / f"{split}.jsonl"
+    """``<world>/retention/<split>.jsonl`` for every split and ``<world>/replay.jsonl`` (derived from the pairs and
+    the corpus, outside the manifest: the world's identity and hash do not change); rewritten only when their
+    content differs."""
+    derived = {world.root / "retention" / f"{split}.jsonl": retention_records(world, split) for split in SPLITS}
+    derived[world.replay] = replay_records(world)
+    for path, records in derived.items():
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
         if not path.exists() or path.read_text() != text:
             path.parent.mkdir(exist_ok=True)
             atomic_write_text(path, text)

@@ -58,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="study YAML")
     p.set_defaults(func=_cmd_study_collect)
 
+    p = sub.add_parser("interpolate", help="weight-space interpolation (WiSE-FT) between a run's base and its selected "
+                       "weights: every alpha scored on the val pairs and val retention, the chosen one tested once")
+    p.add_argument("run", help="a training run's folder (its checkpoints/best, config.yaml and results.json)")
+    p.add_argument("--alphas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+                   help="comma-separated alphas in [0, 1] (0: the base, always scored; 1: the run's weights)")
+    p.add_argument("--out", help="the output run folder (default: RUN-wise beside the run)")
+    p.add_argument("--selection", choices=("set_accuracy", "set_accuracy_with_retention_floor"),
+                   help="how the alpha is chosen on the validation side (default: the run's train.selection)")
+    p.add_argument("--retention-floor", type=float, help="with a retention floor: the largest val retention drop "
+                   "(points) from the base (default: the run's train.retention_floor)")
+    p.add_argument("--force", action="store_true", help="start afresh in an output folder holding another run "
+                   "(its contents are moved aside, not deleted)")
+    p.set_defaults(func=_cmd_interpolate)
+
     p = sub.add_parser("merge", help="merge LoRA adapters (a run's checkpoints/best) into a model folder that eval loads")
     p.add_argument("adapters", help="folder with adapter_config.json, e.g. RUN/checkpoints/best")
     p.add_argument("--out", required=True)
@@ -178,6 +192,22 @@ def _cmd_study_collect(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(compare_summary(summary, study.compare_dir))
+    return 0
+
+
+def _cmd_interpolate(args: argparse.Namespace) -> int:
+    from ..run import exit_status
+    from .interpolate import interpolate, parse_alphas
+
+    try:
+        out = interpolate(args.run, parse_alphas(args.alphas), args.out, args.selection, args.retention_floor, args.force)
+    except Exception as exc:  # bad input: one line, exit 2 (as `unconfuse train`); a bug keeps its traceback
+        status = exit_status(exc)
+        if status is None:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return status
+    print(f"interpolated run: {out} (pareto.png, pareto.json; compare it like any run)")
     return 0
 
 

@@ -135,7 +135,7 @@ def _train_fold(recipe: str, config: str, bench: Benchmark, assignment: list[int
     print(f"cv fold {k + 1}/{folds}: {recipe} on {sum(1 for a in assignment if a != k)} pairs "
           f"(test: {sum(1 for a in assignment if a == k)} pairs)", flush=True)
     fold_overrides = [*(overrides or []), f"output_dir={out / f'fold-{k}'}", f"data.train={paths['train']}",
-                      f"data.val={paths['val']}", f"data.test={paths['test']}"]
+                      f"data.val={paths['val']}", f"data.test={paths['test']}", *fold_init(recipe, config, overrides, k)]
     if launch is None:
         run_recipe(recipe, config, fold_overrides)
         return
@@ -146,6 +146,14 @@ def _train_fold(recipe: str, config: str, bench: Benchmark, assignment: list[int
         raise NonFiniteError(f"fold {k}: training diverged (see {out / f'fold-{k}'})")
     if status:
         raise FoldFailed(f"fold {k}: the launched run exited with status {status} (its error is above)", status)
+
+
+def fold_init(recipe: str, config: str, overrides: list[str] | None, k: int) -> list[str]:
+    """A cv whose ``init_adapters`` names another cv folder: fold ``k`` starts from that cv's fold ``k``."""
+    init = getattr(load_config(recipe_module(recipe).CONFIG_CLASS, config, list(overrides or [])), "init_adapters", None)
+    if init and (Path(init) / "splits").is_dir():
+        return [f"init_adapters={Path(init) / f'fold-{k}'}"]
+    return []
 
 
 class FoldFailed(RuntimeError):

@@ -1,10 +1,12 @@
-"""``unconfuse demo``, the main job, in two acts on the embedded world. Act 1: the confused base
-encoder, clip_hardneg trained on held-out confusing pairs (the MediConfusion scorer as the
-validation loop) and plain fine-tuning on the same pairs. Act 2: the confused tiny LLaVA, mllm_sft,
-mllm_dpo with the pair image-contrast term, and mllm_grpo rewarding the set-accuracy event. The test
-split, scored by ``unconfuse compare``, shows whether each helped and what it cost (retention: the
-world's modality and body-part questions on the test images, before and after); the failure atlas of
-each act shows the pairs each run fixed or broke."""
+"""``unconfuse demo``, the main job, in two acts on the embedded world, each recipe as it shipped before
+(old) beside the shipped one that keeps what the model knew. Act 1: the confused base encoder, clip_hardneg
+trained on held-out confusing pairs (the MediConfusion scorer as the validation loop) without and with replay
+of general data, and the old run interpolated toward its base (WiSE-FT, chosen on the validation side). Act 2:
+the confused tiny LLaVA, mllm_sft at the old and the shipped learning rate, and mllm_grpo rewarding the
+set-accuracy event, started from the shipped sft run. The test split, scored by ``unconfuse compare``, shows
+whether each helped and what it cost (retention: the world's modality and body-part questions on the test
+images, before and after), on one set-accuracy vs retention plot; the failure atlas of each act shows the
+pairs each run fixed or broke."""
 from __future__ import annotations
 
 import json
@@ -24,15 +26,21 @@ from unconfuse.train.run import run_recipe
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIG = CONFIGS / "clip_hardneg" / "tiny.yaml"
 MLLM_BASE_RUNS = [("tiny-llava-base", "greedy"), ("tiny-llava-base", "prefix")]
-STRATEGIES = [("clip_hardneg", []), ("clip-ft (hardneg_weight 0)", ["loss.hardneg_weight=0"])]
-# Step counts and batch sizes are the demo's, chosen so that the whole demo takes under 5 minutes from an
-# empty cache on 2 CPU cores (the configs' own are for a full run). Act 1: 200 steps of
-# configs/clip_hardneg/tiny.yaml (its own: 300). Act 2: (label, recipe, run folder, training steps,
-# overrides), tested in greedy mode, the validation mode; GRPO samples 4 rollouts per image instead of 8.
-ENCODER_STEPS = 200
-MLLM_STRATEGIES = [("mllm_sft", "mllm_sft", "mllm_sft", 300, []),
-                   ("mllm_dpo (image contrast)", "mllm_dpo", "mllm_dpo", 200, []),
-                   ("mllm_grpo", "mllm_grpo", "mllm_grpo", 150, ["grpo.num_generations=4"])]
+# Each act shows the old recipe (what the configs shipped before replay and the lower learning rate) beside the
+# shipped, retaining one. Act 1: (label, run folder, overrides) of configs/clip_hardneg/tiny.yaml, ENCODER_STEPS
+# each, and the old run interpolated toward its base (`unconfuse interpolate`: the alpha with the best val set
+# accuracy among those within 5 points of the base's val retention).
+# Act 2: (label, recipe, run folder, training steps, overrides, the run it starts from), tested in greedy mode, the
+# validation mode; GRPO samples 4 rollouts per image and starts from the retaining sft run's selected adapters.
+# Step counts are the demo's, chosen so that the whole demo takes under 5 minutes from an empty cache on 2 CPU cores.
+ENCODER_STEPS = 300
+STRATEGIES = [("clip_hardneg (old: no replay)", "clip_hardneg-old", ["data.replay=none"]),
+              ("clip_hardneg (replay)", "clip_hardneg", [])]
+INTERPOLATED = ("clip_hardneg (old) interpolated", "clip_hardneg-old-wise", "0,0.2,0.4,0.6,0.8,1", 5.0)
+MLLM_STRATEGIES = [("mllm_sft (old: lr 1e-3)", "mllm_sft", "mllm_sft-old", 300, ["train.learning_rate=1e-3",
+                                                                                      "strategy=sft-lr1e-3"], None),
+                   ("mllm_sft", "mllm_sft", "mllm_sft", 300, [], None),
+                   ("mllm_grpo (after sft)", "mllm_grpo", "mllm_grpo", 150, ["grpo.num_generations=4"], "mllm_sft")]
 
 
 def _ci(results: dict[str, Any], key: str) -> str:
@@ -60,12 +68,12 @@ def _table(base_name: str, names: list[str], summary: dict[str, Any]) -> list[st
 # Seconds on one core of this 2-core machine (measured 2026-11-26; a base model's build, a recipe's training
 # step), only to order the jobs: the ready job heading the longest chain of expected work starts first.
 JOB_SECONDS = {"tiny-clip-base": 90.0, "tiny-llava-base": 35.0, "clip_hardneg": 0.19, "mllm_sft": 0.25,
-               "mllm_dpo": 0.49, "mllm_grpo": 0.49}
+               "mllm_dpo": 0.49, "mllm_grpo": 0.49, "interpolate": 5.0}
 
 
 def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None, workers: int | None = None) -> dict[str, Any]:
-    """Act 1: the encoder, base vs clip_hardneg vs plain fine-tuning. Act 2: the MLLM, base vs
-    mllm_sft vs mllm_dpo with the image-contrast term vs mllm_grpo. Both on the world's test pairs,
+    """Act 1: the encoder, base vs clip_hardneg old (no replay) vs clip_hardneg with replay vs the old run
+    interpolated. Act 2: the MLLM, base vs mllm_sft old vs mllm_sft vs mllm_grpo after sft. Both on the world's test pairs,
     compared with ``unconfuse compare`` (whose tables the report shows, with each run's retention change),
     and ending in a failure atlas per act. ``mllm_steps`` replaces the act-2 step counts; 0 skips act 2.
     The base models' builds and the runs are jobs that ``workers`` processes take in turn (default: 2 when
@@ -91,24 +99,33 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None, work
                                         [str(mllm_base[mode]) for _, mode in MLLM_BASE_RUNS]),
                 cost=JOB_SECONDS[base_model], what="building the base MLLM (cached) and scoring it on the test pairs")]
     runs: dict[str, dict[str, Any]] = {}
-    for name, overrides in STRATEGIES:
-        run_dir = out / name.split(" ")[0]
+    for name, folder, overrides in STRATEGIES:
+        run_dir = out / folder
         runs[name] = {"dir": run_dir}
         jobs.append(Job(name, run_recipe, ("clip_hardneg", str(CONFIG), [
             *overrides, f"output_dir={run_dir}", f"train.seed={seed}", f"train.max_steps={ENCODER_STEPS}"]),
-            after=("tiny-clip-base",), cost=ENCODER_STEPS * JOB_SECONDS["clip_hardneg"],
+            after=("tiny-clip-base",), cost=ENCODER_STEPS * JOB_SECONDS["clip_hardneg"] * (1 + bool(not overrides)),
             what=f"training tiny-clip-base for {ENCODER_STEPS} steps on {n_train} train pairs (validation: {n_val} val pairs)"))
+    name, folder, alphas, floor = INTERPOLATED
+    old_name = STRATEGIES[0][0]
+    runs[name] = {"dir": out / folder}
+    jobs.append(Job(name, _interpolate, (str(runs[old_name]["dir"]), alphas, str(out / folder), floor), after=(old_name,),
+                    cost=JOB_SECONDS["interpolate"], what=f"interpolating {old_name} toward its base (alphas {alphas}; "
+                                                          f"the best on val within {floor:g} points of the base's val retention)"))
     mllm_runs: dict[str, dict[str, Any]] = {}
     if mllm_steps != 0:
-        for name, recipe, folder, default_steps, overrides in MLLM_STRATEGIES:
+        folders = {name: folder for name, _, folder, *_ in MLLM_STRATEGIES}
+        for name, recipe, folder, default_steps, overrides, init in MLLM_STRATEGIES:
             n_steps = mllm_steps or default_steps
             run_dir = out / folder
             mllm_runs[name] = {"dir": run_dir}
+            start_from = [f"init_adapters={out / folders[init]}"] if init else []
             jobs.append(Job(name, run_recipe, (recipe, str(CONFIGS / recipe / "tiny.yaml"), [
                 f"output_dir={run_dir}", f"train.seed={seed}", f"train.max_steps={n_steps}",
-                f"train.eval_steps={max(1, n_steps // 3)}", f"train.save_steps={n_steps}", "test_modes=[greedy]", *overrides]),
-                after=(base_model,), cost=n_steps * JOB_SECONDS[recipe],
-                what=f"training {base_model} for {n_steps} steps on {n_train} train pairs"))
+                f"train.eval_steps={max(1, n_steps // 3)}", f"train.save_steps={n_steps}", "test_modes=[greedy]",
+                *overrides, *start_from]),
+                after=(base_model, *([init] if init else [])), cost=n_steps * JOB_SECONDS[recipe],
+                what=f"training {base_model} for {n_steps} steps on {n_train} train pairs" + (f", from {init}" if init else "")))
     done = run_jobs(jobs, workers, start=start)
     mllm_rows = [(f"{m} / {mode}", res) for (m, mode), res in zip(MLLM_BASE_RUNS, done[base_model])]
     for name, run in {**runs, **mllm_runs}.items():
@@ -144,9 +161,16 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None, work
         lines += ["", "Base MLLM on the same pairs (no recipe run):", "", "| model / mode | set accuracy | confusion |", "|---|---|---|"]
         lines += [f"| {name} | {_ci(res, 'set_accuracy')} | {_ci(res, 'confusion')} |" for name, res in mllm_rows]
     all_runs = {**runs, **mllm_runs}
-    plot = plot_validation(out / "validation.png", {n: r["dir"] for n, r in all_runs.items()},
-                           {n: r["results"] for n, r in all_runs.items()})
-    lines += ["", f"![validation curves]({plot.name})", "",
+    trained = {n: r for n, r in all_runs.items() if n != INTERPOLATED[0]}  # an interpolation has no training curve
+    plot = plot_validation(out / "validation.png", {n: r["dir"] for n, r in trained.items()},
+                           {n: r["results"] for n, r in trained.items()})
+    pareto = runs[INTERPOLATED[0]]["dir"] / "pareto.png"
+    lines += ["", "Gain against what it costs, every run with 95% CIs: "
+              + ", ".join(f"[{name}]({name}/comparison.png)" for name in acts)
+              + f"; the old encoder recipe interpolated toward its base, per alpha on the validation side: "
+                f"[pareto.png]({pareto.relative_to(out)}).", "",
+              f"![gain and retention](compare-encoder/comparison.png)", "",
+              f"![validation curves]({plot.name})", "",
               "Comparisons (`unconfuse compare`, with per-category tables and plots): "
               + ", ".join(f"[{name}]({name}/comparison.md)" for name in acts), "",
               "Failure atlases (one card per test pair: both images, every run's answers, fixed / broken / still "
@@ -172,6 +196,16 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None, work
     print(f"\nreport: {out / 'report.md'}, plot: {plot} ({time.time() - start:.0f} s)")
     return {"rows": rows, "comparisons": comparisons, "runs": runs, "mllm_runs": mllm_runs, "summaries": summaries,
             "atlases": atlases, "seconds": time.time() - start}
+
+
+def _interpolate(run_dir: str, alphas: str, out: str, floor: float):
+    """``unconfuse interpolate RUN --alphas ... --out OUT --selection set_accuracy_with_retention_floor
+    --retention-floor FLOOR``; the interpolated run's record."""
+    from unconfuse.eval.runs import read_run_results
+
+    from .interpolate import interpolate, parse_alphas
+
+    return read_run_results(interpolate(run_dir, parse_alphas(alphas), out, "set_accuracy_with_retention_floor", floor))
 
 
 def _base_mllm(model: str, modes: list[str], benchmark: str, outs: list[str]) -> list[dict[str, Any]]:

@@ -21,6 +21,10 @@ is everywhere); the plan prints absolute paths, so its lines run from anywhere.
     strategies:
       - {name: hardneg, recipe: clip_hardneg, config: configs/clip_hardneg/tiny.yaml}
       - {name: clip-ft, recipe: clip_hardneg, config: configs/clip_hardneg/tiny.yaml, overrides: [loss.hardneg_weight=0]}
+
+A strategy may start from another's selected adapters (``init_from: <an earlier strategy's name>``, the MLLM
+recipes): each of its folds and seeds starts from the same fold and seed of that strategy (``init_adapters`` set
+to that strategy's cv folder; the cv hands each fold its own), so the plan lists its jobs after that strategy's.
 """
 from __future__ import annotations
 
@@ -35,9 +39,9 @@ from unconfuse.train.config import ConfigError, load_config
 from unconfuse.train.run import check_toy_data
 
 STUDY_KEYS = {"benchmark", "folds", "split_seed", "seeds", "out", "launch", "overrides", "baseline", "strategies"}
-STRATEGY_KEYS = {"name", "recipe", "config", "overrides"}
+STRATEGY_KEYS = {"name", "recipe", "config", "overrides", "init_from"}
 # set by the study for every job: a strategy's own override of these would silently lose
-STUDY_SET = ("strategy", "train.seed", "output_dir", "resume_from_checkpoint")
+STUDY_SET = ("strategy", "train.seed", "output_dir", "resume_from_checkpoint", "init_adapters")
 
 
 class StudyError(ValueError):
@@ -50,6 +54,7 @@ class Strategy:
     recipe: str
     config: Path
     overrides: list[str] = field(default_factory=list)
+    init_from: str | None = None  # the strategy whose selected adapters each fold and seed starts from
 
 
 @dataclass
@@ -75,8 +80,9 @@ class Study:
     def job_overrides(self, strategy: Strategy, seed: int) -> list[str]:
         """Every fold job's overrides of one (strategy, seed): the study's, the strategy's, then what
         the study sets (the strategy name groups seeds in compare; latest resumes a requeued job)."""
+        init = next((s for s in self.strategies if s.name == strategy.init_from), None)
         return [*self.overrides, *strategy.overrides, f"strategy={strategy.name}", f"train.seed={seed}",
-                "resume_from_checkpoint=latest"]
+                "resume_from_checkpoint=latest", *([f"init_adapters={self.cv_dir(init, seed)}"] if init else [])]
 
 
 def _path(value: Any, where: str, must_exist: bool = True) -> Path:
@@ -144,8 +150,12 @@ def load_study(path: str | Path) -> Study:
             raise StudyError(f"{where}: name: letters, digits and . _ + - are needed (it names a folder), got {name!r}")
         if item.get("recipe") not in RECIPES:
             raise StudyError(f"{where}: recipe {item.get('recipe')!r} is not one of {', '.join(RECIPES)}")
+        init_from = item.get("init_from")
+        if init_from is not None and init_from not in [s.name for s in strategies]:
+            raise StudyError(f"{where}: init_from {init_from!r} is not the name of a strategy listed before it (its "
+                             "jobs must come first in the plan)")
         strategies.append(Strategy(name, item["recipe"], _path(item.get("config"), f"{where}: config"),
-                                   _overrides(item.get("overrides"), f"{where}: overrides")))
+                                   _overrides(item.get("overrides"), f"{where}: overrides"), init_from))
     names = [s.name for s in strategies]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
