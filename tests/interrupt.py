@@ -1,7 +1,9 @@
-"""Stop a training run in the middle, as a killed job would, for resume tests."""
+"""Stop a training run in the middle, as a killed job would, and compare what a resumed run wrote, for resume tests."""
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +28,14 @@ def killed_at_step(monkeypatch, step: int):
             yield
     finally:
         monkeypatch.setattr(PairValidationCallback, "on_step_end", original)
+
+
+def assert_same_answers(got: Path, want: Path) -> None:
+    """The same questions in the same order with the same answers; scores equal up to the float noise of
+    encoding an image (or text) in another batch, which a resumed run (or another process) does for what its
+    cache lost: on some CPUs a matmul's last bits depend on the batch it is in."""
+    got_records, want_records = ([json.loads(line) for line in path.read_text().splitlines()] for path in (got, want))
+    assert [(r["pair_id"], r["image"], r["answer"]) for r in got_records] == \
+        [(r["pair_id"], r["image"], r["answer"]) for r in want_records]
+    for g, w in zip(got_records, want_records):
+        assert g["scores"] == pytest.approx(w["scores"], abs=1e-5)

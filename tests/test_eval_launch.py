@@ -18,6 +18,7 @@ from unconfuse.eval.runner import EvalConfig, assign_chunks, gather_predictions,
 from unconfuse.eval.splits import image_key
 from unconfuse.train.commands.cli import main
 
+from .interrupt import assert_same_answers
 from .stopping_eval import STOP_RANK_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,16 +37,6 @@ def one_process_run(model: str, mode: str, bench: Path, out: Path, batch_size: i
 def shares(stderr: str) -> dict[int, int]:
     """Process rank -> pairs it answers, from the line each launched process prints."""
     return {int(rank): int(n) for rank, n in re.findall(r"process (\d+) of 2: (\d+) pairs to answer", stderr)}
-
-
-def assert_same_answers(got: Path, want: Path) -> None:
-    """The same questions in the same order with the same answers; scores equal up to the float noise of
-    encoding an image (or text) in another batch, which a resumed run does for what its cache lost."""
-    got_records, want_records = ([json.loads(line) for line in path.read_text().splitlines()] for path in (got, want))
-    assert [(r["pair_id"], r["image"], r["answer"]) for r in got_records] == \
-        [(r["pair_id"], r["image"], r["answer"]) for r in want_records]
-    for g, w in zip(got_records, want_records):
-        assert g["scores"] == pytest.approx(w["scores"], abs=1e-5)
 
 
 def chunked(bench: Benchmark, size: int) -> list[list[Pair]]:
@@ -184,7 +175,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path, sample_bench, mod
     # 2 pairs a batch: batches 0 and 2 share ct_head (s001, s006), so process 0 answers 4 pairs
     assert shares(done.stderr) == ({0: 4, 1: 2} if batch_size == 2 else {0: 3, 1: 3})
     assert done.stdout.count("| **All** | 6 |") == 1  # one report, from the main process
-    assert (two / "predictions.jsonl").read_bytes() == (tmp_path / "one" / "predictions.jsonl").read_bytes()
+    assert_same_answers(two / "predictions.jsonl", tmp_path / "one" / "predictions.jsonl")  # on some CPUs, last bits
     assert json.loads((two / "results.json").read_text()) == json.loads((tmp_path / "one" / "results.json").read_text())
     assert not (two / "parts").exists()
 

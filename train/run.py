@@ -93,8 +93,9 @@ class Run:
 
 def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
     """The first step of every recipe: launch state (before any model loads), the run directory with
-    ``config.yaml``, the train/val/test benchmarks (the embedded world built on first use) and the
-    leakage audit (``leakage.json``; a leak aborts unless ``allow_leakage``)."""
+    ``config.yaml``, the train/val/test benchmarks (the embedded world built on first use), the retention and
+    replay sets, the warm start's check (``init_adapters``) and the leakage audit (``leakage.json``: training
+    and replay images against val, test and retention; a leak aborts unless ``allow_leakage``)."""
     from unconfuse.eval.world import prepare
 
     check_toy_data(cfg)
@@ -122,9 +123,8 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
         dump_config(cfg, run_dir / "config.yaml")
     check_leakage(run_dir, train_bench, {"val": val_bench, "test": test_bench}, cfg.allow_leakage, write=is_main,
                   held_out={"retention": retention, "val_retention": val_retention}, replay=replay)
-    run = Run(recipe, cfg, strategy, run_dir, is_main, train_bench, val_bench, test_bench, load_prompts(), launch,
+    return Run(recipe, cfg, strategy, run_dir, is_main, train_bench, val_bench, test_bench, load_prompts(), launch,
                list(dict.fromkeys(modes)), retention, val_retention, replay)
-    return run
 
 
 def replay_set(cfg: Any, train: Benchmark) -> RetentionSet | None:
