@@ -167,11 +167,14 @@ def test_two_process_ddp_on_cpu(world, tmp_path):
 
 @pytest.mark.slow
 def test_lora_under_deepspeed_zero2_resumes_exactly(world, tmp_path):
-    """Two CPU processes under DeepSpeed ZeRO-2: a run resumed from checkpoint-4 logs the same
-    losses at steps 5 and 6 as the uninterrupted run (adapters, optimizer shards and RNG restored)."""
-    launch_sft(world, "zero2", tmp_path / "full", "train.max_steps=6")
+    """Two CPU processes under DeepSpeed ZeRO-2, replaying the world's general questions beside the pairs: a run
+    resumed from checkpoint-4 logs the same losses at steps 5 and 6 as the uninterrupted run (adapters, optimizer
+    shards, RNG and the replay stream restored)."""
+    replay = ("data.replay=auto", "data.replay_fraction=0.5")
+    printed = launch_sft(world, "zero2", tmp_path / "full", "train.max_steps=6", *replay)
+    assert "replay: 20 items of replay.jsonl, 4 per batch beside 4 pair items" in printed
     assert (tmp_path / "full" / "checkpoints" / "checkpoint-4" / "global_step4").is_dir()  # a DeepSpeed checkpoint
-    launch_sft(world, "zero2", tmp_path / "resumed", "train.max_steps=6",
+    launch_sft(world, "zero2", tmp_path / "resumed", "train.max_steps=6", *replay,
                f"resume_from_checkpoint={tmp_path / 'full' / 'checkpoints' / 'checkpoint-4'}")
     full, resumed = logged_losses(tmp_path / "full", 6), logged_losses(tmp_path / "resumed", 6)
     assert full[6] != full[4]  # it trained
