@@ -198,7 +198,7 @@ def main(cfg: MllmDpoConfig) -> RunResults:
     adapter, spec = load_mllm(run, RECIPE)
     lifecycle.start_wandb(run, spec.name)
     model = attach_lora(adapter, cfg.lora, cfg.train.seed)
-    warm_start(model, cfg.init_adapters)  # before the trainer: TRL's reference adapter copies it
+    warm_start(model, run.init_adapters)  # before the trainer: TRL's reference adapter copies it
     examples = preference_examples(run.train, run.prompts, cfg.data, cfg.train.seed,
                                    same_size_pairs=bool(cfg.preference.image_contrast_weight)
                                    and image_tokens_vary(adapter.processor))

@@ -194,7 +194,7 @@ def main(cfg: MllmGrpoConfig) -> RunResults:
     adapter, spec = load_mllm(run, RECIPE)
     lifecycle.start_wandb(run, spec.name)
     model = attach_lora(adapter, cfg.lora, cfg.train.seed)
-    warm_start(model, cfg.init_adapters)  # before the trainer: TRL's reference adapter copies it
+    warm_start(model, run.init_adapters)  # before the trainer: TRL's reference adapter copies it
     examples = [{**ex, "replay": False} for ex in rollout_prompts(run.train, run.prompts, cfg.data, cfg.train.seed)]
     replay = replay_examples(run, "grpo", run.prompts, cfg.train.seed)
     if letters:
@@ -203,7 +203,7 @@ def main(cfg: MllmGrpoConfig) -> RunResults:
                                    processing_class=with_eval_bos(adapter.processor),
                                    train_dataset=Dataset.from_list(examples + replay), pairs_per_batch=cfg.train.pairs_per_batch,
                                    replay_items=len(replay), replay_per_batch=run.replay_per_batch)
-    if "ref" in model.peft_config and not (cfg.init_adapters and grpo.beta):
+    if "ref" in model.peft_config and not (run.init_adapters and grpo.beta):
         # TRL copies a passed-in adapter as the KL reference: a fresh one is the base (adapters disabled), and
         # without a KL term no reference is needed; a warm start's copy is the reference of its KL term
         model.delete_adapter("ref")

@@ -66,7 +66,7 @@ def main(cfg: MllmSftConfig) -> RunResults:
     adapter, spec = load_mllm(run, RECIPE)
     lifecycle.start_wandb(run, spec.name)
     model = attach_lora(adapter, cfg.lora, cfg.train.seed)
-    warm_start(model, cfg.init_adapters)  # before the trainer: TRL's reference adapter copies it
+    warm_start(model, run.init_adapters)  # before the trainer: TRL's reference adapter copies it
     replay = replay_examples(run, "sft", run.prompts, cfg.train.seed)
     examples = [{**row, "replay": False} for row in sft_examples(run.train, run.prompts, cfg.data, cfg.train.seed)]
     trainer = PairSFTTrainer(model=model, args=args, processing_class=with_eval_bos(adapter.processor),

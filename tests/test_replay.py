@@ -84,10 +84,14 @@ def test_replay_formats_and_errors_that_name_the_row(tmp_path):
         load_replay(str(tmp_path / "missing.jsonl"))
 
 
-def test_wrong_option_is_never_the_answer_and_fixed_per_seed(world):
+def test_wrong_option_is_never_the_answer_and_drawn_per_seed(world):
     rset = load_replay(str(world.replay))
-    for item in rset.questions:
-        assert wrong_option(item, 0) != item.correct_option and wrong_option(item, 0) == wrong_option(item, 0)
+    for seed in (0, 1):
+        assert all(wrong_option(item, seed) in item.options and wrong_option(item, seed) != item.correct_option
+                   for item in rset.questions)
+    by_seed = [[wrong_option(item, seed) for item in rset.questions] for seed in (0, 1)]
+    assert by_seed[0] != by_seed[1]  # another seed, other rejected options (three to choose from per item)
+    assert len({wrong_option(item, 0) for item in rset.questions if item.category == "modality"}) > 1
 
 
 def test_batches_hold_whole_pairs_then_replay_items():

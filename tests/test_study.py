@@ -11,7 +11,7 @@ import pytest
 
 from unconfuse.eval.scorer import read_predictions
 from unconfuse.train.commands.cli import main
-from unconfuse.train.commands.study import load_study, plan_lines
+from unconfuse.train.commands.study import StudyError, load_study, plan_lines
 
 REPO = Path(__file__).resolve().parents[1]
 UNCONFUSE = [sys.executable, "-m", "unconfuse.train.commands.cli"]
@@ -73,6 +73,30 @@ def test_bad_study_files_are_one_line_errors(tmp_path, capsys, change, message):
     assert main(["study", "plan", str(_study(tmp_path, **change))]) == 2
     err = capsys.readouterr().err
     assert message in err and str(tmp_path / "study.yaml") in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_strategy_starts_each_fold_and_seed_from_the_same_fold_and_seed_of_another(tmp_path):
+    """init_from: the plan lists the warm-started strategy after its source and points each seed's cv at the source's
+    cv of that seed; the cv hands fold k that cv's fold k (a run folder: its own fold's adapters, never another's)."""
+    from unconfuse.train.commands.cv import fold_init
+
+    sft = {"name": "sft", "recipe": "mllm_sft", "config": str(REPO / "configs/mllm_sft/tiny.yaml")}
+    grpo = {"name": "grpo", "recipe": "mllm_grpo", "config": str(REPO / "configs/mllm_grpo/tiny.yaml"), "init_from": "sft"}
+    lines = plan_lines(load_study(_study(tmp_path, strategies=[sft, grpo], baseline="sft")))
+    assert [shlex.split(line)[2] for line in lines] == ["mllm_sft"] * 4 + ["mllm_grpo"] * 4
+    for line in lines[4:]:
+        argv = shlex.split(line)
+        seed = next(a for a in argv if a.startswith("train.seed=")).split("=")[1]
+        assert f"init_adapters={tmp_path / 'study' / 'sft' / f'seed-{seed}'}" in argv
+    assert not any("init_adapters" in line for line in lines[:4])
+    source = tmp_path / "study" / "sft" / "seed-0"
+    (source / "splits").mkdir(parents=True)
+    assert fold_init(str(source), 1) == [f"init_adapters={source / 'fold-1'}"]
+    assert fold_init(str(source / "fold-1"), 1) == [] and fold_init(None, 1) == []  # a run folder is used as it is
+    with pytest.raises(StudyError, match="init_from 'grpo' is not the name of a strategy listed before it"):
+        load_study(_study(tmp_path, strategies=[{**sft, "init_from": "grpo"}, grpo], baseline="sft"))
+    with pytest.raises(StudyError, match="the study sets init_adapters itself"):
+        load_study(_study(tmp_path, strategies=[sft, {**grpo, "overrides": ["init_adapters=x"]}], baseline="sft"))
 
 
 def test_slurm_array_template_runs_the_plan_line_of_its_index(tmp_path):

@@ -161,8 +161,10 @@ class PairRepeatSampler(Sampler[int]):
         if n_pairs < pairs_per_generation:
             raise ValueError(f"{n_pairs} training pairs cannot fill one generation batch of {pairs_per_generation} pairs")
         pairs_per_unit = pairs_per_unit or pairs_per_generation
-        if pairs_per_generation % pairs_per_unit or (replay_per_unit and not replay_items):
-            raise ValueError("a generation batch holds whole units of pairs_per_unit pairs, and replay needs replay items")
+        if pairs_per_generation % pairs_per_unit:
+            raise ValueError(f"a generation batch of {pairs_per_generation} pairs is not whole units of {pairs_per_unit}")
+        if replay_per_unit and not replay_items:
+            raise ValueError("replay_per_unit needs replay items")
         self.n_pairs, self.generations, self.pairs_per_generation = n_pairs, generations, pairs_per_generation
         self.repeat_count, self.seed, self.shuffle = repeat_count, seed, shuffle
         self.replay_items, self.replay_per_unit, self.pairs_per_unit = replay_items, replay_per_unit, pairs_per_unit

@@ -281,22 +281,20 @@ def load_adapters(folder, model) -> None:
         raise RuntimeError(f"{folder}: adapter weights this model does not have: {result.unexpected_keys[:3]}")
 
 
-def warm_start(model, arg: str | None) -> None:
-    """Load ``init_adapters`` into the freshly attached LoRA ``model``; its adapter settings (targets, rank,
-    modules trained in full) must be this run's."""
+def warm_start(model, best) -> None:
+    """Load the adapters the run starts from (``run.init_adapters``: a checked ``checkpoints/best``; None: a fresh
+    start) into the freshly attached LoRA ``model``; their settings (targets, rank, modules trained in full) must
+    be this run's."""
     import json
 
-    from unconfuse.train.warm_start import init_adapters_folder
-
-    if not arg:
+    if best is None:
         return
-    best = init_adapters_folder(arg)
     saved, ours = json.loads((best / "adapter_config.json").read_text()), model.peft_config["default"].to_dict()
     for key in ("target_modules", "r", "lora_alpha", "modules_to_save"):
         theirs, mine = saved.get(key), ours.get(key)
         if (sorted(theirs) if isinstance(theirs, list) else theirs) != (sorted(mine) if isinstance(mine, (list, set)) else mine):
-            raise ConfigError(f"init_adapters: {arg}: its LoRA {key} ({theirs!r}) is not this run's ({mine!r}); set the "
-                              "same lora.* as the run it starts from")
+            raise ConfigError(f"init_adapters: {best.parent.parent}: its LoRA {key} ({theirs!r}) is not this run's "
+                              f"({mine!r}); set the same lora.* as the run it starts from")
     load_adapters(best, model)
 
 
@@ -372,4 +370,3 @@ def replay_examples(run, kind: Literal["sft", "dpo", "grpo"], prompts, seed: int
         else:
             rows.append({"images": [image(item)], "prompt": user, "answer": right, "pair_id": -1, "side": 0, "replay": True})
     return run.replay_rows(rows)
-

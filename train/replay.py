@@ -48,7 +48,7 @@ class ReplayItem(RetentionItem):
 
 
 def check_fraction(replay: str, fraction: float) -> None:
-    """``data.replay_fraction`` must be in [0, 0.9], and above 0 exactly when a replay set is named."""
+    """``data.replay_fraction`` must be in [0, 0.9], and above 0 when a replay set is named (without one it is unused)."""
     if not 0 <= fraction <= MAX_FRACTION:
         raise ConfigError(f"data.replay_fraction: must be between 0 and {MAX_FRACTION}, got {fraction!r}")
     if replay != "none" and fraction == 0:
@@ -66,14 +66,13 @@ def replay_per_batch(fraction: float, pair_items: int) -> int:
 
 def world_root_of(bench: Benchmark) -> Path | None:
     """The embedded world folder every image of ``bench`` lives in (a world split, or a cv fold of one), or None."""
-    roots = set()
+    roots: dict[Path, Path | None] = {}  # image folder -> its world (images share a few folders)
     for ref in bench.unique_images():
-        path = bench.resolve_image(ref).resolve()
-        root = next((p for p in path.parents if (p / "world.json").is_file()), None)
-        if root is None:
-            return None
-        roots.add(root)
-    return roots.pop() if len(roots) == 1 else None
+        folder = bench.resolve_image(ref).resolve().parent
+        if folder not in roots:
+            roots[folder] = next((p for p in (folder, *folder.parents) if (p / "world.json").is_file()), None)
+    found = set(roots.values())
+    return found.pop() if len(found) == 1 and None not in found else None
 
 
 def resolve_replay(arg: str, train: Benchmark) -> str | None:

@@ -62,6 +62,7 @@ class Run:
     retention: RetentionSet | None = None  # held-out single-image questions scored before and after (data.retention)
     val_retention: RetentionSet | None = None  # the validation side's, for selection with a retention floor
     replay: RetentionSet | None = None  # general data mixed into every batch (data.replay)
+    init_adapters: Path | None = None  # the adapters the run starts from (init_adapters: checked, resolved)
     retention_records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # stage -> records
     start: float = field(default_factory=time.time)
     wandb: Any = None
@@ -109,11 +110,11 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
     train_bench, val_bench, test_bench = (load_benchmark(a) for a in (cfg.data.train, cfg.data.val, cfg.data.test))
     retention, val_retention = retention_sets(cfg)
     replay = replay_set(cfg, train_bench)
-    init = getattr(cfg, "init_adapters", None)
-    if init:
+    init, init_identity = None, None
+    if getattr(cfg, "init_adapters", None):
         from unconfuse.train.warm_start import check_init_adapters
 
-        init_identity = check_init_adapters(init, cfg.model, train_bench)
+        init, init_identity = check_init_adapters(cfg.init_adapters, cfg.model, train_bench)
     own_run_dir(recipe, cfg, run_dir, (train_bench, val_bench, test_bench), is_main,
                 {"retention": retention.fingerprint() if retention else None,
                  "val_retention": val_retention.fingerprint() if val_retention else None,
@@ -124,7 +125,7 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
     check_leakage(run_dir, train_bench, {"val": val_bench, "test": test_bench}, cfg.allow_leakage, write=is_main,
                   held_out={"retention": retention, "val_retention": val_retention}, replay=replay)
     return Run(recipe, cfg, strategy, run_dir, is_main, train_bench, val_bench, test_bench, load_prompts(), launch,
-               list(dict.fromkeys(modes)), retention, val_retention, replay)
+               list(dict.fromkeys(modes)), retention, val_retention, replay, init)
 
 
 def replay_set(cfg: Any, train: Benchmark) -> RetentionSet | None:
@@ -283,17 +284,19 @@ def _image_paths(source: ImageSource) -> dict[str, str]:
     return {str(source.resolve_image(ref).resolve()): ref for ref in refs}
 
 
-def leakage_audit(train: ImageSource, others: dict[str, ImageSource], phash_distance: int = 4) -> dict[str, Any]:
+def leakage_audit(train: ImageSource, others: dict[str, ImageSource], phash_distance: int = 4,
+                  decoded: dict[str, Any] | None = None) -> dict[str, Any]:
     """Training images found in the other splits: by resolved path, by file bytes (sha256) and by decoded
     pixels (a re-encoded copy has other bytes, the same pixels): each one a leak. Near-duplicates by
     perceptual hash (Hamming distance <= ``phash_distance``, as mining uses) are reported, not a leak:
-    similar scans of different patients are common."""
+    similar scans of different patients are common. ``decoded``: path -> (pixel digest, phash), shared by
+    audits of the same images (each image is decoded once)."""
     import imagehash
     import numpy as np
 
     from unconfuse.eval.images import UnreadableImage, decode_image, pixel_digest
 
-    decoded: dict[str, tuple[str, np.ndarray] | None] = {}
+    decoded = {} if decoded is None else decoded
 
     def pixels(path: str) -> tuple[str, np.ndarray] | None:
         """(pixel digest, packed 64-bit phash), or None for a file that does not decode (the image check names it)."""
@@ -348,9 +351,10 @@ def check_leakage(run_dir: Path, train: Benchmark, others: dict[str, Benchmark],
     against ``others`` (val, test) and the ``held_out`` retention sets; the ``replay`` set, when there is one,
     against all of them (its own section, ``replay``: general data must not hold an image the run is judged on)."""
     held = {name: rset for name, rset in (held_out or {}).items() if rset is not None}
-    report = leakage_audit(train, {**others, **held})
+    decoded: dict[str, Any] = {}  # the judged images are decoded once for both audits
+    report = leakage_audit(train, {**others, **held}, decoded=decoded)
     if replay is not None:
-        report["replay"] = leakage_audit(replay, {**others, **held})
+        report["replay"] = leakage_audit(replay, {**others, **held}, decoded=decoded)
         report["leak"] = report["leak"] or report["replay"]["leak"]
     report["allowed"] = allow
     if write:

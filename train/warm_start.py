@@ -29,10 +29,10 @@ def init_adapters_folder(arg: str) -> Path:
     return run_dir / "checkpoints" / "best"
 
 
-def check_init_adapters(arg: str, model: str, train) -> dict[str, Any]:
+def check_init_adapters(arg: str, model: str, train) -> tuple[Path, dict[str, Any]]:
     """Refuse an init run trained on other data than ``train`` or on another base model (a warm start from
-    another fold would carry that fold's test pairs into this run); the init adapters' identity, for the
-    run's fingerprint."""
+    another fold would carry that fold's test pairs into this run); its adapters' folder and identity (for the
+    run's fingerprint)."""
     import json
 
     from unconfuse.eval.models import model_identity, resolve_model
@@ -44,4 +44,4 @@ def check_init_adapters(arg: str, model: str, train) -> dict[str, Any]:
                           "a warm start must come from a run on the same training pairs (in a cv or study: the same fold)")
     if source.get("model") != model_identity(resolve_model(model)):
         raise ConfigError(f"init_adapters: {arg} adapts another base model than this run's {model!r}")
-    return model_identity(resolve_model(str(best)))
+    return best, model_identity(resolve_model(str(best)))

@@ -82,7 +82,8 @@ def run_cv(recipe: str, config: str, folds: int, benchmark: str, out: str | Path
         assignment = _write_splits(bench, folds, out, seed)
         for k in range(folds):
             if not (out / f"fold-{k}" / "results.json").exists():
-                _train_fold(recipe, config, bench, assignment, folds, k, out, seed, overrides, launch)
+                _train_fold(recipe, config, bench, assignment, folds, k, out, seed, overrides, launch,
+                            getattr(cfg, "init_adapters", None))
         return _collect(recipe, cfg, folds, benchmark, bench, out, seed)
 
 
@@ -95,10 +96,11 @@ def run_fold(recipe: str, config: str, folds: int, benchmark: str, out: str | Pa
     if not 0 <= fold < folds:
         raise ValueError(f"--fold {fold}: a cv of {folds} folds has folds 0 to {folds - 1}")
     out = Path(out)
-    bench, _, fingerprint = _open_cv(recipe, config, folds, benchmark, seed, overrides)
+    bench, cfg, fingerprint = _open_cv(recipe, config, folds, benchmark, seed, overrides)
     join_folder(out, fingerprint, what=f"cv of {recipe}")
     if not (out / f"fold-{fold}" / "results.json").exists():
-        _train_fold(recipe, config, bench, _write_splits(bench, folds, out, seed), folds, fold, out, seed, overrides, launch)
+        _train_fold(recipe, config, bench, _write_splits(bench, folds, out, seed), folds, fold, out, seed, overrides, launch,
+                    getattr(cfg, "init_adapters", None))
     return read_run_results(out / f"fold-{fold}")
 
 
@@ -126,7 +128,7 @@ def _write_splits(bench: Benchmark, folds: int, out: Path, seed: int) -> list[in
 
 
 def _train_fold(recipe: str, config: str, bench: Benchmark, assignment: list[int], folds: int, k: int, out: Path,
-                seed: int, overrides: list[str] | None, launch: str | None) -> None:
+                seed: int, overrides: list[str] | None, launch: str | None, init_adapters: str | None = None) -> None:
     data_dir = out / "splits" / f"fold-{k}"  # the fold's train/val/test pairs (not in its run directory, which it owns)
     paths = {}
     for name, part in fold_data(bench, assignment, folds, k, seed).items():
@@ -135,7 +137,7 @@ def _train_fold(recipe: str, config: str, bench: Benchmark, assignment: list[int
     print(f"cv fold {k + 1}/{folds}: {recipe} on {sum(1 for a in assignment if a != k)} pairs "
           f"(test: {sum(1 for a in assignment if a == k)} pairs)", flush=True)
     fold_overrides = [*(overrides or []), f"output_dir={out / f'fold-{k}'}", f"data.train={paths['train']}",
-                      f"data.val={paths['val']}", f"data.test={paths['test']}", *fold_init(recipe, config, overrides, k)]
+                      f"data.val={paths['val']}", f"data.test={paths['test']}", *fold_init(init_adapters, k)]
     if launch is None:
         run_recipe(recipe, config, fold_overrides)
         return
@@ -148,11 +150,11 @@ def _train_fold(recipe: str, config: str, bench: Benchmark, assignment: list[int
         raise FoldFailed(f"fold {k}: the launched run exited with status {status} (its error is above)", status)
 
 
-def fold_init(recipe: str, config: str, overrides: list[str] | None, k: int) -> list[str]:
-    """A cv whose ``init_adapters`` names another cv folder: fold ``k`` starts from that cv's fold ``k``."""
-    init = getattr(load_config(recipe_module(recipe).CONFIG_CLASS, config, list(overrides or [])), "init_adapters", None)
-    if init and (Path(init) / "splits").is_dir():
-        return [f"init_adapters={Path(init) / f'fold-{k}'}"]
+def fold_init(init_adapters: str | None, k: int) -> list[str]:
+    """The override that starts fold ``k`` from fold ``k`` of the cv folder ``init_adapters`` names (none when it
+    names a run, or nothing)."""
+    if init_adapters and (Path(init_adapters) / "splits").is_dir():
+        return [f"init_adapters={Path(init_adapters) / f'fold-{k}'}"]
     return []
 
 

@@ -27,15 +27,15 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIG = CONFIGS / "clip_hardneg" / "tiny.yaml"
 MLLM_BASE_RUNS = [("tiny-llava-base", "greedy"), ("tiny-llava-base", "prefix")]
 # Each act shows the old recipe (what the configs shipped before replay and the lower learning rate) beside the
-# shipped, retaining one. Act 1: (label, run folder, overrides) of configs/clip_hardneg/tiny.yaml, ENCODER_STEPS
+# shipped, retaining one. Act 1: (label, run folder, overrides, step cost) of configs/clip_hardneg/tiny.yaml, ENCODER_STEPS
 # each, and the old run interpolated toward its base (`unconfuse interpolate`: the alpha with the best val set
 # accuracy among those within 5 points of the base's val retention).
 # Act 2: (label, recipe, run folder, training steps, overrides, the run it starts from), tested in greedy mode, the
 # validation mode; GRPO samples 4 rollouts per image and starts from the retaining sft run's selected adapters.
 # Step counts are the demo's, chosen so that the whole demo takes under 5 minutes from an empty cache on 2 CPU cores.
 ENCODER_STEPS = 300
-STRATEGIES = [("clip_hardneg (old: no replay)", "clip_hardneg-old", ["data.replay=none"]),
-              ("clip_hardneg (replay)", "clip_hardneg", [])]
+STRATEGIES = [("clip_hardneg (old: no replay)", "clip_hardneg-old", ["data.replay=none"], "clip_hardneg"),
+              ("clip_hardneg (replay)", "clip_hardneg", [], "clip_hardneg+replay")]
 INTERPOLATED = ("clip_hardneg (old) interpolated", "clip_hardneg-old-wise", "0,0.2,0.4,0.6,0.8,1", 5.0)
 MLLM_STRATEGIES = [("mllm_sft (old: lr 1e-3)", "mllm_sft", "mllm_sft-old", 300, ["train.learning_rate=1e-3",
                                                                                       "strategy=sft-lr1e-3"], None),
@@ -65,10 +65,10 @@ def _table(base_name: str, names: list[str], summary: dict[str, Any]) -> list[st
     return lines
 
 
-# Seconds on one core of this 2-core machine (measured 2026-11-26; a base model's build, a recipe's training
-# step), only to order the jobs: the ready job heading the longest chain of expected work starts first.
-JOB_SECONDS = {"tiny-clip-base": 90.0, "tiny-llava-base": 35.0, "clip_hardneg": 0.19, "mllm_sft": 0.25,
-               "mllm_dpo": 0.49, "mllm_grpo": 0.49, "interpolate": 5.0}
+# Seconds on one core of a 2-core machine (a base model's build, a recipe's training step, an interpolation; the
+# demo's own runs, 2026-12-07), only to order the jobs: the ready job heading the longest chain of work starts first.
+JOB_SECONDS = {"tiny-clip-base": 71.0, "tiny-llava-base": 26.0, "clip_hardneg": 0.14, "clip_hardneg+replay": 0.28,
+               "mllm_sft": 0.19, "mllm_dpo": 0.49, "mllm_grpo": 0.39, "interpolate": 2.0}
 
 
 def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None, workers: int | None = None) -> dict[str, Any]:
@@ -99,12 +99,12 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None, work
                                         [str(mllm_base[mode]) for _, mode in MLLM_BASE_RUNS]),
                 cost=JOB_SECONDS[base_model], what="building the base MLLM (cached) and scoring it on the test pairs")]
     runs: dict[str, dict[str, Any]] = {}
-    for name, folder, overrides in STRATEGIES:
+    for name, folder, overrides, cost_key in STRATEGIES:
         run_dir = out / folder
         runs[name] = {"dir": run_dir}
         jobs.append(Job(name, run_recipe, ("clip_hardneg", str(CONFIG), [
             *overrides, f"output_dir={run_dir}", f"train.seed={seed}", f"train.max_steps={ENCODER_STEPS}"]),
-            after=("tiny-clip-base",), cost=ENCODER_STEPS * JOB_SECONDS["clip_hardneg"] * (1 + bool(not overrides)),
+            after=("tiny-clip-base",), cost=ENCODER_STEPS * JOB_SECONDS[cost_key],
             what=f"training tiny-clip-base for {ENCODER_STEPS} steps on {n_train} train pairs (validation: {n_val} val pairs)"))
     name, folder, alphas, floor = INTERPOLATED
     old_name = STRATEGIES[0][0]

@@ -24,7 +24,7 @@ from unconfuse.eval.io import atomic_folder, atomic_write_json, atomic_write_tex
 from unconfuse.eval.retention import RetentionSet, load_retention, read_records, retention_block, summarize
 from unconfuse.eval.runs import RunFormatError, read_run_results, scored_folder, write_run_results, write_scored
 from unconfuse.recipes import recipe_module
-from unconfuse.train.callbacks import better, predict, score_records
+from unconfuse.train.callbacks import ValidationState, predict, score_records
 from unconfuse.train.config import ConfigError, dump_config, load_config
 from unconfuse.train.run import resolve_retention
 
@@ -135,16 +135,10 @@ def score_test_side(weights, alpha: float, retention: RetentionSet | None, modes
 
 
 def choose(rows: list[dict[str, Any]], selection: str, floor: float) -> dict[str, Any]:
-    """The validation loop's rule over alphas: highest val set accuracy (ties: lower confusion, then the smaller
-    alpha), among the alphas whose val retention is within ``floor`` points of the base's (alpha 0) when
-    ``selection`` has a retention floor."""
-    base = next(row for row in rows if row["alpha"] == 0)
-    best = None
-    for row in rows:
-        eligible = selection != "set_accuracy_with_retention_floor" or row["retention"] >= base["retention"] - floor
-        if eligible and better(row, best):
-            best = row
-    return best
+    """The validation loop's own rule (``ValidationState``) over the alphas, ascending from the base (alpha 0):
+    highest val set accuracy (ties: lower confusion, then the smaller alpha), among the alphas whose val retention
+    is within ``floor`` points of the base's when ``selection`` has a retention floor."""
+    return ValidationState(rows, floor if selection == "set_accuracy_with_retention_floor" else None).best
 
 
 def interpolate(run_dir: str | Path, alphas: list[float], out: str | Path | None = None, selection: str | None = None,
@@ -188,6 +182,7 @@ def interpolate(run_dir: str | Path, alphas: list[float], out: str | Path | None
         weights = (EncoderWeights if encoder else AdapterWeights)(cfg, best, process_device())
         adapter, spec = weights.adapter, weights.spec
         val_mode = "clip" if encoder else cfg.val_mode
+        retention_mode = getattr(cfg.data, "retention_mode", "clip")  # as the run scored it (train.run.retention_mode)
         batch = cfg.val_batch_pairs
 
         def retain(rset: RetentionSet) -> list[dict[str, Any]]:
@@ -195,7 +190,7 @@ def interpolate(run_dir: str | Path, alphas: list[float], out: str | Path | None
 
             if encoder:
                 return answer_encoder(adapter, rset, prompts.template("clip", spec.clip_prompt))
-            return answer_mllm(adapter, rset, cfg.data.retention_mode, batch=2 * batch)
+            return answer_mllm(adapter, rset, retention_mode, batch=2 * batch)
 
         def score(bench, mode):
             records = predict(adapter, spec, mode, bench, prompts, batch)
@@ -217,10 +212,11 @@ def interpolate(run_dir: str | Path, alphas: list[float], out: str | Path | None
             # the test side, once, for the chosen alpha only
             modes = [source.mode, *source.other_modes]
             test_records, records = score_test_side(weights, chosen["alpha"], test_retention, modes, lambda m: score(test, m), retain)
+            test_fingerprint = test.fingerprint()
             finals = {mode: write_scored(out / scored_folder("test", mode, source.mode), records[mode][1], records=records[mode][0],
                                          model=spec.name, mode=mode, benchmark=cfg.data.test,
                                          strategy=f"{source.strategy}+wise-ft", seed=source.seed,
-                                         benchmark_fingerprint=test.fingerprint(),
+                                         benchmark_fingerprint=test_fingerprint,
                                          title=f"{source.recipe} interpolated (alpha {chosen['alpha']:g}): {spec.name} / {mode}")
                       for mode in modes}
         with atomic_folder(out / "checkpoints" / "best") as tmp:
@@ -241,8 +237,7 @@ def interpolate(run_dir: str | Path, alphas: list[float], out: str | Path | None
             (out / "retention").mkdir(exist_ok=True)
             shutil.copyfile(run_dir / "retention" / "base.jsonl", out / "retention" / "base.jsonl")
             atomic_write_text(out / "retention" / "test.jsonl", "".join(json.dumps(r) + "\n" for r in test_records))
-            retention = retention_block(test_retention, source.retention["mode"] if source.retention else val_mode,
-                                        before, test_records)
+            retention = retention_block(test_retention, retention_mode, before, test_records)
         pareto = {"source": str(run_dir.resolve()), "alphas": alphas, "selection": selection, "retention_floor": floor,
                   "retention_metric": rows[0]["retention_metric"], "chosen_alpha": chosen["alpha"], "rows": rows}
         atomic_write_json(out / "pareto.json", pareto)
