@@ -31,8 +31,9 @@ from unconfuse.train import run as lifecycle
 from unconfuse.train.config import setting, to_dict
 from unconfuse.train.data import PairBatches
 from unconfuse.train.losses import image_contrast_loss
-from unconfuse.train.mllm import (MllmData, MllmRecipeSettings, attach_lora, letter_examples, load_best_adapters,
-                                  load_mllm, replay_examples, retention_scorer, scorer, warm_start, with_eval_bos)
+from unconfuse.train.mllm import (AnchoredToBase, MllmData, MllmRecipeSettings, attach_lora, letter_examples,
+                                  load_best_adapters, load_mllm, replay_examples, retention_scorer, scorer,
+                                  warm_start, with_eval_bos)
 from unconfuse.train.replay import with_replay
 
 RECIPE = "mllm_dpo"
@@ -138,7 +139,7 @@ def fused_log_probs(modules, captured: list[torch.Tensor]):
 def make_trainer_class():
     from trl import DPOTrainer
 
-    class PairDPOTrainer(PairBatches, DPOTrainer):
+    class PairDPOTrainer(AnchoredToBase, PairBatches, DPOTrainer):
         """DPOTrainer with whole-pair batches and the pair image-contrast term added to its loss.
 
         The term compares a chosen answer's log-ratio with its own image and with the partner image. The
@@ -207,7 +208,8 @@ def main(cfg: MllmDpoConfig) -> RunResults:
                                    train_dataset=Dataset.from_list([{**ex, "replay": False} for ex in examples] + replay),
                                    pairs_per_batch=cfg.train.pairs_per_batch, replay_items=len(replay),
                                    replay_per_batch=run.replay_per_batch,
-                                   image_contrast_weight=cfg.preference.image_contrast_weight)
+                                   image_contrast_weight=cfg.preference.image_contrast_weight,
+                                   anchor_weight=cfg.lora.anchor_weight)
     evaluate = scorer(run, spec, adapter, trainer, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
     retain = retention_scorer(run, adapter, trainer)
     base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, base=True), spec.name,

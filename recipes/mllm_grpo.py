@@ -46,8 +46,9 @@ from unconfuse.eval.scorer import parse_strict
 from unconfuse.train import run as lifecycle
 from unconfuse.train.config import setting, to_dict
 from unconfuse.train.data import PairRepeatSampler
-from unconfuse.train.mllm import (MllmData, MllmRecipeSettings, attach_lora, letter_examples, load_best_adapters,
-                                  load_mllm, replay_examples, retention_scorer, scorer, warm_start, with_eval_bos)
+from unconfuse.train.mllm import (AnchoredToBase, MllmData, MllmRecipeSettings, attach_lora, letter_examples,
+                                  load_best_adapters, load_mllm, replay_examples, retention_scorer, scorer,
+                                  warm_start, with_eval_bos)
 from unconfuse.train.replay import with_replay
 
 RECIPE = "mllm_grpo"
@@ -146,7 +147,7 @@ def letters_only(adapter, example: dict[str, Any]) -> dict[str, Any]:
 def make_trainer_class():
     from trl import GRPOTrainer
 
-    class PairGRPOTrainer(GRPOTrainer):
+    class PairGRPOTrainer(AnchoredToBase, GRPOTrainer):
         """GRPOTrainer whose generation batches hold whole pairs: both images of each pair, each with its
         ``num_generations`` rollouts, in the same process's slice (``PairRepeatSampler``)."""
 
@@ -202,7 +203,8 @@ def main(cfg: MllmGrpoConfig) -> RunResults:
     trainer = make_trainer_class()(model=model, reward_funcs=reward_functions(), args=args,
                                    processing_class=with_eval_bos(adapter.processor),
                                    train_dataset=Dataset.from_list(examples + replay), pairs_per_batch=cfg.train.pairs_per_batch,
-                                   replay_items=len(replay), replay_per_batch=run.replay_per_batch)
+                                   replay_items=len(replay), replay_per_batch=run.replay_per_batch,
+                                   anchor_weight=cfg.lora.anchor_weight)
     if "ref" in model.peft_config and not (run.init_adapters and grpo.beta):
         # TRL copies a passed-in adapter as the KL reference: a fresh one is the base (adapters disabled), and
         # without a KL term no reference is needed; a warm start's copy is the reference of its KL term

@@ -24,8 +24,9 @@ from unconfuse.eval.runs import RunResults
 from unconfuse.train import run as lifecycle
 from unconfuse.train.config import setting
 from unconfuse.train.data import PairBatches
-from unconfuse.train.mllm import (MllmData, MllmRecipeSettings, attach_lora, letter_examples, load_best_adapters,
-                                  load_mllm, replay_examples, retention_scorer, scorer, warm_start, with_eval_bos)
+from unconfuse.train.mllm import (AnchoredToBase, MllmData, MllmRecipeSettings, attach_lora, letter_examples,
+                                  load_best_adapters, load_mllm, replay_examples, retention_scorer, scorer,
+                                  warm_start, with_eval_bos)
 from unconfuse.train.replay import with_replay
 
 RECIPE = "mllm_sft"
@@ -54,8 +55,8 @@ def main(cfg: MllmSftConfig) -> RunResults:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    class PairSFTTrainer(PairBatches, SFTTrainer):
-        """SFTTrainer whose batches hold whole pairs (both images of a pair)."""
+    class PairSFTTrainer(AnchoredToBase, PairBatches, SFTTrainer):
+        """SFTTrainer whose batches hold whole pairs (both images of a pair), optionally anchored to the base."""
 
     # data: run directory, pairs, leakage audit
     run = lifecycle.open_run(RECIPE, cfg, cfg.strategy or with_replay("sft", cfg), modes=[cfg.val_mode, *cfg.test_modes])
@@ -71,7 +72,8 @@ def main(cfg: MllmSftConfig) -> RunResults:
     examples = [{**row, "replay": False} for row in sft_examples(run.train, run.prompts, cfg.data, cfg.train.seed)]
     trainer = PairSFTTrainer(model=model, args=args, processing_class=with_eval_bos(adapter.processor),
                              train_dataset=Dataset.from_list(examples + replay), pairs_per_batch=cfg.train.pairs_per_batch,
-                             replay_items=len(replay), replay_per_batch=run.replay_per_batch)
+                             replay_items=len(replay), replay_per_batch=run.replay_per_batch,
+                             anchor_weight=cfg.lora.anchor_weight)
     evaluate = scorer(run, spec, adapter, trainer, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
     retain = retention_scorer(run, adapter, trainer)
     base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, base=True), spec.name,

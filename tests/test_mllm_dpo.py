@@ -97,6 +97,20 @@ def test_first_step_loss_is_log2_per_term(world, tmp_path, model, weight):
     assert (Path(tmp_path / "run" / "checkpoints" / "best" / "adapter_config.json")).exists()
 
 
+def test_sft_weight_adds_its_share_of_the_chosen_answers_nll(world, tmp_path):
+    """TRL's ``["sigmoid", "sft"]`` loss at step 1 (policy == reference, DPO term log 2): log 2 + w x the chosen
+    answers' mean token NLL, the same NLL at every weight (so weights 1 and 0.5 add it in the ratio 2:1)."""
+    added = {}
+    for weight in (1.0, 0.5):
+        cfg = config(world, tmp_path / f"run-{weight}", "tiny-llava", 0.0)
+        cfg.preference.sft_weight = weight
+        mllm_dpo.main(cfg)
+        state = json.loads((tmp_path / f"run-{weight}" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+        added[weight] = next(h for h in state["log_history"] if "loss" in h)["loss"] - math.log(2)
+    assert added[1.0] > 0.1  # the untrained letter's NLL
+    assert added[1.0] == pytest.approx(2 * added[0.5], rel=1e-3)
+
+
 def test_llava_next_partner_swap_gives_the_logits_of_the_swapped_images():
     """LLaVA-NeXT (anyres): pixel_values are (rows, tiles, C, H, W), tiles padded to the batch's most, and each
     row's image_sizes say how many tiles are real and how many image tokens the prompt has. Pairs of different

@@ -13,7 +13,8 @@ from unconfuse.recipes.mllm_sft import MllmSftConfig, sft_examples
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.train.config import TrainSettings
 from unconfuse.eval.models.hf_vlm import merge_adapters
-from unconfuse.train.mllm import MllmData, MllmLora
+from unconfuse.train.config import ConfigError
+from unconfuse.train.mllm import AnchoredToBase, MllmData, MllmLora, attach_lora, with_eval_bos
 
 from .interrupt import killed_at_step
 
@@ -57,6 +58,48 @@ def test_the_model_loads_in_the_runs_dtype(world, tmp_path, bf16, dtype):
 
     adapter, spec = load_mllm(SimpleNamespace(cfg=config(world, tmp_path, bf16=bf16), is_main=True), "mllm_sft")
     assert {p.dtype for p in adapter.model.parameters()} == {dtype} and spec.dtype == ("bfloat16" if bf16 else "auto")
+
+
+def anchored_sft_trainer(world, tmp_path, lora: MllmLora, anchor_weight: float):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    class AnchoredSFTTrainer(AnchoredToBase, SFTTrainer):
+        pass
+
+    adapter, _ = load_model("tiny-llava", device="cpu")
+    model = attach_lora(adapter, lora, seed=0)
+    examples = sft_examples(load_benchmark(str(world.root / "train")), load_prompts(), MllmData(), seed=0)[:4]
+    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, max_length=None, report_to=[], use_cpu=True)
+    trainer = AnchoredSFTTrainer(model=model, args=args, processing_class=with_eval_bos(adapter.processor),
+                                 train_dataset=Dataset.from_list(examples), anchor_weight=anchor_weight)
+    return trainer, trainer.data_collator(examples)
+
+
+def test_the_anchor_adds_its_weight_times_the_squared_distance_from_the_base(world, tmp_path):
+    trainer, batch = anchored_sft_trainer(world, tmp_path, MllmLora(dropout=0.0, projector="full", vision="full"), 0.5)
+    model = trainer.model.train()
+    plain = super(AnchoredToBase, trainer).compute_loss
+    assert trainer.compute_loss(model, batch).item() == plain(model, batch).item()  # at the base: distance 0
+    names = {n for n, p in model.named_parameters() if ".modules_to_save." in n}
+    assert len(trainer.anchored) == len(names) > 0  # every fully trained tensor, projector and tower
+    with torch.no_grad():
+        for trained, _ in trainer.anchored:
+            trained.add_(0.01)
+    elements = sum(trained.numel() for trained, _ in trainer.anchored)
+    anchored, unanchored = trainer.compute_loss(model, batch), plain(model, batch)
+    assert (anchored - unanchored).item() == pytest.approx(0.5 * elements * 0.01 ** 2, rel=1e-4)
+    assert trainer._metrics["train"]["anchor"][-1] == pytest.approx(elements * 0.01 ** 2, rel=1e-4)
+    model.zero_grad()
+    trainer.anchor_term().backward()  # its gradient pulls each weight back: 2 x (trained - base)
+    assert torch.allclose(trainer.anchored[0][0].grad, torch.full_like(trainer.anchored[0][0], 0.02), atol=1e-5)
+    # the reference the anchor reads is the base (the frozen original), not a copy that trains
+    assert all(not base.requires_grad for _, base in trainer.anchored)
+
+
+def test_an_anchor_with_nothing_trained_in_full_is_an_error(world, tmp_path):
+    with pytest.raises(ConfigError, match="lora.anchor_weight: 0.1 anchors the modules trained in full"):
+        anchored_sft_trainer(world, tmp_path, MllmLora(projector="lora"), 0.1)
 
 
 @pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2-vl"])

@@ -68,6 +68,9 @@ class MllmLora:
                                                            "(gate, up, down) only")
     projector: Part = setting("none", "the multimodal projector: frozen, LoRA, or trained in full")
     vision: Part = setting("none", "the vision tower: frozen, LoRA, or trained in full")
+    anchor_weight: float = setting(0.0, "L2-SP anchor: this weight x the squared distance of the modules trained in "
+                                        "full (projector/vision: full) from the base's weights, added to the loss "
+                                        "(keeps what the base saw; 0: off; an error with nothing trained in full)", min=0)
 
 
 @dataclass
@@ -188,6 +191,59 @@ def attach_lora(adapter, settings: MllmLora, seed: int):
     model = get_peft_model(adapter.model, config)
     adapter.model = model.get_base_model()
     return model
+
+
+def anchored_parameters(model) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(trained parameter, its base weights) of every module trained in full: peft's ``modules_to_save`` copy of the
+    active adapter beside the frozen original it was copied from (the base, also under a warm start)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    pairs = []
+    for wrapper in model.modules():
+        if isinstance(wrapper, ModulesToSaveWrapper):
+            trained = dict(wrapper.modules_to_save[wrapper.active_adapters[0]].named_parameters())
+            pairs += [(trained[name], base.detach()) for name, base in wrapper.original_module.named_parameters()]
+    return pairs
+
+
+class AnchoredToBase:
+    """For the MLLM recipes' trainers: adds ``anchor_weight`` x the squared L2 distance of the modules trained in full
+    from the base's weights (L2-SP, Li et al., ICML 2018) to every optimizer step's loss, logged as ``anchor``.
+    It pulls back what the pair loss does not move (Adam moves every parameter at the learning rate's scale,
+    so weights the pairs do not need drift otherwise). Not under ZeRO-3 (each process holds a shard)."""
+
+    def __init__(self, *args, anchor_weight: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.anchor_weight = anchor_weight
+        self.anchored = anchored_parameters(self.model) if anchor_weight else []
+        if anchor_weight and not self.anchored:
+            raise ConfigError(f"lora.anchor_weight: {anchor_weight} anchors the modules trained in full, and none is "
+                              f"(set lora.projector or lora.vision to full, or the weight to 0)")
+        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        if anchor_weight and plugin is not None and plugin.zero_stage == 3:
+            raise ConfigError("lora.anchor_weight: not under ZeRO-3 (each process holds a shard of the weights); "
+                              "use ZeRO-2 or set it to 0")
+
+    def anchor_term(self) -> torch.Tensor:
+        """The squared L2 distance of the modules trained in full from the base's weights (unweighted)."""
+        return sum((trained - base).pow(2).sum() for trained, base in self.anchored)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self.anchor_weight or not self.model.training:
+            return result
+        term = self.anchor_term()
+        self._metrics["train"]["anchor"].append(term.item())
+        scaled = self.anchor_weight * term
+        # once per optimizer step: the Trainer divides a loss by the accumulation steps unless it was
+        # normalized by num_items_in_batch (then the model's loss already is a share of the step's)
+        ga_scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+        if ga_scaled:
+            scaled = scaled / self.current_gradient_accumulation_steps
+        if return_outputs:
+            return result[0] + scaled, result[1]
+        return result + scaled
 
 
 def with_eval_bos(processor):
