@@ -45,7 +45,7 @@ def diverging(recipe: str, world, out: Path | None, learning_rate: str) -> list[
     if recipe == "clip_hardneg":
         args.append("model=tiny-clip")
     else:
-        args += ["model=tiny-llava", "test_modes=[greedy]", "lora.vision=none", "lora.projector=none"]
+        args += ["model=tiny-llava", "test_modes=[greedy]", "lora.vision=none", "lora.projector=none", "lora.anchor_weight=0"]
     return [*args, f"output_dir={out}"] if out else args
 
 

@@ -179,7 +179,7 @@ def launch_sft(world, launch: str, out: Path, *extra: str) -> str:
     cmd = [sys.executable, "-m", "unconfuse.train.commands.cli", "train", "mllm_sft", "--config", str(repo / "configs/mllm_sft/tiny.yaml"),
            "--launch", str(repo / "configs/accelerate" / f"{launch}.yaml"), "model=tiny-llava", f"output_dir={out}", "report_to=none",
            "train.eval_steps=2", "train.save_steps=2", "train.logging_steps=1", "train.pairs_per_batch=2",
-           "test_modes=[greedy]", "lora.vision=none", "lora.projector=none", f"data.train={world.root / 'train'}",
+           "test_modes=[greedy]", "lora.vision=none", "lora.projector=none", "lora.anchor_weight=0", f"data.train={world.root / 'train'}",
            f"data.val={world.root / 'val'}", f"data.test={world.root / 'test'}", *extra]
     proc = subprocess.run(cmd, cwd=repo, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True,
                           timeout=900)

@@ -41,7 +41,7 @@ def two_steps(recipe: str, world, out: Path) -> list[str]:
                  "train.eval_steps=2", "train.save_steps=2", "train.logging_steps=1", "train.pairs_per_batch=2",
                  "train.seed=0", "train.warmup_steps=0", *(f"data.{s}={world.root / s}" for s in ("train", "val", "test"))]
     if recipe.startswith("mllm"):
-        overrides += ["test_modes=[greedy,prefix]", "lora.vision=none", "lora.projector=none"]
+        overrides += ["test_modes=[greedy,prefix]", "lora.vision=none", "lora.projector=none", "lora.anchor_weight=0"]
     if recipe == "mllm_grpo":
         overrides += ["grpo.num_generations=2"]  # 8 rollouts per image instead of 2 only cost time here
     return [str(tiny), *overrides]
