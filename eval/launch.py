@@ -44,10 +44,42 @@ def accelerate_launch(module: str, accelerate_config: str | Path, argv: list[str
     """
     with tempfile.TemporaryDirectory(prefix="unconfuse-launch-") as tmp:
         status_file = Path(tmp) / "exit_status"
-        returncode = subprocess.call(accelerate_command(module, accelerate_config, argv),
-                                     env={**os.environ, EXIT_STATUS_ENV: str(status_file)})
+        process = subprocess.Popen(accelerate_command(module, accelerate_config, argv),
+                                   env={**os.environ, EXIT_STATUS_ENV: str(status_file)})
+        with forwarded_signals(process):
+            returncode = process.wait()
         recorded = status_file.read_text().strip() if status_file.exists() else ""
     return int(recorded) if returncode and recorded.isdigit() else returncode
+
+
+@contextlib.contextmanager
+def forwarded_signals(process: subprocess.Popen) -> Iterator[None]:
+    """While the block runs, a SIGTERM or SIGINT to this process is sent on, as SIGTERM, to the processes
+    ``accelerate launch`` started (each saves at its next clean point, together: ``unconfuse.eval.stopping``),
+    not to accelerate's launcher, whose own handler would kill them after a fixed 30 s grace."""
+    import signal
+    import threading
+
+    import psutil
+
+    def forward(signum, frame):
+        try:
+            workers = psutil.Process(process.pid).children()
+        except psutil.NoSuchProcess:
+            return
+        for worker in workers or [psutil.Process(process.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.send_signal(signal.SIGTERM)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def record_exit_status(status: int) -> None:

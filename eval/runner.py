@@ -26,6 +26,7 @@ from .benchmarks import load_benchmark
 from .pairs import Benchmark, Pair
 from .prompts import DEFAULT_PROMPTS, MODES, load_prompts
 from .scorer import PARSERS, read_predictions, resolve_answers, score
+from .stopping import Stopped, deferred, signal_name, stop_requested
 
 MC_MAX_NEW_TOKENS = 32  # the reference's setting for mc mode
 DEFAULT_BATCH_PAIRS = 8
@@ -177,7 +178,8 @@ def _answer_and_score(cfg: EvalConfig, out: Path, bench: Benchmark, spec, prompt
                    disable=not (cfg.progress and launch.is_main))
         target = pred_path if launch.processes == 1 else part_path(out, launch.rank)
         target.parent.mkdir(exist_ok=True)
-        with open(target, "a", encoding="utf-8") as fh:
+        answered = 0
+        with open(target, "a", encoding="utf-8") as fh, deferred():
             for chunk in todo:
                 records = answer_pairs(adapter, spec, cfg, prompts, bench, chunk, judge)
                 # a chunk torn by a kill is recomputed whole: write only the questions not on disk yet
@@ -186,6 +188,11 @@ def _answer_and_score(cfg: EvalConfig, out: Path, bench: Benchmark, spec, prompt
                 fh.flush()
                 os.fsync(fh.fileno())
                 bar.update(len(chunk))
+                answered += len(chunk)
+                if stop_requested():  # the batch is on disk: stop here, a rerun answers the rest
+                    raise Stopped(stop_requested(), f"stopped by {signal_name(stop_requested())} after "
+                                  f"{answered} of {sum(len(c) for c in todo)} pairs; the answers are in {target}; "
+                                  f"rerun the same command to resume")
         bar.close()
     launch.wait()  # every process's answers are on disk
     if not launch.is_main:

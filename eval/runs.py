@@ -89,12 +89,13 @@ class RunResults:
     steps: int
     best_step: int | None
     best_val: dict[str, Any] | None
-    wall_time_s: float
+    wall_time_s: float  # compute time over every attempt (a run stopped by a signal and rerun has several)
     scorer_version: str
     prompt_version: str | None
     other_modes: dict[str, dict[str, Any]] = field(default_factory=dict)  # mode -> {"base": ..., "final": ...}
     details: dict[str, Any] = field(default_factory=dict)  # recipe settings (loss, trainable, ...); cv: folds
     retention: dict[str, Any] | None = None  # eval.retention.retention_block: general ability before/after; None: not measured
+    attempts: int = 1  # how many times the run was started (a stopped run's rerun resumes: one more)
     schema_version: int = SCHEMA_VERSION
 
     def scores(self, mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -124,7 +125,7 @@ def read_run_results(run_dir: str | Path) -> RunResults:
         raise RunFormatError(f"{run_dir}: run format {data.get('schema_version')!r}, this unconfuse reads "
                              f"{SCHEMA_VERSION}; rerun it with this version")
     names = {f.name for f in dataclasses.fields(RunResults)}
-    missing = sorted(n for n in names if n not in data and n not in ("other_modes", "details", "retention", "schema_version"))
+    missing = sorted(n for n in names if n not in data and n not in ("other_modes", "details", "retention", "attempts", "schema_version"))
     if missing:
         raise RunFormatError(f"{run_dir / RESULTS_FILE}: missing {', '.join(missing)}")
     return RunResults(**{k: v for k, v in data.items() if k in names})

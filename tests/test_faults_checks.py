@@ -324,7 +324,7 @@ def test_embeddings_computed_before_a_crash_are_kept(tmp_path):
     assert (EmbeddingCache(tmp_path / "cache", "m").locate(hashes)[0] >= 0).tolist() == [True, True, False, False]
 
 
-# -- resume_from_checkpoint: latest --------------------------------------------------------------------
+# -- resume_from_checkpoint: auto / latest -------------------------------------------------------------------
 
 def _checkpoint(root: Path, step: int, state: str | None = '{"global_step": 1}', weights: str | None = "model.safetensors"):
     folder = root / f"checkpoint-{step}"
@@ -355,7 +355,7 @@ def test_latest_skips_checkpoints_a_killed_save_left_behind(tmp_path, capsys):
     trainer = SimpleNamespace(add_callback=lambda cb: None, remove_callback=lambda cb: None,
                               train=lambda **kw: calls.append(kw),
                               accelerator=SimpleNamespace(wait_for_everyone=lambda: None))
-    cfg = SimpleNamespace(resume_from_checkpoint="latest", train=SimpleNamespace(learning_rate=1e-4))
+    cfg = SimpleNamespace(resume_from_checkpoint="auto", train=SimpleNamespace(learning_rate=1e-4, max_steps=20))
     train(SimpleNamespace(cfg=cfg, dir=tmp_path / "run", is_main=True), trainer)
     assert calls == [{"resume_from_checkpoint": str(good)}]
     err = capsys.readouterr().err

@@ -190,6 +190,33 @@ class NonFiniteGuard(TrainerCallback):
                              + (f"last good checkpoint: {last}" if last else "no checkpoint was saved before it"))
 
 
+class StopOnSignal(TrainerCallback):
+    """SIGTERM or SIGINT during training (``unconfuse.eval.stopping``): the current optimizer step finishes,
+    a complete checkpoint of it is saved, and training stops; ``stopped_at`` is then that step. Every process
+    of a launch agrees on the step (the signal is reduced across processes after each step): a ZeRO
+    checkpoint is a collective save, and processes signalled a step apart would otherwise wait for each other."""
+
+    def __init__(self):
+        self.stopped_at: int | None = None
+        self.signum = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+        import torch.distributed as dist
+
+        from unconfuse.eval.stopping import stop_requested
+
+        signum = stop_requested() or 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([signum], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if signum:
+            self.signum, self.stopped_at = signum, state.global_step
+            control.should_save = control.should_training_stop = True
+        return control
+
+
 class ConsoleLog(TrainerCallback):
     """Training progress a person can read: a progress bar on a terminal, and one line per logging
     step (``step 10/300  loss 0.6931  grad_norm 0.12 ...``) instead of the Trainer's raw dicts."""

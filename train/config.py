@@ -207,7 +207,9 @@ class RecipeSettings:
     allow_leakage: bool = setting(False, "train even when training images appear in the val/test pairs")
     allow_toy_data: bool = setting(False, "let a real model (not a tiny preset) train or test on the embedded "
                                           "world's 64-px images")
-    resume_from_checkpoint: str | None = setting(None, "a checkpoint folder, or latest")
+    resume_from_checkpoint: str = setting("auto", "auto: a rerun of this run (same output_dir and fingerprint) resumes "
+                                                  "from its newest complete checkpoint, a finished one only prints its "
+                                                  "summary (--force starts afresh); latest: the same; or a checkpoint folder")
     force: bool = setting(False, "start afresh in an output_dir that holds another run (its contents are moved "
                                  "aside, not deleted); without it such a run is refused")
 
@@ -227,6 +229,8 @@ class TrainSettings:
     max_grad_norm: float = setting(1.0, "gradient clipping norm", gt=0)
     eval_steps: int = setting(25, "validation cadence in steps (also at step 0 and the last step)", min=1)
     save_steps: int = setting(50, "resumable Trainer checkpoint cadence in steps", min=1)
+    save_total_limit: int = setting(2, "resumable checkpoints kept (the newest; checkpoints/best, the selected "
+                                       "weights, is kept apart and always)", min=1)
     logging_steps: int = setting(10, "training log cadence in steps", min=1)
     patience: int = setting(0, "stop after this many validations without improvement; 0 = never", min=0)
     selection: Literal["set_accuracy", "set_accuracy_with_retention_floor"] = setting(

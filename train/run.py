@@ -27,17 +27,29 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from unconfuse.eval.benchmarks import load_benchmark
-from unconfuse.eval.io import atomic_folder, atomic_write_json, atomic_write_text, owned_folder, sha256_file
+from unconfuse.eval.io import RunDirError, atomic_folder, atomic_write_json, atomic_write_text, owned_folder, sha256_file
 from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.prompts import PromptSet, load_prompts
 from unconfuse.eval.retention import RetentionSet, load_retention, read_records, retention_block, summarize
-from unconfuse.eval.runs import (RunResults, read_scored, scored_folder, write_run_results, write_scored)
+from unconfuse.eval.runs import (RESULTS_FILE, RunResults, read_run_results, read_scored, scored_folder, write_run_results,
+                                 write_scored)
 from unconfuse.eval.scorer import SCORER_VERSION
 from unconfuse.train.callbacks import PairValidationCallback
 from unconfuse.train.config import ConfigError, TrainSettings, dump_config, to_dict
 
 Evaluate = Callable[[Benchmark, str], "tuple[list[dict[str, Any]], dict[str, Any]]"]
 Retain = Callable[[RetentionSet], "list[dict[str, Any]]"]  # retention records of the model as it is now
+
+
+class AlreadyFinished(Exception):
+    """A rerun of a run that finished (its results.json is there): nothing to train or score."""
+
+    def __init__(self, run_dir: Path, results: RunResults):
+        super().__init__(f"{run_dir}: finished before")
+        self.run_dir, self.results = run_dir, results
+
+
+ATTEMPTS_FILE = "attempts.json"  # {"attempts": n, "time_s": compute time of the attempts so far}
 
 
 class LeakageError(RuntimeError):
@@ -66,6 +78,18 @@ class Run:
     retention_records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # stage -> records
     start: float = field(default_factory=time.time)
     wandb: Any = None
+    attempt: int = 1  # this attempt's number: 1, then one more per rerun that resumed
+    earlier_time_s: float = 0.0  # compute time of the earlier attempts (stopped by a signal or finished scoring)
+
+    @property
+    def total_time_s(self) -> float:
+        return self.earlier_time_s + time.time() - self.start
+
+    def save_attempt(self) -> None:
+        """``attempts.json``: how many attempts this run took and their compute time so far (a rerun adds to it;
+        an attempt killed outright, SIGKILL, is counted but its time is lost)."""
+        if self.is_main:
+            atomic_write_json(self.dir / ATTEMPTS_FILE, {"attempts": self.attempt, "time_s": round(self.total_time_s, 3)})
 
     @property
     def main_mode(self) -> str:
@@ -120,12 +144,32 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
                  "val_retention": val_retention.fingerprint() if val_retention else None,
                  **({"replay": replay.fingerprint()} if replay else {}),
                  **({"init_adapters": init_identity} if init else {})})
+    if (run_dir / RESULTS_FILE).exists():
+        results = read_run_results(run_dir)
+        release_run_dir(run_dir)
+        raise AlreadyFinished(run_dir, results)
+    attempts = read_attempts(run_dir)
     if is_main:
         dump_config(cfg, run_dir / "config.yaml")
     check_leakage(run_dir, train_bench, {"val": val_bench, "test": test_bench}, cfg.allow_leakage, write=is_main,
                   held_out={"retention": retention, "val_retention": val_retention}, replay=replay)
-    return Run(recipe, cfg, strategy, run_dir, is_main, train_bench, val_bench, test_bench, load_prompts(), launch,
-               list(dict.fromkeys(modes)), retention, val_retention, replay, init)
+    run = Run(recipe, cfg, strategy, run_dir, is_main, train_bench, val_bench, test_bench, load_prompts(), launch,
+              list(dict.fromkeys(modes)), retention, val_retention, replay, init,
+              attempt=attempts["attempts"] + 1, earlier_time_s=attempts["time_s"])
+    run.save_attempt()
+    return run
+
+
+def read_attempts(run_dir: Path) -> dict[str, Any]:
+    """``attempts.json`` of an owned run folder (none yet: no attempt); an unreadable one is a RunDirError."""
+    path = run_dir / ATTEMPTS_FILE
+    if not path.exists():
+        return {"attempts": 0, "time_s": 0.0}
+    try:
+        data = json.loads(path.read_text())
+        return {"attempts": int(data["attempts"]), "time_s": float(data["time_s"])}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunDirError(f"{path}: unreadable ({exc}); --force starts the run afresh") from None
 
 
 def replay_set(cfg: Any, train: Benchmark) -> RetentionSet | None:
@@ -253,7 +297,8 @@ def trainer_arguments(run: Run, train: TrainSettings, model_width: int | None = 
                 per_device_train_batch_size=2 * train.pairs_per_batch, learning_rate=train.learning_rate,
                 weight_decay=train.weight_decay, warmup_steps=train.warmup_steps, lr_scheduler_type=train.lr_scheduler,
                 gradient_accumulation_steps=train.gradient_accumulation_steps, max_grad_norm=train.max_grad_norm,
-                logging_steps=train.logging_steps, save_strategy="steps", save_steps=train.save_steps, seed=train.seed,
+                logging_steps=train.logging_steps, save_strategy="steps", save_steps=train.save_steps,
+                save_total_limit=train.save_total_limit, seed=train.seed,
                 data_seed=train.seed, bf16=train.bf16, activation_checkpointing=train.activation_checkpointing, report_to=["wandb"] if run.wandb is not None else [],
                 dataloader_num_workers=0, disable_tqdm=True, logging_nan_inf_filter=False,  # NonFiniteGuard stops instead
                 **launch)  # ConsoleLog shows progress
@@ -480,10 +525,14 @@ def whole_weights(trainer=None):
 
 
 def train(run: Run, trainer) -> None:
-    """``trainer.train``, resuming from ``resume_from_checkpoint`` (a folder or ``latest``)."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    """``trainer.train``, resuming from ``resume_from_checkpoint`` (``auto``/``latest``: the newest complete
+    checkpoint of the run, if any; or a folder). A run whose checkpoint already holds ``max_steps`` (killed
+    while it scored the test) trains nothing more: the Trainer's state is read back from it. A SIGTERM or
+    SIGINT under ``graceful_stop`` ends the current step, saves it and raises ``Stopped``."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 
-    from unconfuse.train.callbacks import ConfigInCheckpoints, ConsoleLog, NonFiniteGuard
+    from unconfuse.eval.stopping import Stopped, deferred, signal_name
+    from unconfuse.train.callbacks import ConfigInCheckpoints, ConsoleLog, NonFiniteGuard, StopOnSignal
 
     trainer.add_callback(NonFiniteGuard(lambda: getattr(trainer, "_tr_loss", None),  # the loss summed since the last log
                                         hint=f"train.learning_rate={run.cfg.train.learning_rate:g} too high?"))
@@ -491,9 +540,31 @@ def train(run: Run, trainer) -> None:
     for raw in (PrinterCallback, ProgressCallback):  # raw-dict printers: ConsoleLog prints readable lines
         trainer.remove_callback(raw)
     trainer.add_callback(ConsoleLog())
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
     resume = run.cfg.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=latest_complete_checkpoint(run.dir / "checkpoints") if resume == "latest" else resume)
+    if resume in ("auto", "latest"):
+        resume = latest_complete_checkpoint(run.dir / "checkpoints", quiet=resume == "auto")
+    if resume and checkpoint_step(resume) >= run.cfg.train.max_steps:
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        if run.is_main:
+            print(f"{resume}: training finished ({trainer.state.global_step} steps); scoring what is missing", flush=True)
+        return
+    if resume and run.is_main:
+        print(f"resuming from {resume}", flush=True)
+    with deferred():
+        trainer.train(resume_from_checkpoint=resume)
     trainer.accelerator.wait_for_everyone()  # rank 0 may still be writing the best weights
+    if stop.stopped_at is not None:
+        run.save_attempt()
+        raise Stopped(stop.signum, f"stopped by {signal_name(stop.signum)} at step {stop.stopped_at}; "
+                                   f"checkpoint-{stop.stopped_at} saved in {run.dir / 'checkpoints'}; "
+                                   f"rerun the same command to resume")
+
+
+def checkpoint_step(folder: str | Path) -> int:
+    """The optimizer steps a checkpoint holds (its trainer_state.json's ``global_step``)."""
+    return int(json.loads((Path(folder) / "trainer_state.json").read_text())["global_step"])
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
@@ -518,16 +589,18 @@ def checkpoint_complete(folder: Path) -> bool:
     return False
 
 
-def latest_complete_checkpoint(folder: Path) -> str | None:
-    """``resume_from_checkpoint: latest``: the newest complete ``checkpoint-N`` of ``folder`` (a save killed
-    half-way leaves an incomplete one, skipped with a note); None, training from the start, when there is none."""
+def latest_complete_checkpoint(folder: Path, quiet: bool = False) -> str | None:
+    """``resume_from_checkpoint: auto`` / ``latest``: the newest complete ``checkpoint-N`` of ``folder`` (a save
+    killed half-way leaves an incomplete one, skipped with a note); None, training from the start, when there is
+    none (said unless ``quiet`` and there is no checkpoint at all: a fresh run)."""
     numbered = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
                       key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for candidate in numbered:
         if checkpoint_complete(candidate):
             return str(candidate)
-        print(f"resume_from_checkpoint: latest: skipping {candidate} (incomplete: a save did not finish)", file=sys.stderr)
-    print(f"resume_from_checkpoint: latest: no complete checkpoint in {folder}; training from the start", file=sys.stderr)
+        print(f"resume_from_checkpoint: skipping {candidate} (incomplete: a save did not finish)", file=sys.stderr)
+    if numbered or not quiet:
+        print(f"resume_from_checkpoint: no complete checkpoint in {folder}; training from the start", file=sys.stderr)
     return None
 
 
@@ -539,10 +612,11 @@ def finish(run: Run, model: str, base: dict[str, dict[str, Any]], final: dict[st
         kind="run", recipe=run.recipe, strategy=run.strategy, model=model, train_data=run.cfg.data.train,
         test_data=run.cfg.data.test, seed=run.cfg.train.seed, mode=main, base=base[main], final=final[main],
         steps=trainer.state.global_step, best_step=callback.state.best_step, best_val=callback.state.best,
-        wall_time_s=time.time() - run.start, scorer_version=SCORER_VERSION, prompt_version=run.prompts.version,
+        wall_time_s=run.total_time_s, attempts=run.attempt, scorer_version=SCORER_VERSION, prompt_version=run.prompts.version,
         other_modes={m: {"base": base[m], "final": final[m]} for m in run.modes if m != main}, details=details or {},
         retention=(retention_block(run.retention, retention_mode(run), run.retention_records["base"], run.retention_records["test"])
                    if {"base", "test"} <= set(run.retention_records) else None))
+    run.save_attempt()
     if run.is_main:
         write_run_results(run.dir, results)
         log_final_to_wandb(run.wandb, results, run.dir / "test" / "predictions.jsonl")
@@ -615,7 +689,12 @@ def run_recipe(recipe: str, config: str | Path | None, overrides: list[str] | No
     from unconfuse.train.config import load_config
 
     module = recipe_module(recipe)
-    return module.main(load_config(module.CONFIG_CLASS, config, list(overrides or [])))
+    try:
+        return module.main(load_config(module.CONFIG_CLASS, config, list(overrides or [])))
+    except AlreadyFinished as done:
+        print(f"{done.run_dir}: finished before ({done.results.steps} steps, {done.results.attempts} attempt(s)); "
+              f"nothing to do (--force starts afresh)", file=sys.stderr, flush=True)
+        return done.results
 
 
 def recipe_cli(recipe: str, argv: list[str] | None = None) -> int:
@@ -639,13 +718,18 @@ def recipe_cli(recipe: str, argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     overrides = [*args.overrides, *([f"output_dir={args.output_dir}"] if args.output_dir else []),
                  *(["force=true"] if args.force else [])]
-    try:
-        print(summary(run_recipe(recipe, args.config, overrides)))
-    except Exception as exc:
-        status = exit_status(exc)
-        if status is None:
-            raise
-        return _failed(exc, status)
+    from unconfuse.eval.stopping import Stopped, graceful_stop, report_stopped
+
+    with graceful_stop():  # what `accelerate launch` runs in every process: each saves and stops on SIGTERM
+        try:
+            print(summary(run_recipe(recipe, args.config, overrides)))
+        except Stopped as exc:
+            return report_stopped(exc)
+        except Exception as exc:
+            status = exit_status(exc)
+            if status is None:
+                raise
+            return _failed(exc, status)
     return 0
 
 

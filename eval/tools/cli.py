@@ -299,7 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unconfuse")
     add_eval_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    from unconfuse.eval.stopping import Stopped, graceful_stop, report_stopped
+
+    with graceful_stop():  # SIGTERM / SIGINT: the run saves at its next clean point and says so in one line
+        try:
+            return int(args.func(args) or 0)
+        except Stopped as exc:
+            return report_stopped(exc)
 
 
 if __name__ == "__main__":

@@ -248,7 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("train", "cv") or any("=" not in item or item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    return int(args.func(args) or 0)
+    from unconfuse.eval.stopping import Stopped, graceful_stop, report_stopped
+
+    with graceful_stop():  # SIGTERM / SIGINT: the run saves at its next clean point and says so in one line
+        try:
+            return int(args.func(args) or 0)
+        except Stopped as exc:
+            return report_stopped(exc)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def _train_fold(recipe: str, config: str, bench: Benchmark, assignment: list[int
     for name, part in fold_data(bench, assignment, folds, k, seed).items():
         paths[name] = data_dir / f"{name}.jsonl"
         write_jsonl(part.pairs, paths[name])
-    print(f"cv fold {k + 1}/{folds}: {recipe} on {sum(1 for a in assignment if a != k)} pairs "
+    print(f"cv fold-{k} ({k + 1} of {folds}): {recipe} on {sum(1 for a in assignment if a != k)} pairs "
           f"(test: {sum(1 for a in assignment if a == k)} pairs)", flush=True)
     fold_overrides = [*(overrides or []), f"output_dir={out / f'fold-{k}'}", f"data.train={paths['train']}",
                       f"data.val={paths['val']}", f"data.test={paths['test']}", *fold_init(init_adapters, k)]
