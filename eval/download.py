@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote
 
 from .http import RETRY_STATUS, http_session
@@ -73,21 +73,35 @@ class Fetcher:
         self.session = http_session(retries, backoff, pool_maxsize=pool_maxsize)
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
 
-    def get(self, url: str) -> bytes:
+    def get(self, url: str, verify: Callable[[bytes], None] | None = None) -> bytes:
+        """The body of ``url``. A body broken mid-transfer, or one that ``verify`` rejects (size, MD5), is fetched
+        again (the session's retries cover only what fails before the body), up to ``retries`` more times."""
+        import time
+
         import requests
 
         attempts = f"after {self.retries + 1} attempts"
-        try:
-            reply = self.session.get(url, timeout=self.timeout)
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError) as exc:
-            raise DownloadError(f"{type(exc).__name__}: {exc} {attempts}") from exc
-        except requests.exceptions.ChunkedEncodingError as exc:  # broken mid-body: not retried
-            raise DownloadError(f"{type(exc).__name__}: {exc}") from exc
-        if reply.status_code == 200:
-            return reply.content
-        if reply.status_code in RETRY_STATUS:
-            raise DownloadError(f"HTTP {reply.status_code} {attempts}")
-        raise DownloadError(f"HTTP {reply.status_code}")
+        for attempt in range(self.retries + 1):
+            try:
+                reply = self.session.get(url, timeout=self.timeout)
+            except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
+                broken = DownloadError(f"{type(exc).__name__}: {exc}")  # cut mid-body
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError) as exc:
+                raise DownloadError(f"{type(exc).__name__}: {exc} {attempts}") from exc
+            else:
+                if reply.status_code in RETRY_STATUS:
+                    raise DownloadError(f"HTTP {reply.status_code} {attempts}")
+                if reply.status_code != 200:
+                    raise DownloadError(f"HTTP {reply.status_code}")
+                try:
+                    if verify is not None:
+                        verify(reply.content)
+                    return reply.content
+                except DownloadError as exc:
+                    broken = exc
+            if attempt < self.retries and self.backoff:
+                time.sleep(min(120.0, self.backoff * 2 ** attempt))
+        raise DownloadError(f"{broken} {attempts}")
 
 
 def pmc_id(dlink: str) -> str:
@@ -203,8 +217,7 @@ def download(cfg: DownloadConfig) -> list[Failure]:
                 raise DownloadError(f"{info['file_name']} is in no version of {pmcid} in the bucket")
             meta = versions[having[0]][info["file_name"]]
             url = f"{cfg.pmc_base.rstrip('/')}/{pmcid}.{having[0]}/{quote(info['file_name'])}"
-            data = fetcher.get(url)
-            verify_image_bytes(data, meta["size"], meta["etag"])
+            data = fetcher.get(url, verify=lambda body: verify_image_bytes(body, meta["size"], meta["etag"]))
         atomic_write_bytes(images_dir / f"{local}.jpg", data)
         return local, {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "url": url, "roco": roco_path}
 

@@ -11,6 +11,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back: there is no other way to read it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | Path) -> Iterator[Any]:
     """A binary file to write ``path`` through: readers see the old file or the whole new one, never
@@ -23,6 +30,7 @@ def atomic_writer(path: str | Path) -> Iterator[Any]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # what open() would give, not the temp file's 600: a group can read results
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -61,6 +69,7 @@ def atomic_folder(folder: str | Path, keep_existing: bool = False) -> Iterator[P
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.building-"))
+    os.chmod(tmp, 0o777 & ~_umask())  # what mkdir would give, not the temp folder's 700
     try:
         yield tmp
     except BaseException:
@@ -134,11 +143,26 @@ def join_folder(folder: str | Path, fingerprint: dict[str, Any], *, what: str = 
     return folder
 
 
+UNREADABLE = object()  # a fingerprint.json that does not parse: it cannot show which run the folder holds
+
+
+def read_fingerprint(record: Path) -> Any:
+    """The fingerprint a folder records: None when it has none, ``UNREADABLE`` when the file does not parse."""
+    if not record.exists():
+        return None
+    try:
+        return json.loads(record.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return UNREADABLE
+
+
 def _held_by_another(folder: Path, fingerprint: dict[str, Any], what: str) -> tuple[Any, str | None]:
     """The fingerprint ``folder`` records (None when it has none), and why the folder cannot take
     ``fingerprint``: it holds another run (its differences named), or files that are no unconfuse run."""
     record = folder / FINGERPRINT
-    old = json.loads(record.read_text()) if record.exists() else None
+    old = read_fingerprint(record)
+    if old is UNREADABLE:
+        return old, f"has an unreadable {FINGERPRINT} (cut short or not JSON)"
     if old is not None and old != fingerprint:
         changed = _differences(old, fingerprint)
         return old, f"holds another {what} ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})"
@@ -170,7 +194,7 @@ def owned_folder(folder: str | Path, fingerprint: dict[str, Any], *, force: bool
         raise RunDirError(f"{folder} is a file; give a folder (new or holding this same run)")
     record = folder / FINGERPRINT
     if not writer:
-        old = json.loads(record.read_text()) if record.exists() else None
+        old = read_fingerprint(record)
         if old is not None and old != fingerprint and not force:
             raise RunDirError(f"{folder} holds another {what}; use another folder, or --force")
         yield folder

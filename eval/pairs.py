@@ -111,6 +111,9 @@ def make_pair(raw: dict[str, Any], where: str) -> Pair:
     for key in ("option_a", "option_b", "question"):
         if not data[key].strip():
             raise BenchmarkError(f"{where}: empty {key}")
+    if data["option_a"].strip().casefold() == data["option_b"].strip().casefold():
+        raise BenchmarkError(f"{where}: pair {data['id']!r}: option_a and option_b are the same ({data['option_a']!r}); "
+                             f"no image can pick one over the other")
     for key in ("answer_1", "answer_2"):
         value = str(data[key]).strip()
         if value not in ANSWERS:

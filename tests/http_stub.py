@@ -6,6 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 Route = Callable[[str, str, bytes, dict], tuple[int, bytes, dict]]
+CUT = "x-stub-cut"  # a route's extra header: send only this many bytes of the body, then close the connection
 
 
 class StubServer:
@@ -23,12 +24,15 @@ class StubServer:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 stub.requests.append((method, self.path, headers))
                 status, payload, extra = stub.handler(method, self.path, body, headers)
+                cut = extra.pop(CUT, None)  # a body broken mid-transfer: the full length announced, part sent
                 self.send_response(status)
                 for key, value in extra.items():
                     self.send_header(key, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                self.wfile.write(payload if cut is None else payload[:cut])
+                if cut is not None:
+                    self.close_connection = True
 
             def do_GET(self):  # noqa: N802
                 self._serve("GET")

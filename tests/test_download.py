@@ -10,7 +10,7 @@ from PIL import Image
 from unconfuse.eval.download import DownloadConfig, download
 from unconfuse.train.commands.cli import main
 
-from .http_stub import StubServer
+from .http_stub import CUT, StubServer
 
 
 def jpeg(seed: int) -> bytes:
@@ -30,7 +30,9 @@ class FakeBucket:
             "PMC200.1/f.jpg": jpeg(4), "PMC200.2/other.jpg": jpeg(5),
             "PMC300.1/flaky.jpg": jpeg(6),
             "PMC400.1/bad.jpg": jpeg(7),
+            "PMC600.1/torn.jpg": jpeg(8), "PMC700.1/garbled.jpg": jpeg(9),
         }
+        self.broken_once = {"PMC600.1/torn.jpg": "cut", "PMC700.1/garbled.jpg": "md5"}  # each fine the second time
         bad = bytearray(jpeg(7))
         bad[len(bad) // 2] ^= 0xFF
         self.served = {"PMC400.1/bad.jpg": bytes(bad)}  # same size as listed, wrong MD5
@@ -42,6 +44,8 @@ class FakeBucket:
             "train/radiology/images/ROCO_4.jpg": {"local": 4, "dlink": "ftp://x/oa_package/ee/ff/PMC300.tar.gz", "file_name": "flaky.jpg"},
             "test/radiology/images/ROCO_5.jpg": {"local": 5, "dlink": "ftp://x/oa_package/gg/hh/PMC400.tar.gz", "file_name": "bad.jpg"},
             "test/radiology/images/ROCO_6.jpg": {"local": 6, "dlink": "ftp://x/oa_package/ii/jj/PMC500.tar.gz", "file_name": "gone.jpg"},
+            "test/radiology/images/ROCO_7.jpg": {"local": 7, "dlink": "ftp://x/oa_package/kk/ll/PMC600.tar.gz", "file_name": "torn.jpg"},
+            "test/radiology/images/ROCO_8.jpg": {"local": 8, "dlink": "ftp://x/oa_package/mm/nn/PMC700.tar.gz", "file_name": "garbled.jpg"},
         }
         self.dataset = {"1": {"im_1_local": 1, "im_2_local": 3, "question": "Q?", "option_A": "a", "option_B": "b",
                               "im_1_correct": "A", "im_2_correct": "B", "category_1": ["Cardiac"], "category_2": ["Cardiac"]}}
@@ -70,6 +74,13 @@ class FakeBucket:
         if self.flaky_left.get(key):
             self.flaky_left[key] -= 1
             return 503, b"slow down", {}
+        broken = self.broken_once.pop(key, None)
+        if broken == "cut":  # the connection drops half-way through the body
+            return 200, self.objects[key], {CUT: len(self.objects[key]) // 2}
+        if broken == "md5":
+            garbled = bytearray(self.objects[key])
+            garbled[len(garbled) // 2] ^= 0xFF
+            return 200, bytes(garbled), {}
         if key in self.objects:
             return 200, self.served.get(key, self.objects[key]), {}
         return 404, b"NoSuchKey", {}
@@ -96,8 +107,11 @@ def test_download_verifies_retries_reports_and_resumes(tmp_path):
         assert (images / "3.jpg").read_bytes() == bucket.objects["PMC200.1/f.jpg"]  # newest that has the file
         assert (images / "4.jpg").read_bytes() == bucket.objects["PMC300.1/flaky.jpg"]  # retried through 503s
         assert not (images / "5.jpg").exists() and not list(images.glob(".*tmp"))
+        # a body cut mid-transfer and one garbled in transit (MD5) are fetched again within the run
+        assert (images / "7.jpg").read_bytes() == bucket.objects["PMC600.1/torn.jpg"]
+        assert (images / "8.jpg").read_bytes() == bucket.objects["PMC700.1/garbled.jpg"]
         manifest = json.loads((out / "manifest.json").read_text())
-        assert set(manifest) == {"1", "2", "3", "4"}
+        assert set(manifest) == {"1", "2", "3", "4", "7", "8"}
         assert manifest["2"]["sha256"] == hashlib.sha256(bucket.objects["PMC100.2/fig2.jpg"]).hexdigest()
         assert manifest["2"]["url"].endswith("/bucket/PMC100.2/fig2.jpg")
         listings = [p for m, p, h in server.requests if "list-type" in p and "PMC100" in p]
@@ -124,7 +138,7 @@ def test_download_command_exits_non_zero_and_keeps_what_succeeded(tmp_path, caps
     assert code == 1 and "3 image(s) failed" in err
     assert "4.jpg <- http://127.0.0.1" in err and "/bucket/PMC300.1/flaky.jpg: HTTP 503 after 2 attempts" in err
     assert "gone.jpg is in no version of PMC500" in err
-    assert sorted(p.name for p in (tmp_path / "mc" / "images").glob("*.jpg")) == ["1.jpg", "2.jpg", "3.jpg"]
+    assert sorted(p.name for p in (tmp_path / "mc" / "images").glob("*.jpg")) == ["1.jpg", "2.jpg", "3.jpg", "7.jpg", "8.jpg"]  # broken once: one retry is enough
     from unconfuse.eval.images import check_images
     from unconfuse.eval.benchmarks import load_benchmark
 

@@ -111,8 +111,13 @@ class PairValidationCallback(TrainerCallback):
         self.run_dir, self.evaluate, self.save_best = run_dir, evaluate, save_best
         self.eval_steps, self.patience, self.is_main, self.log = eval_steps, patience, is_main, log
         path = run_dir / "val_history.jsonl"
-        self.state = ValidationState([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                                     if path.exists() else [], retention_floor)
+        try:
+            history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        except ValueError as exc:
+            from unconfuse.eval.io import RunDirError
+
+            raise RunDirError(f"{path}: unreadable ({exc}); --force starts the run afresh") from None
+        self.state = ValidationState(history, retention_floor)
         self.keys = VAL_KEYS + (("retention",) if retention_floor is not None else ())
 
     def _run(self, step: int, control) -> None:

@@ -153,7 +153,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item}: the value is not valid YAML (quote it)") from None
     return data
 
 
@@ -169,16 +172,40 @@ def _merge(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
     """The recipe config: defaults of ``cls``, then the YAML file, then the overrides."""
     data: dict[str, Any] = {}
+    overrides = list(overrides or [])
     if path:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+        data = read_yaml(path)
+        data = {} if data is None else data  # an empty file sets nothing
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top")
-    data = apply_overrides(_merge(to_dict(cls()), data), overrides or [])
+    data = apply_overrides(_merge(to_dict(cls()), data), overrides)
     try:
         return from_dict(cls, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path or 'config'}: {exc}") from exc
+    except ConfigError as exc:  # blame the override that set the key, else the file
+        key = str(exc).split(":", 1)[0]
+        override = next((o for o in reversed(overrides) if o.split("=", 1)[0].strip() == key), None)
+        raise ConfigError(f"override {override}: {exc}" if override else f"{path or 'config'}: {exc}") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content; a missing file, a folder or a YAML syntax error is a ConfigError naming the file
+    (and the line and column of the error)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
 
 
 def dump_config(config: Any, path: str | Path) -> None:

@@ -17,6 +17,7 @@ split does (``validation``). Everything is written through the run format (``unc
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -26,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from unconfuse.eval.benchmarks import load_benchmark
+from unconfuse.eval.benchmarks import BenchmarkError, load_benchmark
 from unconfuse.eval.io import RunDirError, atomic_folder, atomic_write_json, atomic_write_text, owned_folder, sha256_file
 from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.prompts import PromptSet, load_prompts
 from unconfuse.eval.retention import RetentionSet, load_retention, read_records, retention_block, summarize
-from unconfuse.eval.runs import (RESULTS_FILE, RunResults, read_run_results, read_scored, scored_folder, write_run_results,
-                                 write_scored)
+from unconfuse.eval.runs import (RESULTS_FILE, RunFormatError, RunResults, read_run_results, read_scored, scored_folder,
+                                 write_run_results, write_scored)
 from unconfuse.eval.scorer import SCORER_VERSION
 from unconfuse.train.callbacks import PairValidationCallback
 from unconfuse.train.config import ConfigError, TrainSettings, dump_config, to_dict
@@ -134,6 +135,8 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
     train_bench, val_bench, test_bench = (load_benchmark(a) for a in (cfg.data.train, cfg.data.val, cfg.data.test))
     retention, val_retention = retention_sets(cfg)
     replay = replay_set(cfg, train_bench)
+    check_run_images({"data.train": train_bench, "data.val": val_bench, "data.test": test_bench,
+                      "data.retention": retention, "data.val_retention": val_retention, "data.replay": replay})
     init, init_identity = None, None
     if getattr(cfg, "init_adapters", None):
         from unconfuse.train.warm_start import check_init_adapters
@@ -145,7 +148,11 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
                  **({"replay": replay.fingerprint()} if replay else {}),
                  **({"init_adapters": init_identity} if init else {})})
     if (run_dir / RESULTS_FILE).exists():
-        results = read_run_results(run_dir)
+        try:
+            results = read_run_results(run_dir)
+        except RunFormatError as exc:
+            release_run_dir(run_dir)
+            raise RunFormatError(f"{exc}; --force starts the run afresh (the old contents are moved aside)") from None
         release_run_dir(run_dir)
         raise AlreadyFinished(run_dir, results)
     attempts = read_attempts(run_dir)
@@ -158,6 +165,28 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
               attempt=attempts["attempts"] + 1, earlier_time_s=attempts["time_s"])
     run.save_attempt()
     return run
+
+
+def check_run_images(sources: dict[str, ImageSource | None]) -> None:
+    """Every image a run will read (pairs, retention and replay sets), decoded once before any model loads, as
+    eval checks its benchmark: a missing or unreadable one is a BenchmarkError naming the setting, how many,
+    and the first few."""
+    from unconfuse.eval.images import check_images, image_problem
+
+    for setting_name, source in sources.items():
+        if source is None:
+            continue
+        if isinstance(source, Benchmark):
+            problems = [str(problem) for problem in check_images(source)]
+        else:
+            first_item = {}  # each image once (a replay image carries several questions)
+            for item in source.items:
+                first_item.setdefault(str(source.resolve_image(item.image)), item.id)
+            problems = [f"item {item_id}: {path}: {why}" for path, item_id in first_item.items()
+                        for why in [image_problem(path)] if why]
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            raise BenchmarkError(f"{setting_name}: {len(problems)} image(s) missing or unreadable: {shown}")
 
 
 def read_attempts(run_dir: Path) -> dict[str, Any]:
@@ -247,11 +276,13 @@ def check_toy_data(cfg: Any, benchmark: str | None = None) -> None:
     """A real model (anything but a preset built from config) on the embedded world's 64-px toy
     images measures nothing about it: refused unless ``allow_toy_data``. ``benchmark``: the benchmark a cv
     folds into the config's data (its folds are files, so the data keys alone would not show the world)."""
-    from unconfuse.eval.models import find_preset
+    from unconfuse.eval.models import find_preset, resolve_model
 
+    preset = find_preset(cfg.model)
+    if preset is None and "/" not in str(cfg.model) and not Path(cfg.model).exists():
+        resolve_model(cfg.model)  # an unknown name: its one-line error lists the presets
     toy = [f"data.{k}" for k in ("train", "val", "test") if str(getattr(cfg.data, k)).startswith("world:")]
     toy += ["--benchmark"] if str(benchmark or "").startswith("world:") else []
-    preset = find_preset(cfg.model)
     if toy and not cfg.allow_toy_data and not (preset is not None and preset.build):
         raise ConfigError(f"{', '.join(toy)}: the embedded world's 64-px toy images, with the real model {cfg.model!r}; "
                           "point data.* at held-out real pairs (unconfuse mine, or unconfuse cv on MediConfusion) "
@@ -552,14 +583,43 @@ def train(run: Run, trainer) -> None:
         return
     if resume and run.is_main:
         print(f"resuming from {resume}", flush=True)
-    with deferred():
-        trainer.train(resume_from_checkpoint=resume)
+    try:
+        with deferred():
+            trainer.train(resume_from_checkpoint=resume)
+    except Exception as exc:
+        full = no_space_error(exc, run.dir)
+        if full is None:
+            raise
+        raise full from None
     trainer.accelerator.wait_for_everyone()  # rank 0 may still be writing the best weights
     if stop.stopped_at is not None:
         run.save_attempt()
         raise Stopped(stop.signum, f"stopped by {signal_name(stop.signum)} at step {stop.stopped_at}; "
                                    f"checkpoint-{stop.stopped_at} saved in {run.dir / 'checkpoints'}; "
                                    f"rerun the same command to resume")
+
+
+LOW_SPACE = 256 * 2**20  # bytes: below this, a failed torch/safetensors write is taken for a full disk
+
+
+def no_space_error(exc: BaseException, folder: Path) -> RunDirError | None:
+    """A one-line RunDirError naming ``folder`` and its free space when ``exc`` (or what caused it) is a full disk;
+    None otherwise. torch.save (``inline_container``) and safetensors hide the ENOSPC behind their own errors:
+    those count when the folder's disk has less than ``LOW_SPACE`` free."""
+    import errno
+    import shutil
+
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(existing).free
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if (isinstance(seen, OSError) and seen.errno == errno.ENOSPC) or "No space left" in text or (
+                ("inline_container" in text or type(seen).__name__ == "SafetensorError") and free < LOW_SPACE):
+            return RunDirError(f"no space left on the disk of {folder} ({free / 2**20:.0f} MB free): free some and rerun "
+                               f"the same command (it resumes from the last complete checkpoint)")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def checkpoint_step(folder: str | Path) -> int:
@@ -744,6 +804,8 @@ def exit_status(exc: BaseException) -> int | None:
     from unconfuse.train.config import ConfigError
 
     if isinstance(exc, (ConfigError, LeakageError, BenchmarkError, ModelLoadError, RunDirError, RunFormatError)):
+        return 2
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # a full disk: its message names the file
         return 2
     return 3 if isinstance(exc, NonFiniteError) else None
 
