@@ -89,6 +89,12 @@ def test_images_missing_from_training_data_are_found_before_any_model_loads(worl
     assert not (tmp_path / "run").exists()
 
 
+def test_a_resume_folder_that_is_no_checkpoint_is_one_line_before_any_work(world, tmp_path, capsys):
+    assert main(train(world, tmp_path / "run", f"resume_from_checkpoint={tmp_path / 'checkpoint-7'}")) == 2
+    assert f"resume_from_checkpoint: {tmp_path / 'checkpoint-7'}: not a complete checkpoint folder" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_damaged_run_record_is_one_line_and_force_starts_afresh(world, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train(world, out)) == 0

@@ -125,6 +125,10 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
     from unconfuse.eval.world import prepare
 
     check_toy_data(cfg)
+    resume = cfg.resume_from_checkpoint
+    if resume not in ("auto", "latest") and not checkpoint_complete(Path(resume)):
+        raise ConfigError(f"resume_from_checkpoint: {resume}: not a complete checkpoint folder (no trainer_state.json "
+                          f"or weights); auto resumes from the run's newest complete one")
     launch = launch_settings()  # the distributed state exists before any model loads
     from accelerate import PartialState
 
@@ -606,7 +610,6 @@ def no_space_error(exc: BaseException, folder: Path) -> RunDirError | None:
     """A one-line RunDirError naming ``folder`` and its free space when ``exc`` (or what caused it) is a full disk;
     None otherwise. torch.save (``inline_container``) and safetensors hide the ENOSPC behind their own errors:
     those count when the folder's disk has less than ``LOW_SPACE`` free."""
-    import errno
     import shutil
 
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
