@@ -96,3 +96,35 @@ def test_cv_on_the_world_pools_folds_into_one_scored_run(tmp_path, capsys):
     stamp = (out / "fold-0" / "results.json").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "fold-0" / "results.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_cv_on_world_folds_measures_each_fold_on_its_own_held_out_images(tmp_path, capsys):
+    """retention auto on world folds: each fold scores the world's questions on exactly its own test images (so
+    every item is held out from the model that answers it); the cv joins them, each item once."""
+    from unconfuse.eval.retention import load_retention, read_records
+    from unconfuse.eval.world import WorldConfig, synthesize
+
+    world = synthesize(WorldConfig(pairs=30, bases_per_source=8, corpus_size=10, image_size=32), tmp_path / "world")
+    out = tmp_path / "cv"
+    assert main(["cv", "clip_hardneg", "--config", "configs/clip_hardneg/tiny.yaml", "--folds", "2", "--benchmark",
+                 str(world.root / "test"), "--out", str(out), "model=tiny-clip", "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2",
+                 "train.pairs_per_batch=2", "report_to=none"]) == 0
+    questions = load_retention(world.root / "retention" / "test.jsonl")
+    fold_ids = []
+    for k in range(2):
+        test = load_benchmark(out / "splits" / f"fold-{k}" / "test.jsonl")
+        images = {str(test.resolve_image(ref).resolve()) for ref in test.unique_images()}
+        want = {q.id for q in questions.items if str(questions.resolve_image(q.image).resolve()) in images}
+        got = {r["id"] for r in read_records(out / f"fold-{k}" / "retention" / "base.jsonl") if "id" in r}
+        assert got == want and want
+        fold_ids.append(got)
+    assert not fold_ids[0] & fold_ids[1] and fold_ids[0] | fold_ids[1] == {q.id for q in questions.items}
+    cv = json.loads((out / "results.json").read_text())["retention"]
+    folds = [json.loads((out / f"fold-{k}" / "results.json").read_text())["retention"]["metrics"]["accuracy"] for k in range(2)]
+    pooled = cv["metrics"]["accuracy"]
+    assert cv["folds"] == 2 and cv["benchmark"] == "per-fold held-out (2 folds)"
+    assert pooled["n"] == folds[0]["n"] + folds[1]["n"]
+    for key in ("before", "after"):  # item-weighted: every item once
+        assert pooled[key] == pytest.approx((folds[0][key] * folds[0]["n"] + folds[1][key] * folds[1]["n"]) / pooled["n"])
+    assert "each scored by the fold that held its image out" in capsys.readouterr().out

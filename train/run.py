@@ -137,7 +137,7 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(recipe)
     is_main = int(os.environ.get("RANK", "0")) == 0  # set by torchrun/accelerate for every process
     train_bench, val_bench, test_bench = (load_benchmark(a) for a in (cfg.data.train, cfg.data.val, cfg.data.test))
-    retention, val_retention = retention_sets(cfg)
+    retention, val_retention = retention_sets(cfg, test_bench, val_bench)
     replay = replay_set(cfg, train_bench)
     check_run_images({"data.train": train_bench, "data.val": val_bench, "data.test": test_bench,
                       "data.retention": retention, "data.val_retention": val_retention, "data.replay": replay})
@@ -230,20 +230,45 @@ def resolve_retention(arg: str, bench_arg: str) -> str | None:
     return str(candidate) if path.is_dir() and (path.parent / "world.json").exists() and candidate.exists() else None
 
 
-def retention_sets(cfg: Any) -> tuple[RetentionSet | None, RetentionSet | None]:
-    """The retention set scored before and after training (``data.retention``, on the test side) and, when the
-    validation loop selects with a retention floor, the validation side's (``data.val_retention``)."""
-    test_arg = resolve_retention(cfg.data.retention, cfg.data.test)
-    val_arg = None
+def retention_set_for(arg: str, bench_arg: str, bench: Benchmark | None = None) -> RetentionSet | None:
+    """A ``data.retention`` / ``data.val_retention`` value, loaded: ``none`` -> None; a set argument -> that set;
+    ``auto`` -> the embedded world's questions on the images of the benchmark: its retention file for a world split
+    (``world:<split>`` or a world's split folder), and for a file of world pairs (a cv fold) the world's questions
+    on exactly that file's images, so each fold is measured on its own held-out images; None for other data."""
+    resolved = resolve_retention(arg, bench_arg)
+    if resolved is not None:
+        return load_retention(resolved)
+    if arg != "auto" or bench is None:
+        return None
+    from unconfuse.train.replay import world_root_of
+
+    root = world_root_of(bench)
+    if root is None:
+        return None
+    images = {str(bench.resolve_image(ref).resolve()) for ref in bench.unique_images()}
+    items = []
+    for path in sorted((root / "retention").glob("*.jsonl")):
+        questions = load_retention(path)
+        items += [item for item in questions.items if str(questions.resolve_image(item.image).resolve()) in images]
+    return RetentionSet(items, root / "retention", f"world questions on {bench.name}") if items else None
+
+
+def retention_sets(cfg: Any, test: Benchmark | None = None, val: Benchmark | None = None
+                   ) -> tuple[RetentionSet | None, RetentionSet | None]:
+    """The retention set scored before and after training (``data.retention``, on the test side: ``test``'s images
+    with ``auto``) and, when the validation loop selects with a retention floor, the validation side's
+    (``data.val_retention``)."""
+    test_set = retention_set_for(cfg.data.retention, cfg.data.test, test)
+    val_set = None
     if cfg.train.selection == "set_accuracy_with_retention_floor":
-        val_arg = resolve_retention(cfg.data.val_retention, cfg.data.val)
-        if val_arg is None:
+        val_set = retention_set_for(cfg.data.val_retention, cfg.data.val, val)
+        if val_set is None:
             raise ConfigError("train.selection: set_accuracy_with_retention_floor needs retention questions held out on the "
                               f"validation side; data.val_retention={cfg.data.val_retention!r} gives none for "
                               f"data.val={cfg.data.val!r} (auto finds them for the embedded world only)")
-        if test_arg is not None and Path(val_arg).resolve() == Path(test_arg).resolve():
+        if test_set is not None and val_set.fingerprint() == test_set.fingerprint():
             raise ConfigError("data.val_retention: the same retention set as data.retention; the test side never drives selection")
-    return (load_retention(test_arg) if test_arg else None), (load_retention(val_arg) if val_arg else None)
+    return test_set, val_set
 
 
 def own_run_dir(recipe: str, cfg: Any, run_dir: Path, benches: tuple[Benchmark, ...], is_main: bool,

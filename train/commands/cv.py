@@ -13,6 +13,7 @@ run: that is how ``unconfuse study`` spreads a study over a cluster.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -202,17 +203,28 @@ def _collect(recipe: str, cfg: Any, folds: int, benchmark: str, bench: Benchmark
 
 
 def _pooled_retention(out: Path, fold_runs: list[RunResults]) -> dict[str, Any] | None:
-    """The folds' retention, pooled: every fold's model scored the same held-out items before and after its
-    training; per item the change is its mean over the folds (``eval.retention.pooled_retention_block``).
-    None when the folds measured none."""
+    """The folds' retention, pooled (``eval.retention.pooled_retention_block``). Folds measured on one set (an
+    explicit ``data.retention``): every fold's model on the same items, the change per item its mean over the folds.
+    Folds measured each on its own held-out images (``auto`` on world folds: disjoint items): their records joined,
+    each item scored once, by the fold that held its image out. None when the folds measured none."""
     blocks = [r.retention for r in fold_runs]
     if not any(blocks):
         return None
-    if not all(blocks) or len({(b["fingerprint"], b["mode"]) for b in blocks}) > 1:
-        raise ValueError(f"{out}: the folds measured retention on different sets or modes; rerun them with one data.retention")
+    if not all(blocks) or len({b["mode"] for b in blocks}) > 1:
+        raise ValueError(f"{out}: the folds measured retention in different modes, or some not at all; rerun them with one "
+                         f"data.retention")
     folders = [out / f"fold-{k}" / "retention" for k in range(len(fold_runs))]
-    return pooled_retention_block(blocks[0]["benchmark"], blocks[0]["fingerprint"], blocks[0]["mode"],
-                                  [read_records(f / "base.jsonl") for f in folders], [read_records(f / "test.jsonl") for f in folders])
+    befores, afters = [read_records(f / "base.jsonl") for f in folders], [read_records(f / "test.jsonl") for f in folders]
+    if len({b["fingerprint"] for b in blocks}) == 1:
+        return pooled_retention_block(blocks[0]["benchmark"], blocks[0]["fingerprint"], blocks[0]["mode"], befores, afters)
+    ids = [{r["id"] if "id" in r else r["image"] for r in records} for records in befores]  # questions; captioned images
+    if sum(map(len, ids)) != len(set().union(*ids)):  # some item measured by two folds
+        raise ValueError(f"{out}: the folds measured retention on different sets that share items; rerun them with one "
+                         f"data.retention, or auto (each fold its own held-out images)")
+    joined = hashlib.sha256("".join(b["fingerprint"] for b in blocks).encode()).hexdigest()[:16]
+    block = pooled_retention_block(f"per-fold held-out ({len(blocks)} folds)", joined, blocks[0]["mode"],
+                                   [[r for records in befores for r in records]], [[r for records in afters for r in records]])
+    return {**block, "folds": len(blocks)}
 
 
 def _mean(values) -> float | None:
@@ -241,8 +253,13 @@ def cv_summary(results: RunResults) -> str:
     if results.retention:
         block = results.retention
         numbers = block["metrics"][block["headline"]]
-        lines.append(f"retention ({block['benchmark']}, {block['headline']}, every fold's model on the same {numbers['n']} items): "
-                     f"{numbers['before']:.1f} -> {numbers['after']:.1f} (folds: "
-                     f"{', '.join(f'{v:.1f}' for v in numbers.get('after_per_run', [numbers['after']]))}), change "
-                     f"{numbers['diff']:+.1f} {fmt_ci(numbers['diff_ci'])}, sign test p {numbers['mcnemar_p']:.2g}")
+        if "folds" in block:  # each fold on its own held-out images
+            lines.append(f"retention ({block['benchmark']}, {block['headline']}, {numbers['n']} items, each scored by the "
+                         f"fold that held its image out): {numbers['before']:.1f} -> {numbers['after']:.1f}, change "
+                         f"{numbers['diff']:+.1f} {fmt_ci(numbers['diff_ci'])}, McNemar p {numbers['mcnemar_p']:.2g}")
+        else:
+            lines.append(f"retention ({block['benchmark']}, {block['headline']}, every fold's model on the same {numbers['n']} items): "
+                         f"{numbers['before']:.1f} -> {numbers['after']:.1f} (folds: "
+                         f"{', '.join(f'{v:.1f}' for v in numbers.get('after_per_run', [numbers['after']]))}), change "
+                         f"{numbers['diff']:+.1f} {fmt_ci(numbers['diff_ci'])}, sign test p {numbers['mcnemar_p']:.2g}")
     return "\n".join(lines)

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from unconfuse.eval.io import atomic_folder, atomic_write_json, atomic_write_text, owned_folder
-from unconfuse.eval.retention import RetentionSet, load_retention, read_records, retention_block, summarize
+from unconfuse.eval.retention import RetentionSet, read_records, retention_block, summarize
 from unconfuse.eval.runs import RunFormatError, read_run_results, scored_folder, write_run_results, write_scored
 from unconfuse.recipes import recipe_module
 from unconfuse.train.callbacks import ValidationState, predict, score_records
 from unconfuse.train.config import ConfigError, dump_config, load_config
-from unconfuse.train.run import resolve_retention
+from unconfuse.train.run import retention_set_for
 
 VAL_KEYS = ("set_accuracy", "confusion", "individual_accuracy", "invalid")
 
@@ -159,22 +159,21 @@ def interpolate(run_dir: str | Path, alphas: list[float], out: str | Path | None
     cfg = load_config(module.CONFIG_CLASS, run_dir / "config.yaml")
     selection = selection or cfg.train.selection
     floor = cfg.train.retention_floor if retention_floor is None else retention_floor
-    val_arg = resolve_retention(cfg.data.val_retention, cfg.data.val)
-    if val_arg is None:
+    from unconfuse.eval.benchmarks import load_benchmark
+
+    val, test = load_benchmark(cfg.data.val), load_benchmark(cfg.data.test)
+    val_retention = retention_set_for(cfg.data.val_retention, cfg.data.val, val)
+    if val_retention is None:
         raise ConfigError(f"{run_dir}: its data.val_retention={cfg.data.val_retention!r} gives no validation-side retention "
                           "set for its val pairs; interpolation chooses on val pairs and val retention only")
-    test_arg = resolve_retention(cfg.data.retention, cfg.data.test)
+    test_retention = retention_set_for(cfg.data.retention, cfg.data.test, test)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}-wise"
     fingerprint = {"command": "interpolate", "source": json.loads((run_dir / "fingerprint.json").read_text()),
                    "source_results": source.final, "alphas": alphas, "selection": selection, "retention_floor": floor}
 
-    from unconfuse.eval.benchmarks import load_benchmark
     from unconfuse.eval.prompts import load_prompts
     from unconfuse.train.run import process_device
 
-    val, test = load_benchmark(cfg.data.val), load_benchmark(cfg.data.test)
-    val_retention = load_retention(val_arg)
-    test_retention = load_retention(test_arg) if test_arg else None
     prompts = load_prompts(source.prompt_version) if source.prompt_version else load_prompts()
     encoder = source.recipe == "clip_hardneg"
     with owned_folder(out, fingerprint, force=force, what="interpolation"):
