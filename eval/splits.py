@@ -20,9 +20,29 @@ def image_key(bench: Benchmark, ref: str) -> str:
     return str(bench.resolve_image(ref).resolve())
 
 
+def image_identities(bench: Benchmark, ref: str, cache: dict[str, list[str]]) -> list[str]:
+    """Every identity an image has that the leakage audit compares: its resolved path, its bytes (sha256) and its
+    decoded pixels (a re-encoded copy), so that two files of one picture are one image to the splits too (a
+    world renders identical images for different pairs; a benchmark may hold one picture under two names)."""
+    from .images import UnreadableImage, decode_image, pixel_digest
+    from .io import sha256_file
+
+    path = image_key(bench, ref)
+    if path not in cache:
+        cache[path] = [f"path:{path}"]
+        if Path(path).is_file():
+            cache[path].append(f"bytes:{sha256_file(path)}")
+            try:
+                cache[path].append(f"pixels:{pixel_digest(decode_image(path))}")
+            except UnreadableImage:
+                pass  # eval and training refuse it, naming it
+    return cache[path]
+
+
 def image_components(bench: Benchmark) -> list[list[int]]:
-    """Connected components of the image-sharing graph, as lists of pair indices (each ascending).
-    Components are ordered by their first pair."""
+    """Connected components of the image-sharing graph, as lists of pair indices (each ascending): pairs that
+    share an image (by path, bytes or pixels: ``image_identities``) are one component. Components are ordered
+    by their first pair."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -30,11 +50,13 @@ def image_components(bench: Benchmark) -> list[list[int]]:
     if n == 0:
         return []
     images: dict[str, int] = {}
+    identities: dict[str, list[str]] = {}
     rows, cols = [], []
     for i, pair in enumerate(bench.pairs):
         for ref in (pair.image_1, pair.image_2):
-            rows.append(i)
-            cols.append(n + images.setdefault(image_key(bench, ref), len(images)))
+            for identity in image_identities(bench, ref, identities):
+                rows.append(i)
+                cols.append(n + images.setdefault(identity, len(images)))
     # bipartite graph: pairs are nodes 0..n-1, images n..n+m-1, an edge per pair-image reference
     size = n + len(images)
     graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(size, size))

@@ -128,3 +128,29 @@ def test_cv_on_world_folds_measures_each_fold_on_its_own_held_out_images(tmp_pat
     for key in ("before", "after"):  # item-weighted: every item once
         assert pooled[key] == pytest.approx((folds[0][key] * folds[0]["n"] + folds[1][key] * folds[1]["n"]) / pooled["n"])
     assert "each scored by the fold that held its image out" in capsys.readouterr().out
+
+
+def test_copies_of_one_picture_under_two_names_are_one_image_to_the_folds(tmp_path):
+    """A world renders identical images for different pairs; a benchmark may hold one picture under two file names
+    (or re-encoded). The leakage audit compares bytes and pixels, so the folds group by them too."""
+    import numpy as np
+    from PIL import Image
+
+    from unconfuse.eval.splits import image_components
+
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(6)]
+    for k, pixels in enumerate(pictures):
+        Image.fromarray(pixels).save(tmp_path / f"img{k}.png")
+    (tmp_path / "copy0.png").write_bytes((tmp_path / "img0.png").read_bytes())  # the same bytes, another name
+    Image.fromarray(pictures[2]).save(tmp_path / "reencoded2.bmp")  # the same pixels, other bytes
+    rows = [("img0.png", "img1.png"), ("copy0.png", "img3.png"), ("img2.png", "img4.png"), ("reencoded2.bmp", "img5.png"),
+            ("img1.png", "img4.png")]
+    bench_file = tmp_path / "pairs.jsonl"
+    bench_file.write_text("".join(json.dumps({"id": f"p{k}", "image_1": a, "image_2": b, "question": "Which?",
+                                              "option_a": "x", "option_b": "y", "answer_1": "A", "answer_2": "B"}) + "\n"
+                                  for k, (a, b) in enumerate(rows)))
+    bench = load_benchmark(str(bench_file))
+    assert image_components(bench) == [[0, 1, 2, 3, 4]]  # p0-p1 by bytes, p2-p3 by pixels, p4 joins them by paths
+    bench_file.write_text("".join(line for k, line in enumerate(bench_file.read_text().splitlines(True)) if k != 4))
+    assert image_components(load_benchmark(str(bench_file))) == [[0, 1], [2, 3]]
