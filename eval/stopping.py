@@ -98,8 +98,3 @@ def report_stopped(exc: Stopped) -> int:
     print(str(exc), file=sys.stderr, flush=True)
     record_exit_status(exc.status)
     return exc.status
-
-
-def request_stop(signum: int = signal.SIGTERM) -> None:
-    """What receiving ``signum`` inside ``deferred()`` does (for tests and for agreeing across processes)."""
-    _STOP.requested = signum
