@@ -25,7 +25,7 @@ from .launch import LaunchState, launch_state
 from .benchmarks import load_benchmark
 from .pairs import Benchmark, Pair
 from .prompts import DEFAULT_PROMPTS, MODES, load_prompts
-from .scorer import PARSERS, read_predictions, resolve_answers, score
+from .scorer import PARSERS, read_predictions, score_predictions
 from .stopping import Stopped, deferred, signal_name, stop_requested
 
 MC_MAX_NEW_TOKENS = 32  # the reference's setting for mc mode
@@ -295,13 +295,19 @@ def score_run(out: Path, bench: Benchmark, parser: str, meta: dict[str, Any] | N
     copy = source.resolve() != own.resolve()
     # predictions from elsewhere must be of this benchmark; a run's own may hold pairs past a --limit
     predictions = read_predictions(source, pair_ids={p.id for p in bench.pairs} if copy else None)
-    answers = resolve_answers(bench.pairs, predictions, parser=parser)
-    results = score(bench.pairs, answers, parser=parser, prompt_version=meta.get("prompt_version"))
+    results = score_predictions(bench.pairs, predictions, parser, prompt_version=meta.get("prompt_version"))
     return write_scored(out, results, records=list(predictions.values()) if copy else None,
                         model=meta.get("model") or "predictions", mode=meta.get("mode") or "unknown",
                         benchmark=meta.get("benchmark_path") or meta.get("benchmark") or bench.name,
                         benchmark_fingerprint=bench.fingerprint(),
                         title=f"MediConfusion scores: {meta.get('model') or source}")
+
+
+def score_dtype(adapter) -> str | None:
+    """The dtype the adapter's model computes in (``bfloat16``, ``float32``): what sets an answer's noise band."""
+    model = getattr(adapter, "model", None)
+    param = next(model.parameters(), None) if model is not None else None
+    return str(param.dtype).removeprefix("torch.") if param is not None else None
 
 
 def _queries(bench: Benchmark, pairs: list[Pair], render) -> list:
@@ -341,6 +347,7 @@ def answer_pairs(adapter, spec, cfg: EvalConfig, prompts, bench: Benchmark, pair
         raise ValueError(mode)
 
     records = []
+    dtype = score_dtype(adapter) if mode in ("clip", "greedy", "prefix") else None
     for i, q in enumerate(queries):
         rec: dict[str, Any] = {"pair_id": q.meta["pair_id"], "image": q.meta["image"]}
         if mode in ("clip", "greedy", "prefix"):
@@ -350,6 +357,8 @@ def answer_pairs(adapter, spec, cfg: EvalConfig, prompts, bench: Benchmark, pair
             else:  # ties: the reference picks A for greedy (argmax) and B for prefix (strict >)
                 letter = "A" if (a >= b if mode == "greedy" else a > b) else "B"
             rec.update(answer=letter, raw=letter, scores={"A": a, "B": b})
+            if letter is not None:  # how far from flipping, in the dtype the model scored in (scorer.near_ties)
+                rec.update(margin=a - b, dtype=dtype)
         elif mode == "mc":
             rec.update(raw=texts[i], parsed=PARSERS[cfg.parser](texts[i], q.options), parser=cfg.parser)
         else:

@@ -28,6 +28,29 @@ BOOTSTRAP_SEED = 0
 
 Answer = str | None  # "A", "B" or None (invalid)
 
+# Score noise between two evaluations of one model (batch size, padding, kernels), by the dtype it scored in: an
+# answer whose margin (score A - score B) is inside the band can flip with the batch size. 16-bit: the GPU smoke's
+# bf16 log-prob differences between batched and one-at-a-time scoring reached 7e-2 (Qwen and Gemma twins);
+# float32: CPU twins differ by <= 1.4e-6 (tests/test_near_ties.py), the band leaves room for GPU kernels.
+NOISE_BANDS = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
+
+
+def near_ties(records: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """How many scored answers lie within the noise band of their dtype (``NOISE_BANDS``): ``count`` of
+    ``scored`` answers with a margin, per dtype; None when no record has a margin (mc, freeform, old runs)."""
+    per_dtype: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        margin, dtype = rec.get("margin"), rec.get("dtype")
+        if margin is None or dtype not in NOISE_BANDS:
+            continue
+        row = per_dtype.setdefault(dtype, {"band": NOISE_BANDS[dtype], "count": 0, "scored": 0})
+        row["scored"] += 1
+        row["count"] += abs(margin) < row["band"]
+    if not per_dtype:
+        return None
+    return {"count": sum(r["count"] for r in per_dtype.values()), "scored": sum(r["scored"] for r in per_dtype.values()),
+            "by_dtype": per_dtype}
+
 
 # ---------------------------------------------------------------------------------------------
 # Parsers: raw model output -> "A" / "B" / None
@@ -245,6 +268,17 @@ def category_order(pairs: Iterable[Pair]) -> list[str]:
             seen.setdefault(cat)
     known = [c for c in MEDICONFUSION_CATEGORIES if c in seen]
     return known + [c for c in seen if c not in MEDICONFUSION_CATEGORIES]
+
+
+def score_predictions(pairs: list[Pair], predictions: Mapping[tuple[str, int], Mapping[str, Any]], parser: str,
+                      **kwargs: Any) -> dict[str, Any]:
+    """``score`` of prediction records (answers resolved with ``parser``), with ``near_ties`` where the records
+    carry margins."""
+    results = score(pairs, resolve_answers(pairs, predictions, parser), parser=parser, **kwargs)
+    ties = near_ties(predictions.values())
+    if ties is not None:
+        results["near_ties"] = ties
+    return results
 
 
 def score(pairs: list[Pair], answers: Mapping[tuple[str, int], Answer], *, parser: str | None = None,

@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from unconfuse.eval.io import atomic_write_text
 from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.runner import EvalConfig, answer_pairs
-from unconfuse.eval.scorer import fmt, resolve_answers, score
+from unconfuse.eval.scorer import fmt, score_predictions
 
 VAL_KEYS = ("set_accuracy", "confusion", "individual_accuracy", "invalid")
 
@@ -51,8 +51,8 @@ def shared_between_processes(items: list, answer: Callable[[list], list]) -> lis
 def score_records(bench: Benchmark, records: list[dict[str, Any]], parser: str = "strict", prompt_version=None,
                   bootstrap_samples: int = 10_000) -> dict[str, Any]:
     predictions = {(r["pair_id"], r["image"]): r for r in records}
-    return score(bench.pairs, resolve_answers(bench.pairs, predictions, parser), parser=parser,
-                 prompt_version=prompt_version, bootstrap_samples=bootstrap_samples)
+    return score_predictions(bench.pairs, predictions, parser, prompt_version=prompt_version,
+                             bootstrap_samples=bootstrap_samples)
 
 
 def better(new: dict[str, float], old: dict[str, float] | None) -> bool:

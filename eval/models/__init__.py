@@ -48,6 +48,7 @@ class ModelSpec:
     max_new_tokens: int = 128  # freeform answers; mc uses the reference's 32
     batch_size: int | None = None
     notes: str | None = None
+    architecture: dict[str, Any] | None = None  # real presets: the published config (see architecture.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -72,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(its contents are moved aside, not deleted)")
     p.set_defaults(func=_cmd_interpolate)
 
+    p = sub.add_parser("plan", help="the GPU memory a recipe config needs at the model's real size (weights, gradients, "
+                       "optimizer state, activations, scoring) under a launch, and a verdict per GPU size; no weights loaded")
+    p.add_argument("recipe", choices=RECIPES)
+    p.add_argument("--config", required=True, help="recipe YAML of a real model, e.g. configs/mllm_dpo/qwen2_5_vl.yaml")
+    p.add_argument("--launch", help="accelerate config YAML (configs/accelerate/*.yaml): processes and ZeRO stage "
+                   "(default: one process)")
+    p.add_argument("--gpu-memory", help="one GPU size for the verdict, e.g. 80GB (default: 24, 40, 80 and 141 GB)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.pairs_per_batch=2")
+    p.set_defaults(func=_cmd_plan)
+
     p = sub.add_parser("merge", help="merge LoRA adapters (a run's checkpoints/best) into a model folder that eval loads")
     p.add_argument("adapters", help="folder with adapter_config.json, e.g. RUN/checkpoints/best")
     p.add_argument("--out", required=True)
@@ -195,19 +206,52 @@ def _cmd_study_collect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_interpolate(args: argparse.Namespace) -> int:
+class _BadInput(Exception):
+    """Raised by ``_one_line_errors`` with the exit status of a bad-input error it already printed."""
+
+    def __init__(self, status: int):
+        self.status = status
+
+
+def _one_line_errors(work):
+    """``work()``'s value; bad input (config, data, model, run folder) printed as one ``error:`` line and raised as
+    ``_BadInput`` with its exit status (2, as `unconfuse train`); a bug keeps its traceback."""
     from ..run import exit_status
-    from .interpolate import interpolate, parse_alphas
 
     try:
-        out = interpolate(args.run, parse_alphas(args.alphas), args.out, args.selection, args.retention_floor, args.force)
-    except Exception as exc:  # bad input: one line, exit 2 (as `unconfuse train`); a bug keeps its traceback
+        return work()
+    except Exception as exc:
         status = exit_status(exc)
         if status is None:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return status
+        raise _BadInput(status) from None
+
+
+def _cmd_interpolate(args: argparse.Namespace) -> int:
+    from .interpolate import interpolate, parse_alphas
+
+    try:
+        out = _one_line_errors(lambda: interpolate(args.run, parse_alphas(args.alphas), args.out, args.selection,
+                                                   args.retention_floor, args.force))
+    except _BadInput as bad:
+        return bad.status
     print(f"interpolated run: {out} (pareto.png, pareto.json; compare it like any run)")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .plan import format_plan, make_plan, parse_gpu_memory
+
+    quiet_cpu_deepspeed()
+    try:
+        plan = _one_line_errors(lambda: make_plan(args.recipe, args.config, args.overrides, args.launch,
+                                                  parse_gpu_memory(args.gpu_memory)))
+    except _BadInput as bad:
+        return bad.status
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0
 
 
@@ -245,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may follow options: `train R --config C --launch L a.b=1`
-        if args.command not in ("train", "cv") or any("=" not in item or item.startswith("-") for item in extra):
+        if args.command not in ("train", "cv", "plan") or any("=" not in item or item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     from unconfuse.eval.stopping import Stopped, graceful_stop, report_stopped
