@@ -215,11 +215,13 @@ def owned_folder(folder: str | Path, fingerprint: dict[str, Any], *, force: bool
         handle.truncate()
         handle.write(f"pid {os.getpid()} ({' '.join(sys.argv[:3])}, since {time.strftime('%H:%M:%S')})")
         handle.flush()
-        _, reason = _held_by_another(folder, fingerprint, what)
+        old, reason = _held_by_another(folder, fingerprint, what)
         if reason:
             if not force:
-                raise RunDirError(f"{folder} {reason}; rerun with the same settings to resume it, use another folder, "
-                                  "or --force to start afresh (the old contents are moved aside, not deleted)")
+                # only a readable record of another run can be resumed (by its own settings)
+                resume = "rerun with the same settings to resume it, " if isinstance(old, dict) else ""
+                raise RunDirError(f"{folder} {reason}; {resume}use another folder, or --force to start afresh "
+                                  "(the old contents are moved aside, not deleted)")
             aside = folder.parent / f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
             aside.mkdir()
             for path in [p for p in folder.iterdir() if p.name not in (LOCK, JOIN_LOCK)]:

@@ -58,9 +58,10 @@ def forwarded_signals(process: subprocess.Popen) -> Iterator[None]:
     ``accelerate launch`` started (each saves at its next clean point, together: ``unconfuse.eval.stopping``),
     not to accelerate's launcher, whose own handler would kill them after a fixed 30 s grace."""
     import signal
-    import threading
 
     import psutil
+
+    from .stopping import installed_handlers
 
     def forward(signum, frame):
         try:
@@ -71,15 +72,8 @@ def forwarded_signals(process: subprocess.Popen) -> Iterator[None]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 worker.send_signal(signal.SIGTERM)
 
-    if threading.current_thread() is not threading.main_thread():
+    with installed_handlers(forward):
         yield
-        return
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def record_exit_status(status: int) -> None:

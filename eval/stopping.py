@@ -56,19 +56,32 @@ def _handle(signum, frame) -> None:
 def graceful_stop() -> Iterator[None]:
     """SIGTERM and SIGINT raise ``Stopped`` (or, inside ``deferred()``, wait for the next clean point) for the
     block's duration; the previous handlers afterwards. Nothing is installed off the main thread."""
-    if _STOP.installed or threading.current_thread() is not threading.main_thread():
+    if _STOP.installed:
         yield
         return
+    with installed_handlers(_handle) as installed:
+        _STOP.requested, _STOP.installed = None, installed
+        try:
+            yield
+        finally:
+            _STOP.requested, _STOP.installed, _STOP.deferring = None, False, 0
+
+
+@contextlib.contextmanager
+def installed_handlers(handler) -> Iterator[bool]:
+    """``handler`` for SIGTERM and SIGINT for the block's duration, the previous handlers restored after; yields
+    whether it was installed (signal handlers can only be set on the main thread: elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
-    _STOP.requested, _STOP.installed = None, True
     for s in SIGNALS:
-        signal.signal(s, _handle)
+        signal.signal(s, handler)
     try:
-        yield
+        yield True
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        _STOP.requested, _STOP.installed, _STOP.deferring = None, False, 0
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 @contextlib.contextmanager

@@ -637,15 +637,20 @@ def no_space_error(exc: BaseException, folder: Path) -> RunDirError | None:
     those count when the folder's disk has less than ``LOW_SPACE`` free."""
     import shutil
 
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
-    free = shutil.disk_usage(existing).free
+    def free_space() -> int:  # asked only of errors that may hide a full disk
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+        return shutil.disk_usage(existing).free
+
     seen: BaseException | None = exc
     while seen is not None:
         text = str(seen)
-        if (isinstance(seen, OSError) and seen.errno == errno.ENOSPC) or "No space left" in text or (
-                ("inline_container" in text or type(seen).__name__ == "SafetensorError") and free < LOW_SPACE):
-            return RunDirError(f"no space left on the disk of {folder} ({free / 2**20:.0f} MB free): free some and rerun "
-                               f"the same command (it resumes from the last complete checkpoint)")
+        full = (isinstance(seen, OSError) and seen.errno == errno.ENOSPC) or "No space left" in text
+        hidden = "inline_container" in text or type(seen).__name__ == "SafetensorError"
+        if full or hidden:
+            free = free_space()
+            if full or free < LOW_SPACE:
+                return RunDirError(f"no space left on the disk of {folder} ({free / 2**20:.0f} MB free): free some and "
+                                   f"rerun the same command (it resumes from the last complete checkpoint)")
         seen = seen.__cause__ or seen.__context__
     return None
 

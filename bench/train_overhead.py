@@ -1,0 +1,247 @@
+"""Training speed of the MLLM recipes against plain scripts of the same TRL trainer, and where a run's time goes.
+
+1. For mllm_sft and mllm_dpo: the recipe runs as a user runs it (``run_recipe`` with the tiny config, no anchor,
+   no validation or checkpoint inside the timed window), and a plain script of the same library trainer (TRL's
+   SFTTrainer / DPOTrainer, no subclass) trains a fresh copy of the same base model with the same LoRA (same
+   seed), the same hyperparameters and the recipe's own batches (the rows the recipe's whole-pair sampler drew, in
+   its order, through TRL's ``train_sampling_strategy="sequential"``) and the same processor (with the eval BOS).
+   The per-step losses must agree (to ``--tolerance``) before any time is compared. Training time is the Trainer's
+   loop (``on_train_begin`` to ``on_train_end``) less the validations and checkpoint saves inside it.
+   Repeats are interleaved (recipe, plain, recipe, plain, ...); the ratio is plain time / recipe time
+   (>= 0.95: the recipe trains as fast as the plain script).
+2. ``--shares``: one default run of ``configs/mllm_sft/tiny.yaml`` (600 steps) split into startup, base and test
+   scoring, validations, training steps and the rest.
+
+clip_hardneg's counterpart (a plain open_clip loop) is ``bench/train_throughput.py``. mllm_grpo has no plain
+counterpart here: its letter rollouts and pair reward are the recipe's own (a plain GRPOTrainer cannot sample
+them), so equal losses cannot be checked.
+
+    python bench/train_overhead.py [--steps 40] [--repeats 3] [--shares]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from unconfuse.train import run as lifecycle  # noqa: E402
+from unconfuse.train.data import PairBatchSampler  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"mllm_sft": REPO / "configs/mllm_sft/tiny.yaml", "mllm_dpo": REPO / "configs/mllm_dpo/tiny.yaml"}
+
+
+class LoopClock(TrainerCallback):
+    """The training loop's wall time; ``spent`` (time inside the loop that is not training) restarts with it:
+    callbacks added before this one (the step-0 validation) run before the clock starts."""
+
+    def __init__(self, spent: list[float]):
+        self.start = self.end = 0.0
+        self.spent = spent
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.spent.clear()
+        self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.end = time.perf_counter()
+
+
+@dataclasses.dataclass
+class Timed:
+    """One training: its loop time less what ran inside it besides training, and its per-step losses."""
+
+    seconds: float
+    losses: list[float]
+
+
+def _instrument(trainer, spent: list[float], losses: list[float]) -> LoopClock:
+    """Record every loss ``compute_loss`` returns, time checkpoint saves into ``spent``; returns the loop clock."""
+    compute_loss, save = trainer.compute_loss, trainer._save_checkpoint
+
+    def recorded_loss(*args, **kwargs):
+        out = compute_loss(*args, **kwargs)
+        losses.append(float((out[0] if isinstance(out, tuple) else out).detach()))
+        return out
+
+    def timed_save(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return save(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - start)
+
+    trainer.compute_loss, trainer._save_checkpoint = recorded_loss, timed_save
+    clock = LoopClock(spent)
+    trainer.add_callback(clock)
+    return clock
+
+
+def run_recipe_captured(recipe: str, steps: int, out: Path, seed: int = 0) -> dict[str, Any]:
+    """The recipe as a user runs it, with its trainer, batches (dataset row indices), run and timing captured."""
+    from unconfuse.train.run import run_recipe
+
+    captured: dict[str, Any] = {"batches": [], "spent": [], "losses": []}
+    sampler_iter, train, validation = PairBatchSampler.__iter__, lifecycle.train, lifecycle.validation
+
+    def recorded_batches(self):
+        for batch in sampler_iter(self):
+            captured["batches"].append(list(batch))
+            yield batch
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                captured["spent"].append(time.perf_counter() - start)
+        return wrapper
+
+    def timed_validation(*args, **kwargs):  # the validations and best-checkpoint writes inside the loop
+        callback = validation(*args, **kwargs)
+        callback.evaluate, callback.save_best = timed(callback.evaluate), timed(callback.save_best)
+        return callback
+
+    def captured_train(run, trainer):
+        captured.update(run=run, trainer=trainer)
+        captured["clock"] = _instrument(trainer, captured["spent"], captured["losses"])
+        return train(run, trainer)
+
+    overrides = [f"output_dir={out}", "force=true", "report_to=none", f"train.seed={seed}", f"train.max_steps={steps}",
+                 f"train.eval_steps={10 * steps}", f"train.save_steps={10 * steps}", "train.logging_steps=1000",
+                 "lora.anchor_weight=0", "test_modes=[greedy]"]
+    if recipe == "mllm_dpo":
+        overrides.append("preference.image_contrast_weight=0")  # plain DPO's loss, so losses can be compared
+    PairBatchSampler.__iter__, lifecycle.train, lifecycle.validation = recorded_batches, captured_train, timed_validation
+    try:
+        captured["results"] = run_recipe(recipe, str(CONFIGS[recipe]), overrides)
+    finally:
+        PairBatchSampler.__iter__, lifecycle.train, lifecycle.validation = sampler_iter, train, validation
+    clock = captured["clock"]
+    captured["timed"] = Timed(clock.end - clock.start - sum(captured["spent"]), captured["losses"])
+    return captured
+
+
+def plain_trainer(recipe: str, captured: dict[str, Any], out: Path):
+    """What a user writes with TRL alone: the library's trainer class, the same base, LoRA, hyperparameters and
+    rows in the recipe's batch order (sequential sampling), no unconfuse trainer code."""
+    from peft import get_peft_model
+    from trl import DPOTrainer, SFTTrainer
+
+    from unconfuse.eval.models import load_model, resolve_model
+    from unconfuse.train.mllm import lora_config, with_eval_bos
+
+    run, recipe_trainer = captured["run"], captured["trainer"]
+    order = [i for batch in captured["batches"] for i in batch]
+    rows = recipe_trainer.train_dataset.select(order)
+    if "replay" in rows.column_names:
+        rows = rows.remove_columns("replay")
+    adapter, _ = load_model(resolve_model(run.cfg.model), device="cpu")
+    torch.manual_seed(run.cfg.train.seed)  # as the recipe seeds LoRA's init
+    model = get_peft_model(adapter.model, lora_config(adapter.model, run.cfg.lora))
+    args = dataclasses.replace(recipe_trainer.args, output_dir=str(out), train_sampling_strategy="sequential",
+                               save_strategy="no", report_to=[], logging_steps=1000)
+    trainer_class = SFTTrainer if recipe == "mllm_sft" else DPOTrainer
+    return trainer_class(model=model, args=args, processing_class=with_eval_bos(adapter.processor), train_dataset=rows)
+
+
+def train_plain(trainer) -> Timed:
+    spent: list[float] = []
+    losses: list[float] = []
+    clock = _instrument(trainer, spent, losses)
+    trainer.train()
+    return Timed(clock.end - clock.start - sum(spent), losses)
+
+
+def compare(recipe: str, steps: int, repeats: int, tolerance: float, work: Path) -> dict[str, Any]:
+    """Interleaved repeats of the recipe and its plain script; the losses checked equal before the ratio."""
+    recipe_times, plain_times = [], []
+    for repeat in range(repeats):
+        captured = run_recipe_captured(recipe, steps, work / f"{recipe}-{repeat}")
+        plain = train_plain(plain_trainer(recipe, captured, work / f"{recipe}-plain-{repeat}"))
+        mine = captured["timed"]
+        if len(plain.losses) != len(mine.losses) or len(mine.losses) < steps:
+            raise SystemExit(f"{recipe}: {len(mine.losses)} recipe losses, {len(plain.losses)} plain ones")
+        worst = max(abs(a - b) for a, b in zip(mine.losses, plain.losses))
+        if worst > tolerance:
+            raise SystemExit(f"{recipe}: losses differ by {worst:.2e} (> {tolerance:g}); the speeds are not comparable")
+        recipe_times.append(mine.seconds)
+        plain_times.append(plain.seconds)
+    return {"recipe": recipe, "steps": steps, "max_loss_difference": worst, "losses": mine.losses,
+            "recipe_s": statistics.median(recipe_times), "plain_s": statistics.median(plain_times),
+            "ratios": [p / r for p, r in zip(plain_times, recipe_times)]}
+
+
+def shares(work: Path) -> dict[str, float]:
+    """Where a default tiny sft run's wall time goes (seconds per phase)."""
+    from unconfuse.train.run import run_recipe
+
+    phases = {"scoring (base, test)": 0.0, "validations": 0.0, "training loop": 0.0}
+    score_stage, validation, train = lifecycle.score_stage, lifecycle.validation, lifecycle.train
+
+    def timed(key, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phases[key] += time.perf_counter() - start
+        return wrapper
+
+    def timed_validation(run, evaluate, *args, **kwargs):
+        return validation(run, timed("validations", evaluate), *args, **kwargs)
+
+    lifecycle.score_stage, lifecycle.validation = timed("scoring (base, test)", score_stage), timed_validation
+    lifecycle.train = timed("training loop", train)
+    start = time.perf_counter()
+    try:
+        run_recipe("mllm_sft", str(REPO / "configs/mllm_sft/tiny.yaml"), [f"output_dir={work / 'shares'}", "force=true",
+                                                                          "report_to=none"])
+    finally:
+        lifecycle.score_stage, lifecycle.validation, lifecycle.train = score_stage, validation, train
+    total = time.perf_counter() - start
+    phases["training loop"] -= phases["validations"]  # validations run inside the loop
+    phases["startup and the rest"] = total - sum(phases.values())
+    phases["total"] = total
+    return phases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tolerance", type=float, default=1e-5, help="largest per-step loss difference allowed")
+    parser.add_argument("--recipes", default="mllm_sft,mllm_dpo")
+    parser.add_argument("--shares", action="store_true", help="also split a default 600-step sft run's wall time")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    with tempfile.TemporaryDirectory(prefix="train-overhead-") as tmp:
+        print(f"{'recipe':<10}{'steps':>6}{'max |loss diff|':>17}{'recipe s':>10}{'plain s':>9}  plain/recipe (each repeat)")
+        for recipe in args.recipes.split(","):
+            row = compare(recipe, args.steps, args.repeats, args.tolerance, Path(tmp))
+            print(f"{recipe:<10}{row['steps']:>6}{row['max_loss_difference']:>17.1e}{row['recipe_s']:>10.2f}"
+                  f"{row['plain_s']:>9.2f}  {statistics.median(row['ratios']):.3f}x "
+                  f"({', '.join(f'{r:.3f}' for r in row['ratios'])})", flush=True)
+        if args.shares:
+            phases = shares(Path(tmp))
+            total = phases.pop("total")
+            print(f"\ndefault tiny sft run (configs/mllm_sft/tiny.yaml, 600 steps): {total:.0f} s")
+            for key, seconds in phases.items():
+                print(f"  {key:<24}{seconds:>8.1f} s  {100 * seconds / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()

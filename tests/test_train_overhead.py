@@ -1,0 +1,25 @@
+"""bench/train_overhead.py compares speeds only after its plain TRL scripts trained the recipe's loss curve on the
+recipe's batches: checked here to 1e-5, and shown to fail when the batches differ."""
+from __future__ import annotations
+
+import pytest
+
+from unconfuse.bench import train_overhead
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["mllm_sft", "mllm_dpo"])
+def test_the_plain_script_trains_the_recipes_loss_curve(recipe, tmp_path):
+    row = train_overhead.compare(recipe, steps=4, repeats=1, tolerance=1e-5, work=tmp_path)
+    assert len(row["losses"]) == 4 and row["max_loss_difference"] <= 1e-5
+    assert max(row["losses"]) - min(row["losses"]) > 1e-4  # a curve that moves, not a constant
+    assert row["recipe_s"] > 0 and row["plain_s"] > 0
+
+
+@pytest.mark.slow
+def test_other_batches_give_another_curve(tmp_path):
+    captured = train_overhead.run_recipe_captured("mllm_sft", 4, tmp_path / "recipe")
+    assert [len(b) for b in captured["batches"][:4]] == [16] * 4  # 8 whole pairs a batch
+    captured["batches"] = captured["batches"][1:] + captured["batches"][:1]  # the same rows, other batches per step
+    plain = train_overhead.train_plain(train_overhead.plain_trainer("mllm_sft", captured, tmp_path / "plain"))
+    assert max(abs(a - b) for a, b in zip(plain.losses, captured["timed"].losses)) > 1e-4
