@@ -27,7 +27,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/unconfuse demo
 
 test: setup
-	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest --durations=20  # the slowest tests: the suite must stay under 20 min
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -53,8 +53,9 @@ def twin_settings(width: int, layers: int) -> dict[str, dict]:
     return {arch: s for arch, s in settings.items() if arch in BUILDERS}
 
 
-def random_pairs(root: Path, n: int, seed: int) -> Path:
-    """``n`` confusing pairs on random images of varied sizes (answers balanced, one image per side)."""
+def random_pairs(root: Path, n: int, seed: int, sizes: tuple[int, int] = (160, 320)) -> Path:
+    """``n`` confusing pairs on random images of varied sizes (each side in ``sizes``, half-open; answers balanced,
+    one image per side)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -63,7 +64,7 @@ def random_pairs(root: Path, n: int, seed: int) -> Path:
     for k in range(n):
         names = []
         for side in (1, 2):
-            h, w = int(rng.integers(160, 320)), int(rng.integers(160, 320))
+            h, w = int(rng.integers(*sizes)), int(rng.integers(*sizes))
             name = f"images/{k:03d}_{side}.png"
             Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / name)
             names.append(name)

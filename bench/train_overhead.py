@@ -89,8 +89,10 @@ def _instrument(trainer, spent: list[float], losses: list[float]) -> LoopClock:
     return clock
 
 
-def run_recipe_captured(recipe: str, steps: int, out: Path, seed: int = 0) -> dict[str, Any]:
-    """The recipe as a user runs it, with its trainer, batches (dataset row indices), run and timing captured."""
+def run_recipe_captured(recipe: str, steps: int, out: Path, seed: int = 0, config: str | Path | None = None,
+                        overrides: list[str] | None = None) -> dict[str, Any]:
+    """The recipe as a user runs it (``config``, default its tiny one, then ``overrides``), with its trainer,
+    batches (dataset row indices), run and training-loop timing captured."""
     from unconfuse.train.run import run_recipe
 
     captured: dict[str, Any] = {"batches": [], "spent": [], "losses": []}
@@ -122,12 +124,10 @@ def run_recipe_captured(recipe: str, steps: int, out: Path, seed: int = 0) -> di
 
     overrides = [f"output_dir={out}", "force=true", "report_to=none", f"train.seed={seed}", f"train.max_steps={steps}",
                  f"train.eval_steps={10 * steps}", f"train.save_steps={10 * steps}", "train.logging_steps=1000",
-                 "lora.anchor_weight=0", "test_modes=[greedy]"]
-    if recipe == "mllm_dpo":
-        overrides.append("preference.image_contrast_weight=0")  # plain DPO's loss, so losses can be compared
+                 "test_modes=[greedy]", *(overrides or [])]
     PairBatchSampler.__iter__, lifecycle.train, lifecycle.validation = recorded_batches, captured_train, timed_validation
     try:
-        captured["results"] = run_recipe(recipe, str(CONFIGS[recipe]), overrides)
+        captured["results"] = run_recipe(recipe, str(config or CONFIGS[recipe]), overrides)
     finally:
         PairBatchSampler.__iter__, lifecycle.train, lifecycle.validation = sampler_iter, train, validation
     clock = captured["clock"]
@@ -149,7 +149,10 @@ def plain_trainer(recipe: str, captured: dict[str, Any], out: Path):
     rows = recipe_trainer.train_dataset.select(order)
     if "replay" in rows.column_names:
         rows = rows.remove_columns("replay")
-    adapter, _ = load_model(resolve_model(run.cfg.model), device="cpu")
+    spec = resolve_model(run.cfg.model)
+    if run.cfg.train.bf16:
+        spec = dataclasses.replace(spec, dtype="bfloat16")
+    adapter, _ = load_model(spec, device=str(recipe_trainer.args.device))
     torch.manual_seed(run.cfg.train.seed)  # as the recipe seeds LoRA's init
     model = get_peft_model(adapter.model, lora_config(adapter.model, run.cfg.lora))
     args = dataclasses.replace(recipe_trainer.args, output_dir=str(out), train_sampling_strategy="sequential",
@@ -169,8 +172,10 @@ def train_plain(trainer) -> Timed:
 def compare(recipe: str, steps: int, repeats: int, tolerance: float, work: Path) -> dict[str, Any]:
     """Interleaved repeats of the recipe and its plain script; the losses checked equal before the ratio."""
     recipe_times, plain_times = [], []
+    # no anchor, plain DPO's loss (no image-contrast term): the plain scripts' losses, so they can be compared
+    same_loss = ["lora.anchor_weight=0", *(["preference.image_contrast_weight=0"] if recipe == "mllm_dpo" else [])]
     for repeat in range(repeats):
-        captured = run_recipe_captured(recipe, steps, work / f"{recipe}-{repeat}")
+        captured = run_recipe_captured(recipe, steps, work / f"{recipe}-{repeat}", overrides=same_loss)
         plain = train_plain(plain_trainer(recipe, captured, work / f"{recipe}-plain-{repeat}"))
         mine = captured["timed"]
         if len(plain.losses) != len(mine.losses) or len(mine.losses) < steps:

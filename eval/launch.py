@@ -61,7 +61,7 @@ def forwarded_signals(process: subprocess.Popen) -> Iterator[None]:
 
     import psutil
 
-    from .stopping import installed_handlers
+    from .signals import installed_handlers
 
     def forward(signum, frame):
         try:

@@ -35,6 +35,7 @@ def test_the_real_architecture_has_the_published_parameter_count(name):
     assert abs(parameter_count(model) - published) <= 0.01 * published
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llava-1.5-7b", "qwen2.5-vl-7b", "medgemma-4b", "dinov2-base", "clip-vit-b-16"])
 def test_the_count_is_exact_where_the_hub_gives_it_to_the_parameter(name):
     # the hub's safetensors counts: an exact match means every dimension, layer count and vocabulary is right
@@ -53,6 +54,7 @@ def test_a_wrong_dimension_moves_the_count_out_of_tolerance():
     assert parameter_count(empty_model(wrong)) < 0.99 * spec.architecture["parameters"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("real", sorted(TWIN_OF))
 def test_each_real_model_is_built_as_the_class_of_its_tiny_twin(real):
     twin, _ = load_model(TWIN_OF[real])
@@ -84,6 +86,7 @@ def test_the_plan_counts_lora_on_every_language_model_projection_exactly():
     assert plan.verdicts["80 GB"].startswith("fits on 1 x 80 GB with")
 
 
+@pytest.mark.slow
 def test_zero_stages_shard_what_deepspeed_shards(tmp_path):
     config = str(REPO / "configs/mllm_sft/llava_med.yaml")
     single = make_plan("mllm_sft", config)
