@@ -2,7 +2,7 @@
 
 1. For mllm_sft and mllm_dpo: the recipe runs as a user runs it (``run_recipe`` with the tiny config, no anchor,
    no validation or checkpoint inside the timed window), and a plain script of the same library trainer (TRL's
-   SFTTrainer / DPOTrainer, no subclass) trains a fresh copy of the same base model with the same LoRA (same
+   SFTTrainer / DPOTrainer, no subclass; for clip_hardneg a plain open_clip loop with the recipe's loss) trains a fresh copy of the same base model with the same LoRA (same
    seed), the same hyperparameters and the recipe's own batches (the rows the recipe's whole-pair sampler drew, in
    its order, through TRL's ``train_sampling_strategy="sequential"``) and the same processor (with the eval BOS).
    The per-step losses must agree (to ``--tolerance``) before any time is compared. Training time is the Trainer's
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
 import statistics
 import tempfile
@@ -40,7 +41,8 @@ from unconfuse.train import run as lifecycle  # noqa: E402
 from unconfuse.train.data import PairBatchSampler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"mllm_sft": REPO / "configs/mllm_sft/tiny.yaml", "mllm_dpo": REPO / "configs/mllm_dpo/tiny.yaml"}
+CONFIGS = {"mllm_sft": REPO / "configs/mllm_sft/tiny.yaml", "mllm_dpo": REPO / "configs/mllm_dpo/tiny.yaml",
+           "clip_hardneg": REPO / "configs/clip_hardneg/tiny.yaml"}
 
 
 class LoopClock(TrainerCallback):
@@ -124,7 +126,7 @@ def run_recipe_captured(recipe: str, steps: int, out: Path, seed: int = 0, confi
 
     overrides = [f"output_dir={out}", "force=true", "report_to=none", f"train.seed={seed}", f"train.max_steps={steps}",
                  f"train.eval_steps={10 * steps}", f"train.save_steps={10 * steps}", "train.logging_steps=1000",
-                 "test_modes=[greedy]", *(overrides or [])]
+                 *([] if recipe == "clip_hardneg" else ["test_modes=[greedy]"]), *(overrides or [])]
     PairBatchSampler.__iter__, lifecycle.train, lifecycle.validation = recorded_batches, captured_train, timed_validation
     try:
         captured["results"] = run_recipe(recipe, str(config or CONFIGS[recipe]), overrides)
@@ -161,6 +163,53 @@ def plain_trainer(recipe: str, captured: dict[str, Any], out: Path):
     return trainer_class(model=model, args=args, processing_class=with_eval_bos(adapter.processor), train_dataset=rows)
 
 
+def plain_clip_loop(captured: dict[str, Any]) -> Timed:
+    """clip_hardneg's counterpart, the open_clip way: no Trainer, a loop over the recipe's batches (its collator and
+    dataset rows) with the recipe's loss function on a fresh copy of the same encoder, made trainable the same way,
+    and the optimizer, parameter groups, schedule and clipping the Trainer uses (so the losses can agree)."""
+    from dataclasses import replace
+
+    from transformers import get_scheduler
+
+    from unconfuse.eval.models import load_model, resolve_model
+    from unconfuse.recipes.clip_hardneg import clip_hardneg_loss, freeze, hf_clip_encoder, open_clip_encoder
+
+    run, recipe_trainer = captured["run"], captured["trainer"]
+    cfg, args = run.cfg, recipe_trainer.args
+    spec = replace(resolve_model(cfg.model), clip_prompt="question" if cfg.data.text == "question_option" else "default")
+    torch.manual_seed(cfg.train.seed)
+    adapter, spec = load_model(spec, device="cpu")
+    encoder = (open_clip_encoder if spec.family == "open-clip" else hf_clip_encoder)(adapter, spec)
+    torch.manual_seed(cfg.train.seed)
+    freeze(encoder, cfg.trainable, cfg.lora)
+    model = encoder.trained.train()
+    decay = set(recipe_trainer.get_decay_parameter_names(model))
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trained if n in decay], "weight_decay": args.weight_decay},
+              {"params": [p for n, p in trained if n not in decay], "weight_decay": 0.0}]
+    used = getattr(recipe_trainer.optimizer, "optimizer", recipe_trainer.optimizer)  # inside accelerate's wrapper
+    accepted = inspect.signature(type(used)).parameters
+    optimizer = type(used)(groups, **{k: v for k, v in used.defaults.items() if k in accepted and k != "weight_decay"})
+    schedule = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(args.max_steps),
+                             num_training_steps=args.max_steps)
+    rows, collate, loss_cfg = recipe_trainer.train_dataset, recipe_trainer.data_collator, cfg.loss
+    losses = []
+    start = time.perf_counter()
+    for indices in captured["batches"][:args.max_steps]:
+        batch = collate([rows[i] for i in indices])
+        out = model(batch["pixel_values"], batch["input_ids"])
+        loss = clip_hardneg_loss(out[0], out[1], out[2], batch["text_ids"], batch["partner"], loss_cfg.hardneg_weight,
+                                 loss_cfg.image_side_weight, replay=batch["replay"],
+                                 hardneg_label_smoothing=loss_cfg.hardneg_label_smoothing)["loss"]
+        losses.append(float(loss.detach()))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in trained], args.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    return Timed(time.perf_counter() - start, losses)
+
+
 def train_plain(trainer) -> Timed:
     spent: list[float] = []
     losses: list[float] = []
@@ -172,11 +221,13 @@ def train_plain(trainer) -> Timed:
 def compare(recipe: str, steps: int, repeats: int, tolerance: float, work: Path) -> dict[str, Any]:
     """Interleaved repeats of the recipe and its plain script; the losses checked equal before the ratio."""
     recipe_times, plain_times = [], []
-    # no anchor, plain DPO's loss (no image-contrast term): the plain scripts' losses, so they can be compared
-    same_loss = ["lora.anchor_weight=0", *(["preference.image_contrast_weight=0"] if recipe == "mllm_dpo" else [])]
+    # the plain scripts' losses, so they can be compared: no anchor, plain DPO (no image-contrast term), no teacher
+    same_loss = {"mllm_sft": ["lora.anchor_weight=0"], "mllm_dpo": ["lora.anchor_weight=0", "preference.image_contrast_weight=0"],
+                 "clip_hardneg": ["loss.distill_weight=0"]}[recipe]
     for repeat in range(repeats):
         captured = run_recipe_captured(recipe, steps, work / f"{recipe}-{repeat}", overrides=same_loss)
-        plain = train_plain(plain_trainer(recipe, captured, work / f"{recipe}-plain-{repeat}"))
+        plain = plain_clip_loop(captured) if recipe == "clip_hardneg" else \
+            train_plain(plain_trainer(recipe, captured, work / f"{recipe}-plain-{repeat}"))
         mine = captured["timed"]
         if len(plain.losses) != len(mine.losses) or len(mine.losses) < steps:
             raise SystemExit(f"{recipe}: {len(mine.losses)} recipe losses, {len(plain.losses)} plain ones")
@@ -229,7 +280,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tolerance", type=float, default=1e-5, help="largest per-step loss difference allowed")
-    parser.add_argument("--recipes", default="mllm_sft,mllm_dpo")
+    parser.add_argument("--recipes", default="mllm_sft,mllm_dpo,clip_hardneg")
     parser.add_argument("--shares", action="store_true", help="also split a default 600-step sft run's wall time")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

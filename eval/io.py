@@ -136,6 +136,8 @@ def join_folder(folder: str | Path, fingerprint: dict[str, Any], *, what: str = 
     with handle:  # held for the check and the record only: jobs starting together take turns
         fcntl.flock(handle, fcntl.LOCK_EX)
         old, reason = _held_by_another(folder, fingerprint, what)
+        if not reason and force and (folder / "results.json").exists():  # this same run, finished: --force redoes it
+            reason = f"holds this {what}, finished"
         if reason:
             raise RunDirError(f"{folder} {reason}; give every job of it the same settings, or use another folder")
         if old is None:
@@ -181,11 +183,13 @@ def owned_folder(folder: str | Path, fingerprint: dict[str, Any], *, force: bool
     records ``fingerprint`` (what the run computes: resolved settings, model identity, data content)
     in ``fingerprint.json``. A folder holding the same fingerprint is resumed; one holding another, or
     files of something else, is refused, unless ``force``: then its contents are moved aside into a
-    sibling ``<name>.replaced-<time>`` (nothing is deleted) and the run starts afresh. Processes of a
+    sibling ``<name>.replaced-<time>`` (nothing is deleted) and the run starts afresh; so is a folder holding this
+    same run finished (its ``results.json`` written): ``force`` redoes it. Processes of a
     multi-process launch other than the writer (``writer=False``) take the same decision without
     writing. Raises ``RunDirError`` with a one-line message.
     """
     import fcntl
+    import itertools
     import sys
     import time
 
@@ -216,14 +220,22 @@ def owned_folder(folder: str | Path, fingerprint: dict[str, Any], *, force: bool
         handle.write(f"pid {os.getpid()} ({' '.join(sys.argv[:3])}, since {time.strftime('%H:%M:%S')})")
         handle.flush()
         old, reason = _held_by_another(folder, fingerprint, what)
+        if not reason and force and (folder / "results.json").exists():  # this same run, finished: --force redoes it
+            reason = f"holds this {what}, finished"
         if reason:
             if not force:
                 # only a readable record of another run can be resumed (by its own settings)
                 resume = "rerun with the same settings to resume it, " if isinstance(old, dict) else ""
                 raise RunDirError(f"{folder} {reason}; {resume}use another folder, or --force to start afresh "
                                   "(the old contents are moved aside, not deleted)")
-            aside = folder.parent / f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-            aside.mkdir()
+            stamp = time.strftime('%Y%m%d-%H%M%S')
+            aside = folder.parent / f"{folder.name}.replaced-{stamp}"
+            for n in itertools.count(2):  # two --force runs within a second get two folders
+                try:
+                    aside.mkdir()
+                    break
+                except FileExistsError:
+                    aside = folder.parent / f"{folder.name}.replaced-{stamp}-{n}"
             for path in [p for p in folder.iterdir() if p.name not in (LOCK, JOIN_LOCK)]:
                 os.replace(path, aside / path.name)
             print(f"--force: the old contents of {folder} are in {aside}", file=sys.stderr)

@@ -104,8 +104,15 @@ def test_a_finished_run_is_not_reused_by_another_config(world, tmp_path, capsys)
     assert "holds another clip_hardneg run (settings.loss.hardneg_weight: 1.0 then 0" in err and err.count("\n") == 1
     assert json.loads((out / "results.json").read_text()) == first  # untouched
     assert _train(world, out, "loss.hardneg_weight=0", "--force") == 0
-    assert json.loads((out / "results.json").read_text())["strategy"] == "clip-ft+replay"  # the config replays
+    second = json.loads((out / "results.json").read_text())
+    assert second["strategy"] == "clip-ft+replay"  # the config replays
     assert json.loads(next(tmp_path.glob("run.replaced-*")).joinpath("results.json").read_text()) == first
+    # the same finished run: a rerun does nothing, --force redoes it (its first attempt again, the old one aside)
+    assert _train(world, out, "loss.hardneg_weight=0") == 0
+    assert json.loads((out / "results.json").read_text()) == second
+    assert _train(world, out, "loss.hardneg_weight=0", "--force") == 0
+    assert len(list(tmp_path.glob("run.replaced-*"))) == 2
+    assert json.loads((out / "results.json").read_text())["attempts"] == 1
 
 
 @pytest.mark.slow

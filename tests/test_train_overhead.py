@@ -1,5 +1,5 @@
-"""bench/train_overhead.py compares speeds only after its plain TRL scripts trained the recipe's loss curve on the
-recipe's batches: checked here to 1e-5, and shown to fail when the batches differ."""
+"""bench/train_overhead.py compares speeds only after its plain scripts (TRL's trainers; an open_clip loop) trained
+the recipe's loss curve on the recipe's batches: checked here to 1e-5, and shown to fail when the batches differ."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ from unconfuse.bench import train_overhead
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["mllm_sft", "mllm_dpo"])
+@pytest.mark.parametrize("recipe", ["mllm_sft", "mllm_dpo", "clip_hardneg"])
 def test_the_plain_script_trains_the_recipes_loss_curve(recipe, tmp_path):
     row = train_overhead.compare(recipe, steps=4, repeats=1, tolerance=1e-5, work=tmp_path)
     assert len(row["losses"]) == 4 and row["max_loss_difference"] <= 1e-5

@@ -184,7 +184,10 @@ class NonFiniteGuard(TrainerCallback):
         if loss is not None and not torch.isfinite(torch.as_tensor(loss)).all():
             self._stop("loss", state.global_step + 1, args.output_dir)
         grads = [p.grad for p in (model.parameters() if model is not None else []) if p.grad is not None]
-        if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+        # a NaN or an infinity makes its tensor's sum non-finite (+inf and -inf give NaN): one float32 sum per
+        # tensor, 0.5 ms on tiny-clip-base's 96 gradients, where an isfinite per tensor took 10 ms (6% of its
+        # step) and torch's inf-norm 12 ms. Only gradients near float32's limit (~1e38) could overflow the sum
+        if grads and not torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()):
             self._stop("gradient", state.global_step + 1, args.output_dir)
 
     def _stop(self, what: str, step: int, output_dir: str):
