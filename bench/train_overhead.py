@@ -1,10 +1,11 @@
-"""Training speed of the MLLM recipes against plain scripts of the same TRL trainer, and where a run's time goes.
+"""Training speed of the recipes against plain scripts of the same library trainer, and where a run's time goes.
 
-1. For mllm_sft and mllm_dpo: the recipe runs as a user runs it (``run_recipe`` with the tiny config, no anchor,
-   no validation or checkpoint inside the timed window), and a plain script of the same library trainer (TRL's
-   SFTTrainer / DPOTrainer, no subclass; for clip_hardneg a plain open_clip loop with the recipe's loss) trains a fresh copy of the same base model with the same LoRA (same
-   seed), the same hyperparameters and the recipe's own batches (the rows the recipe's whole-pair sampler drew, in
-   its order, through TRL's ``train_sampling_strategy="sequential"``) and the same processor (with the eval BOS).
+1. For mllm_sft, mllm_dpo and clip_hardneg: the recipe runs as a user runs it (``run_recipe`` with the tiny config;
+   no anchor, plain DPO, no distillation; no validation or checkpoint inside the timed window), and a plain script of
+   the same library trainer (TRL's SFTTrainer / DPOTrainer, no subclass; for clip_hardneg a plain open_clip loop with
+   the recipe's loss, the Trainer's optimizer, parameter groups, schedule and clipping) trains a fresh copy of the
+   same base model with the same LoRA (same seed), the same hyperparameters and the recipe's own batches (the rows the
+   recipe's whole-pair sampler drew, in its order; TRL's ``train_sampling_strategy="sequential"``) and processor.
    The per-step losses must agree (to ``--tolerance``) before any time is compared. Training time is the Trainer's
    loop (``on_train_begin`` to ``on_train_end``) less the validations and checkpoint saves inside it.
    Repeats are interleaved (recipe, plain, recipe, plain, ...); the ratio is plain time / recipe time
@@ -12,8 +13,7 @@
 2. ``--shares``: one default run of ``configs/mllm_sft/tiny.yaml`` (600 steps) split into startup, base and test
    scoring, validations, training steps and the rest.
 
-clip_hardneg's counterpart (a plain open_clip loop) is ``bench/train_throughput.py``. mllm_grpo has no plain
-counterpart here: its letter rollouts and pair reward are the recipe's own (a plain GRPOTrainer cannot sample
+mllm_grpo has no plain counterpart here: its letter rollouts and pair reward are the recipe's own (a plain GRPOTrainer cannot sample
 them), so equal losses cannot be checked.
 
     python bench/train_overhead.py [--steps 40] [--repeats 3] [--shares]

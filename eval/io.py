@@ -136,8 +136,6 @@ def join_folder(folder: str | Path, fingerprint: dict[str, Any], *, what: str = 
     with handle:  # held for the check and the record only: jobs starting together take turns
         fcntl.flock(handle, fcntl.LOCK_EX)
         old, reason = _held_by_another(folder, fingerprint, what)
-        if not reason and force and (folder / "results.json").exists():  # this same run, finished: --force redoes it
-            reason = f"holds this {what}, finished"
         if reason:
             raise RunDirError(f"{folder} {reason}; give every job of it the same settings, or use another folder")
         if old is None:

@@ -10,7 +10,6 @@ No torch, no transformers: numpy for the bootstrap, scipy for the exact McNemar 
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import tempfile
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 from . import ModelLoadError, ModelSpec, resolve_model

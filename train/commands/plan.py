@@ -157,15 +157,11 @@ def _trainable_model(model, spec: ModelSpec, recipe: str, cfg):
 
         targets = lora_targets(SimpleNamespace(weights=model, tower="visual"), cfg.lora.target_modules)
         return get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=targets))
-    if cfg.trainable == "locked_text":
-        model.lock_text_tower() if hasattr(model, "lock_text_tower") else None
-        for name, param in model.named_parameters():
-            if not name.startswith("visual") and "logit" not in name:
-                param.requires_grad_(False)
-    elif cfg.trainable == "locked_vision":
-        for name, param in model.named_parameters():
-            if name.startswith("visual"):
-                param.requires_grad_(False)
+    for name, param in model.named_parameters():  # the towers the recipe's `freeze` locks; the logit scale trains
+        vision = name.startswith("visual.")
+        if (cfg.trainable == "locked_text" and not vision and "logit" not in name) or \
+                (cfg.trainable == "locked_vision" and vision):
+            param.requires_grad_(False)
     return model
 
 
@@ -174,7 +170,7 @@ def _sequences(recipe: str, cfg, spec: ModelSpec) -> dict[str, int]:
     from ..replay import replay_per_batch
 
     pair_items = 2 * cfg.train.pairs_per_batch
-    items = pair_items + replay_per_batch(cfg.data.replay_fraction, pair_items) if getattr(cfg.data, "replay", "none") != "none" else pair_items
+    items = pair_items + (replay_per_batch(cfg.data.replay_fraction, pair_items) if cfg.data.replay != "none" else 0)
     if spec.family != "hf-vlm":
         return {"sequences": items, "image_tokens": 0, "tokens": 0, "items": items}
     answer = ANSWER_TOKENS
