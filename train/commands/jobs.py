@@ -141,12 +141,19 @@ def run_jobs(jobs: list[Job], workers: int, start: float | None = None) -> dict[
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                initargs=(threads,))
     completed = False
+    processes: dict[int, Any] = {}  # every worker started: a broken pool may have dropped its own list by the end
     try:
         while pending or running:
             for job in ready()[:max(0, workers - len(running))]:
                 started(job)
                 running[pool.submit(_run_job, job.name, job.fn, job.args)] = job
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            processes.update(getattr(pool, "_processes", None) or {})
+            done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+            if not done and any(process.exitcode is not None for process in processes.values()):
+                # a worker was killed and the pool has not noticed: CPython's manager thread can miss a worker spawned
+                # after it started waiting, and then learns of the death only when another job ends (60 s in CI)
+                names = ", ".join(job.name for job in running.values())
+                raise JobFailed(f"{names}: a worker process died while running them (killed, or out of memory?)")
             for future in done:
                 job = running.pop(future)
                 try:
@@ -160,8 +167,9 @@ def run_jobs(jobs: list[Job], workers: int, start: float | None = None) -> dict[
         completed = True
     finally:
         if not completed:  # a failed job or an interrupt: the jobs beside it stop now (their run folders resume)
-            # no public way to stop running workers before Python 3.14's terminate_workers()
-            for process in list((getattr(pool, "_processes", None) or {}).values()):
+            # no public way to stop running workers before Python 3.14's terminate_workers(); after a worker died the
+            # pool may already have forgotten the others (then shutdown waited for a sleeping job to end: 60 s in CI)
+            for process in {**processes, **(getattr(pool, "_processes", None) or {})}.values():
                 process.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
     return results
