@@ -93,7 +93,6 @@ class Plan:
     activations: dict[str, int]  # "checkpointing on" / "checkpointing off"
     activation_checkpointing: bool
     scoring: int
-    overhead: int
     sequence: dict[str, int]
     verdicts: dict[str, str] = field(default_factory=dict)
 
@@ -120,7 +119,7 @@ class Plan:
                     "weights": self.weights, "gradients_and_optimizer": self.gradients_and_optimizer,
                     "activations_checkpointing_on": self.activations["on"],
                     "activations_checkpointing_off": self.activations["off"], "scoring": self.scoring,
-                    "overhead": self.overhead, "training_peak": self.training_peak, "scoring_peak": self.scoring_peak,
+                    "overhead": OVERHEAD_BYTES, "training_peak": self.training_peak, "scoring_peak": self.scoring_peak,
                     "peak": self.peak}, "activation_checkpointing": self.activation_checkpointing,
                 "sequence": self.sequence, "verdicts": self.verdicts}
 
@@ -254,7 +253,7 @@ def _states(trainable: int, largest_layer: int, frozen: int, launch: Launch, dty
     return (frozen + trainable) * dtype_bytes, states - 2 * trainable
 
 
-def _scoring_bytes(spec: ModelSpec, model, parameters: int, cfg, launch: Launch, text_config) -> int:
+def _scoring_bytes(spec: ModelSpec, parameters: int, cfg, launch: Launch, text_config) -> int:
     """The whole bf16 model gathered for scoring under ZeRO-3 (already resident otherwise), and a val batch's
     forward activations (no grad: one layer's hidden states and the key/value cache)."""
     gathered = parameters * 2 if launch.zero_stage == 3 else 0
@@ -331,8 +330,7 @@ def make_plan(recipe: str, config_path: str | None, overrides: list[str] | None 
             or getattr(model, "context_length", 77)
         activations = _encoder_activation_bytes(model, sequence, dtype_bytes, context)
     plan = Plan(recipe, spec.name, seat, parameters, parts, trainable, weights, states, activations,
-                bool(cfg.train.activation_checkpointing), _scoring_bytes(spec, model, parameters, cfg, seat, text_config),
-                OVERHEAD_BYTES, sequence)
+                bool(cfg.train.activation_checkpointing), _scoring_bytes(spec, parameters, cfg, seat, text_config), sequence)
     sizes = (gpu_memory_gb,) if gpu_memory_gb else GPU_SIZES_GB
     for size in sizes:
         plan.verdicts[f"{size:g} GB"] = _verdict(plan, size, trainable, largest, frozen, dtype_bytes)
