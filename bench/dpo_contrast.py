@@ -3,7 +3,7 @@
 Three ways, in one process, on one model and the same whole-pair batches, interleaved step by step:
 plain TRL DPO (image_contrast_weight 0); DPO + image contrast as mllm_dpo computes it (read off DPO's own
 policy and reference forwards: the partner-image rows are the partners' rejected rows); and the old way
-(four more forwards on the chosen rows, kept in tests/dpo_reference.py). A step is the loss and its
+(four more forwards on the chosen rows, kept in bench/dpo_reference.py). A step is the loss and its
 backward (as TRL's training_step makes them), no optimizer update; medians are printed.
 
     python bench/dpo_contrast.py                      # the tiny-llava and tiny-llava-next presets, CPU
@@ -15,19 +15,21 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `bench.*` from the repository
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 
+from bench.dpo_reference import collate, pair_examples, pair_trainer, separate_loss  # noqa: E402
 from unconfuse.eval.models import load_model  # noqa: E402
 from unconfuse.eval.world import prepare  # noqa: E402
 from unconfuse.eval.world.tiny import BUILDERS  # noqa: E402
-from unconfuse.tests.dpo_reference import collate, pair_examples, pair_trainer, separate_loss  # noqa: E402
 
 PRESETS = {"llava": "tiny-llava", "llava_next": "tiny-llava-next"}
 
@@ -81,10 +83,10 @@ def step(trainer, batch, loss_of, device: str) -> float:
 def measure(arch: str, args) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
         name = build(arch, args, Path(tmp) / "model")
-        adapter, _ = load_model(name, device=args.device)
+        backend, _ = load_model(name, device=args.device)
         if args.bf16:  # as mllm_dpo loads with train.bf16
-            adapter.model.to(torch.bfloat16)
-        trainer = pair_trainer(adapter, Path(tmp) / "trainer", weight=1.0, pairs_per_batch=args.pairs,
+            backend.model.to(torch.bfloat16)
+        trainer = pair_trainer(backend, Path(tmp) / "trainer", weight=1.0, pairs_per_batch=args.pairs,
                                device=args.device, bf16=args.bf16)
         rows = pair_examples(args.pairs * args.batches)
         batches = [collate(trainer, rows[2 * args.pairs * b: 2 * args.pairs * (b + 1)]) for b in range(args.batches)]
@@ -97,7 +99,7 @@ def measure(arch: str, args) -> None:
             shift = i % len(ways)
             for way in ways[shift:] + ways[:shift]:  # rotate the order: shared machines drift
                 times[way].append(step(trainer, batch, WAYS[way], args.device))
-        model = adapter.model
+        model = backend.model
         text = model.config.get_text_config()
         tokens = batches[0]["input_ids"].shape[1]
         print(f"\n{arch}: {name if not Path(name).is_dir() else 'built'} (text width {text.hidden_size}, "

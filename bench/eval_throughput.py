@@ -1,8 +1,8 @@
-"""Eval throughput: our adapter against a loop written the way the reference evaluation runs.
+"""Eval throughput: our backend against a loop written the way the reference evaluation runs.
 
 The reference asks one image, one prompt, one option per forward, re-encoding the image each
 time (``prefix`` runs a full forward per option; ``greedy`` and ``mc`` one call per question).
-Our adapter batches prompts, encodes each unique image once per pass, and scores options from the
+Our backend batches prompts, encodes each unique image once per pass, and scores options from the
 shared prompt's KV cache. Both score the same model on the same benchmark; predictions must be
 identical. Prints pairs/s and the ratio per mode.
 
@@ -25,7 +25,7 @@ from unconfuse.eval.images import load_image  # noqa: E402
 from unconfuse.eval.models import Query, load_model  # noqa: E402
 from unconfuse.eval.benchmarks import load_benchmark  # noqa: E402
 from unconfuse.eval.prompts import load_prompts  # noqa: E402
-from unconfuse.eval.runner import MC_MAX_NEW_TOKENS  # noqa: E402
+from unconfuse.eval.evaluation import MC_MAX_NEW_TOKENS  # noqa: E402
 from unconfuse.eval.world import prepare  # noqa: E402
 from unconfuse.eval.world.sample import write_sample_benchmark  # noqa: E402
 
@@ -72,50 +72,50 @@ def build_queries(bench, prompts, mode):
 # -- the reference way: one forward (or generate) per image, per option; pixels every time ------------
 
 @torch.no_grad()
-def reference_greedy(adapter, q):
-    inputs = adapter.processor(text=[adapter.render(q.prompt)], images=[q.image], return_tensors="pt")
-    logits = adapter.model(**inputs).logits[0, -1]
-    a, b = adapter.letter_token_ids(("A", "B"), q)
+def reference_greedy(backend, q):
+    inputs = backend.processor(text=[backend.render(q.prompt)], images=[q.image], return_tensors="pt")
+    logits = backend.model(**inputs).logits[0, -1]
+    a, b = backend.letter_token_ids(("A", "B"), q)
     return "A" if logits[a] >= logits[b] else "B"
 
 
 @torch.no_grad()
-def reference_prefix(adapter, q):
+def reference_prefix(backend, q):
     scores = []
-    for ids in adapter.continuation_ids([q], [q.options])[0]:
-        inputs = adapter.processor(text=[adapter.render(q.prompt)], images=[q.image], return_tensors="pt")
+    for ids in backend.continuation_ids([q], [q.options])[0]:
+        inputs = backend.processor(text=[backend.render(q.prompt)], images=[q.image], return_tensors="pt")
         start = inputs["input_ids"].shape[1]
         inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([ids])], dim=1)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         if "mm_token_type_ids" in inputs:
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(ids), dtype=torch.long)], 1)
-        logprobs = torch.log_softmax(adapter.model(**inputs).logits[0].float(), -1)
+        logprobs = torch.log_softmax(backend.model(**inputs).logits[0].float(), -1)
         scores.append(torch.stack([logprobs[start - 1 + t, tok] for t, tok in enumerate(ids)]).mean().item())
     return "A" if scores[0] > scores[1] else "B"
 
 
 @torch.no_grad()
-def reference_mc(adapter, q):
-    inputs = adapter.processor(text=[adapter.render(q.prompt)], images=[q.image], return_tensors="pt")
-    out = adapter.model.generate(**inputs, max_new_tokens=MC_MAX_NEW_TOKENS, do_sample=False, num_beams=1,
-                                 temperature=None, top_p=None, top_k=None, pad_token_id=adapter.tokenizer.pad_token_id)
-    return adapter.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+def reference_mc(backend, q):
+    inputs = backend.processor(text=[backend.render(q.prompt)], images=[q.image], return_tensors="pt")
+    out = backend.model.generate(**inputs, max_new_tokens=MC_MAX_NEW_TOKENS, do_sample=False, num_beams=1,
+                                 temperature=None, top_p=None, top_k=None, pad_token_id=backend.tokenizer.pad_token_id)
+    return backend.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 REFERENCE = {"greedy": reference_greedy, "prefix": reference_prefix, "mc": reference_mc}
 
 
-def ours(adapter, mode, queries, batch_questions):
-    adapter.clear_cache()  # each pass encodes each unique image once, no more
+def ours(backend, mode, queries, batch_questions):
+    backend.clear_cache()  # each pass encodes each unique image once, no more
     answers = []
     for start in range(0, len(queries), batch_questions):
         batch = queries[start:start + batch_questions]
         if mode == "greedy":
-            answers += ["A" if a >= b else "B" for a, b in adapter.next_token_scores(batch)]
+            answers += ["A" if a >= b else "B" for a, b in backend.next_token_scores(batch)]
         elif mode == "prefix":
-            answers += ["A" if a > b else "B" for a, b in adapter.continuation_scores(batch, [q.options for q in batch])]
+            answers += ["A" if a > b else "B" for a, b in backend.continuation_scores(batch, [q.options for q in batch])]
         else:
-            answers += adapter.generate(batch, MC_MAX_NEW_TOKENS)
+            answers += backend.generate(batch, MC_MAX_NEW_TOKENS)
     return answers
 
 
@@ -137,8 +137,8 @@ def main() -> None:
         what = f"the 6-pair pydicom sample ({len(bench.unique_images())} images)"
     prompts = load_prompts()
     prepare(models=[args.model])
-    adapter, _ = load_model(args.model, device="cpu")
-    config = adapter.model.config
+    backend, _ = load_model(args.model, device="cpu")
+    config = backend.model.config
     print(f"model {args.model}: {config.image_seq_length if hasattr(config, 'image_seq_length') else '?'} image tokens, "
           f"text hidden {config.text_config.hidden_size}; {what} x {args.rounds} rounds; "
           f"torch threads {torch.get_num_threads()}")
@@ -146,15 +146,15 @@ def main() -> None:
     for mode in args.modes:
         queries = build_queries(bench, prompts, mode)
         pairs = len(queries) // 2
-        ours(adapter, mode, queries[:2], 2)  # warm-up both paths once
-        REFERENCE[mode](adapter, queries[0])
+        ours(backend, mode, queries[:2], 2)  # warm-up both paths once
+        REFERENCE[mode](backend, queries[0])
         ref_time = our_time = 0.0
         for _ in range(args.rounds):  # interleave the two ways so that machine noise hits both alike
             start = time.perf_counter()
-            expected = [REFERENCE[mode](adapter, q) for q in queries]
+            expected = [REFERENCE[mode](backend, q) for q in queries]
             ref_time += time.perf_counter() - start
             start = time.perf_counter()
-            got = ours(adapter, mode, queries, 2 * args.batch_pairs)
+            got = ours(backend, mode, queries, 2 * args.batch_pairs)
             our_time += time.perf_counter() - start
             assert got == expected, f"{mode}: predictions differ: {[(i, a, b) for i, (a, b) in enumerate(zip(got, expected)) if a != b][:5]}"
         ref_rate, our_rate = pairs * args.rounds / ref_time, pairs * args.rounds / our_time

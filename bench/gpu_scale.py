@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `bench.*` from the repository
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -155,8 +156,8 @@ def image_tokens_of(folder: Path, config: dict[str, Any]) -> int:
 def train_row(real: str, recipe: str, preset: Path, data: dict[str, Path], work: Path, steps: int, shrink: bool,
               cuda: bool) -> dict[str, Any]:
     """One recipe at this size: peak memory against the plan, samples/s, and (sft, dpo) the plain script's."""
-    from unconfuse.bench import train_overhead
-    from unconfuse.train.commands.plan import make_plan
+    from bench import train_overhead
+    from unconfuse.cli.plan import make_plan
 
     config = REPO / "configs" / recipe / f"{MODELS[real][1]}.yaml"
     overrides = [f"model={preset}", *(f"data.{s}={data[s]}" for s in ("train", "val", "test")), "data.retention=none",
@@ -185,13 +186,13 @@ def train_row(real: str, recipe: str, preset: Path, data: dict[str, Path], work:
     return row
 
 
-def plain_loop(adapter, bench, pairs, mode: str, batch: int) -> float:
+def plain_loop(backend, bench, pairs, mode: str, batch: int) -> float:
     """Questions per second of what a user writes with transformers alone: chat template, processor, forward
     (greedy: the two letters' logits at the last position) or generate (mc)."""
     from unconfuse.eval.images import load_image
     from unconfuse.eval.prompts import load_prompts
 
-    prompts, processor, model = load_prompts(), adapter.processor, adapter.model
+    prompts, processor, model = load_prompts(), backend.processor, backend.model
     processor.tokenizer.padding_side = "left"
     items = [(prompts.render(mode, p.question, p.options), load_image(bench.resolve_image(p.image(s))))
              for p in pairs for s in (1, 2)]
@@ -226,18 +227,18 @@ def eval_row(preset: Path, test: Path, work: Path, device: str, n_pairs: int) ->
     # the runner's scoring and generation (16 questions a batch) on the loaded model, as `unconfuse eval` runs them
     run_eval(EvalConfig(model=str(preset), mode="greedy", benchmark=str(test), out=str(work / "eval-greedy"),
                         limit=n_pairs, batch_size=8, device=device, progress=False))
-    adapter, spec = load_model(str(preset), device=device)
+    backend, spec = load_model(str(preset), device=device)
     for mode in ("greedy", "mc"):
         cfg = EvalConfig(model=str(preset), mode=mode, benchmark="", out="")
         start = time.perf_counter()
         for k in range(0, len(pairs), 8):
-            answer_pairs(adapter, spec, cfg, load_prompts(), bench, pairs[k:k + 8])
+            answer_pairs(backend, spec, cfg, load_prompts(), bench, pairs[k:k + 8])
         row[f"{mode}_q_per_s"] = round(2 * len(pairs) / (time.perf_counter() - start), 2)
-        row[f"plain_{mode}_q_per_s"] = round(plain_loop(adapter, bench, pairs, mode, 16), 2)
+        row[f"plain_{mode}_q_per_s"] = round(plain_loop(backend, bench, pairs, mode, 16), 2)
     cfg = EvalConfig(model=str(preset), mode="greedy", benchmark="", out="")
     few = pairs[:16]
-    alone = [r for p in few for r in answer_pairs(adapter, spec, cfg, load_prompts(), bench, [p])]
-    together = [r for k in range(0, len(few), 8) for r in answer_pairs(adapter, spec, cfg, load_prompts(), bench, few[k:k + 8])]
+    alone = [r for p in few for r in answer_pairs(backend, spec, cfg, load_prompts(), bench, [p])]
+    together = [r for k in range(0, len(few), 8) for r in answer_pairs(backend, spec, cfg, load_prompts(), bench, few[k:k + 8])]
     ties = near_ties(together) or {"count": 0, "scored": 0}
     band = NOISE_BANDS.get(together[0].get("dtype"), 0.0)
     row.update(near_ties=f"{ties['count']} of {ties['scored']}", flips_outside_band=sum(
@@ -247,7 +248,7 @@ def eval_row(preset: Path, test: Path, work: Path, device: str, n_pairs: int) ->
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    from unconfuse.bench.gpu_smoke import random_pairs
+    from bench.gpu_smoke import random_pairs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run-on-cpu", action="store_true", help="the same code path at reduced width, on the CPU")

@@ -2,7 +2,7 @@
 
 For each architecture (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Gemma 3, LLaVA-NeXT-Mistral, LLaVA-Med as converted),
 a random-weight twin of a few hundred million parameters is built from config, then:
-- batching parity: the adapter's batched ``next_token_scores`` (8 queries, images of varied sizes)
+- batching parity: the backend's batched ``next_token_scores`` (8 queries, images of varied sizes)
   against the same queries one at a time (max |delta log-prob|, bf16 weights);
 - 20 steps of mllm_sft, mllm_dpo and mllm_dpo with the image-contrast term (bf16, LoRA), each
   run end to end (base score, validation, selected adapters merged and scored);
@@ -28,7 +28,7 @@ from unconfuse.eval.models import Query, load_model  # noqa: E402
 from unconfuse.eval.pairs import Pair, write_jsonl  # noqa: E402
 from unconfuse.eval.prompts import load_prompts  # noqa: E402
 from unconfuse.eval.world.tiny import BUILDERS  # noqa: E402
-from unconfuse.train.run import run_recipe  # noqa: E402
+from unconfuse.recipes import run_recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,21 +76,20 @@ def random_pairs(root: Path, n: int, seed: int, sizes: tuple[int, int] = (160, 3
 
 
 def parity(folder: Path, data: Path, device: str) -> float:
-    """Max |delta log-prob| of the batched adapter vs the same queries one at a time."""
-    from unconfuse.eval.benchmarks import load_benchmark
-    from unconfuse.eval.images import load_image
-
+    """Max |delta log-prob| of the batched backend vs the same queries one at a time."""
     from dataclasses import replace
 
+    from unconfuse.eval.benchmarks import load_benchmark
+    from unconfuse.eval.images import load_image
     from unconfuse.eval.models import resolve_model
 
-    adapter, _ = load_model(replace(resolve_model(str(folder)), dtype="bfloat16"), device=device)
+    backend, _ = load_model(replace(resolve_model(str(folder)), dtype="bfloat16"), device=device)
     bench = load_benchmark(data)
     prompts = load_prompts()
     queries = [Query(str(bench.resolve_image(p.image(s))), load_image(bench.resolve_image(p.image(s))),
                      prompts.render("greedy", p.question, p.options), p.options) for p in bench.pairs[:4] for s in (1, 2)]
-    batched = np.array(adapter.next_token_scores(queries, ("A", "B")))
-    single = np.array([adapter.next_token_scores([q], ("A", "B"))[0] for q in queries])
+    batched = np.array(backend.next_token_scores(queries, ("A", "B")))
+    single = np.array([backend.next_token_scores([q], ("A", "B"))[0] for q in queries])
     return float(np.abs(batched - single).max())
 
 

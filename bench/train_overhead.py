@@ -37,7 +37,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from unconfuse.train import run as lifecycle  # noqa: E402
+from unconfuse.train import lifecycle  # noqa: E402
 from unconfuse.train.data import PairBatchSampler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,10 +95,10 @@ def run_recipe_captured(recipe: str, steps: int, out: Path, seed: int = 0, confi
                         overrides: list[str] | None = None) -> dict[str, Any]:
     """The recipe as a user runs it (``config``, default its tiny one, then ``overrides``), with its trainer,
     batches (dataset row indices), run and training-loop timing captured."""
-    from unconfuse.train.run import run_recipe
+    from unconfuse.recipes import run_recipe
 
     captured: dict[str, Any] = {"batches": [], "spent": [], "losses": []}
-    sampler_iter, train, validation = PairBatchSampler.__iter__, lifecycle.train, lifecycle.validation
+    sampler_iter, train, validation = PairBatchSampler.__iter__, lifecycle.fit, lifecycle.validation
 
     def recorded_batches(self):
         for batch in sampler_iter(self):
@@ -119,19 +119,19 @@ def run_recipe_captured(recipe: str, steps: int, out: Path, seed: int = 0, confi
         callback.evaluate, callback.save_best = timed(callback.evaluate), timed(callback.save_best)
         return callback
 
-    def captured_train(run, trainer):
+    def captured_train(run, trainer, callbacks=()):
         captured.update(run=run, trainer=trainer)
         captured["clock"] = _instrument(trainer, captured["spent"], captured["losses"])
-        return train(run, trainer)
+        return train(run, trainer, callbacks)
 
     overrides = [f"output_dir={out}", "force=true", "report_to=none", f"train.seed={seed}", f"train.max_steps={steps}",
                  f"train.eval_steps={10 * steps}", f"train.save_steps={10 * steps}", "train.logging_steps=1000",
                  *([] if recipe == "clip_hardneg" else ["test_modes=[greedy]"]), *(overrides or [])]
-    PairBatchSampler.__iter__, lifecycle.train, lifecycle.validation = recorded_batches, captured_train, timed_validation
+    PairBatchSampler.__iter__, lifecycle.fit, lifecycle.validation = recorded_batches, captured_train, timed_validation
     try:
         captured["results"] = run_recipe(recipe, str(config or CONFIGS[recipe]), overrides)
     finally:
-        PairBatchSampler.__iter__, lifecycle.train, lifecycle.validation = sampler_iter, train, validation
+        PairBatchSampler.__iter__, lifecycle.fit, lifecycle.validation = sampler_iter, train, validation
     clock = captured["clock"]
     captured["timed"] = Timed(clock.end - clock.start - sum(captured["spent"]), captured["losses"])
     return captured
@@ -154,13 +154,13 @@ def plain_trainer(recipe: str, captured: dict[str, Any], out: Path):
     spec = resolve_model(run.cfg.model)
     if run.cfg.train.bf16:
         spec = dataclasses.replace(spec, dtype="bfloat16")
-    adapter, _ = load_model(spec, device=str(recipe_trainer.args.device))
+    backend, _ = load_model(spec, device=str(recipe_trainer.args.device))
     torch.manual_seed(run.cfg.train.seed)  # as the recipe seeds LoRA's init
-    model = get_peft_model(adapter.model, lora_config(adapter.model, run.cfg.lora))
+    model = get_peft_model(backend.model, lora_config(backend.model, run.cfg.lora))
     args = dataclasses.replace(recipe_trainer.args, output_dir=str(out), train_sampling_strategy="sequential",
                                save_strategy="no", report_to=[], logging_steps=1000)
     trainer_class = SFTTrainer if recipe == "mllm_sft" else DPOTrainer
-    return trainer_class(model=model, args=args, processing_class=with_eval_bos(adapter.processor), train_dataset=rows)
+    return trainer_class(model=model, args=args, processing_class=with_eval_bos(backend.processor), train_dataset=rows)
 
 
 def plain_clip_loop(captured: dict[str, Any]) -> Timed:
@@ -178,8 +178,8 @@ def plain_clip_loop(captured: dict[str, Any]) -> Timed:
     cfg, args = run.cfg, recipe_trainer.args
     spec = replace(resolve_model(cfg.model), clip_prompt="question" if cfg.data.text == "question_option" else "default")
     torch.manual_seed(cfg.train.seed)
-    adapter, spec = load_model(spec, device="cpu")
-    encoder = (open_clip_encoder if spec.family == "open-clip" else hf_clip_encoder)(adapter, spec)
+    backend, spec = load_model(spec, device="cpu")
+    encoder = (open_clip_encoder if spec.family == "open-clip" else hf_clip_encoder)(backend, spec)
     torch.manual_seed(cfg.train.seed)
     freeze(encoder, cfg.trainable, cfg.lora)
     model = encoder.trained.train()
@@ -243,10 +243,10 @@ def compare(recipe: str, steps: int, repeats: int, tolerance: float, work: Path)
 
 def shares(work: Path) -> dict[str, float]:
     """Where a default tiny sft run's wall time goes (seconds per phase)."""
-    from unconfuse.train.run import run_recipe
+    from unconfuse.recipes import run_recipe
 
     phases = {"scoring (base, test)": 0.0, "validations": 0.0, "training loop": 0.0}
-    score_stage, validation, train = lifecycle.score_stage, lifecycle.validation, lifecycle.train
+    score_stage, validation, train = lifecycle.score_stage, lifecycle.validation, lifecycle.fit
 
     def timed(key, fn):
         def wrapper(*args, **kwargs):
@@ -261,13 +261,13 @@ def shares(work: Path) -> dict[str, float]:
         return validation(run, timed("validations", evaluate), *args, **kwargs)
 
     lifecycle.score_stage, lifecycle.validation = timed("scoring (base, test)", score_stage), timed_validation
-    lifecycle.train = timed("training loop", train)
+    lifecycle.fit = timed("training loop", train)
     start = time.perf_counter()
     try:
         run_recipe("mllm_sft", str(REPO / "configs/mllm_sft/tiny.yaml"), [f"output_dir={work / 'shares'}", "force=true",
                                                                           "report_to=none"])
     finally:
-        lifecycle.score_stage, lifecycle.validation, lifecycle.train = score_stage, validation, train
+        lifecycle.score_stage, lifecycle.validation, lifecycle.fit = score_stage, validation, train
     total = time.perf_counter() - start
     phases["training loop"] -= phases["validations"]  # validations run inside the loop
     phases["startup and the rest"] = total - sum(phases.values())

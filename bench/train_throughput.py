@@ -73,9 +73,9 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(ClipHardNegConfig, CONFIG)
     prepare(models=[cfg.model], benchmarks=[cfg.data.train, cfg.data.val])
-    adapter, _ = load_model(cfg.model, device="cpu")
-    items = PairItems(load_benchmark(cfg.data.train), adapter.preprocess)
-    collator = ClipCollator(tokenize=adapter.tokenizer)
+    backend, _ = load_model(cfg.model, device="cpu")
+    items = PairItems(load_benchmark(cfg.data.train), backend.preprocess)
+    collator = ClipCollator(tokenize=backend.tokenizer)
     sampler = PairBatchSampler(len(items) // 2, cfg.train.pairs_per_batch, seed=0)
     batches = []
     while len(batches) < args.steps:  # the recipe's batches, epoch after epoch
@@ -85,9 +85,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
 
     # warm up both once, then measure each on a fresh copy of the same base weights
-    plain_loop(copy.deepcopy(adapter.model), items, collator, batches[:3], cfg.train.learning_rate, cfg.train.weight_decay)
-    plain = plain_loop(copy.deepcopy(adapter.model), items, collator, batches, cfg.train.learning_rate, cfg.train.weight_decay)
-    ours = recipe_trainer(copy.deepcopy(adapter.model), items, collator, args.steps, cfg, tmp / "trainer")
+    plain_loop(copy.deepcopy(backend.model), items, collator, batches[:3], cfg.train.learning_rate, cfg.train.weight_decay)
+    plain = plain_loop(copy.deepcopy(backend.model), items, collator, batches, cfg.train.learning_rate, cfg.train.weight_decay)
+    ours = recipe_trainer(copy.deepcopy(backend.model), items, collator, args.steps, cfg, tmp / "trainer")
     print(f"model {cfg.model}, {cfg.train.pairs_per_batch} pairs ({2 * cfg.train.pairs_per_batch} images) per step, "
           f"{args.steps} steps, torch threads {torch.get_num_threads()}")
     print(f"plain open_clip loop (ClipLoss): {args.steps / plain:6.2f} steps/s")

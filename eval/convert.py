@@ -9,7 +9,7 @@ without an image token. ``convert_llava_med`` writes a ``LlavaForConditionalGene
 conversation (``[INST] <image>\\n{question} [/INST]``), images padded to a square with the mean colour
 (``image_aspect_ratio: pad``), features of layer ``mm_vision_select_layer`` without the CLS token.
 
-Used by ``unconfuse convert llava-med`` (eval/tools/cli.py) and by the tiny twin
+Used by ``unconfuse convert llava-med`` (cli/eval.py) and by the tiny twin
 ``tiny-llava-med`` (eval/world/tiny.py), which converts a tiny checkpoint written in the original layout.
 """
 from __future__ import annotations

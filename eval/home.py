@@ -22,3 +22,14 @@ def default_world_root() -> Path:
 def built_model_dir(name: str) -> Path:
     """Where a preset that is built from config (``build:``, the tiny models) is kept."""
     return unconfuse_home() / "models" / name
+
+
+def config_dir() -> Path:
+    """The shipped configs (recipe YAMLs, model presets, launch configs): ``configs/`` beside the package folders in
+    a checkout or an editable install, ``unconfuse.configs`` in an installed wheel."""
+    beside = Path(__file__).resolve().parents[1] / "configs"
+    if beside.is_dir():
+        return beside
+    import unconfuse.configs
+
+    return Path(unconfuse.configs.__file__).parent

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,12 @@ import numpy as np
 from .home import default_world_root
 from .io import json_lines
 from .pairs import BenchmarkError, _read_text
-from .scorer import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED
+from .prompts import load_prompts
+from .stats import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, mcnemar_exact, mean_interval, percentile_interval, resamples
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MLLM_MODES = ("greedy", "prefix")
-# The prompt of greedy retention: the greedy prompt of the pair questions, with any number of options.
-GREEDY_TEMPLATE = ("Based on the image, choose the correct option for the following question.\nQuestion: {question}\n"
-                   "{options}\nAnswer with the option's letter from the given choices directly.\nAnswer: ")
+RETENTION_PROMPTS = "retention-v1"  # greedy retention's prompt: the pair questions' greedy prompt, any number of options
 
 
 @dataclass
@@ -215,20 +213,13 @@ def _load_closed_vqa(name_or_dir: str, split: str | None, label: str) -> Retenti
 
 
 def _queries(rset: RetentionSet, items: list[RetentionItem], render) -> list:
-    from .images import load_image
-    from .models import Query
+    """Each item's image as a query with the prompt ``render(item)`` (keyed as eval's queries key the same image)."""
+    from .models.base import build_queries
 
-    images: dict[str, Any] = {}
-    queries = []
-    for item in items:
-        path = os.path.normpath(rset.resolve_image(item.image))  # the key eval's queries use for the same image
-        if path not in images:
-            images[path] = load_image(path)
-        queries.append(Query(path, images[path], render(item), tuple(item.options), {"id": item.id}))
-    return queries
+    return build_queries((rset.resolve_image(item.image), render(item), item.options, {"id": item.id}) for item in items)
 
 
-def answer_mllm(adapter, rset: RetentionSet, mode: str, items: list[RetentionItem] | None = None,
+def answer_mllm(backend, rset: RetentionSet, mode: str, items: list[RetentionItem] | None = None,
                 batch: int = 16) -> list[dict[str, Any]]:
     """One record per question: ``{"id", "answer", "correct", "scores"}`` (``answer`` None when the scores are
     not finite: no answer, never a letter). Queries are grouped by option count (one batched call each)."""
@@ -246,12 +237,13 @@ def answer_mllm(adapter, rset: RetentionSet, mode: str, items: list[RetentionIte
         for start in range(0, len(group), batch):
             chunk = group[start:start + batch]
             if mode == "greedy":
-                queries = _queries(rset, chunk, lambda it: GREEDY_TEMPLATE.format(
+                template = load_prompts(RETENTION_PROMPTS).template("greedy")
+                queries = _queries(rset, chunk, lambda it: template.format(
                     question=it.question, options="\n".join(f"{l}: {o}" for l, o in zip(letters, it.options))))
-                scores = adapter.next_token_scores(queries, letters)
+                scores = backend.next_token_scores(queries, letters)
             else:
                 queries = _queries(rset, chunk, lambda it: it.question)
-                scores = adapter.continuation_scores(queries, [tuple(it.options) for it in chunk])
+                scores = backend.continuation_scores(queries, [tuple(it.options) for it in chunk])
             for item, row in zip(chunk, scores):
                 finite = all(math.isfinite(s) for s in row)
                 answer = letters[int(np.argmax(row))] if finite else None
@@ -260,7 +252,7 @@ def answer_mllm(adapter, rset: RetentionSet, mode: str, items: list[RetentionIte
     return [records[item.id] for item in items]
 
 
-def answer_encoder(adapter, rset: RetentionSet, template: str = "{option}") -> list[dict[str, Any]]:
+def answer_encoder(backend, rset: RetentionSet, template: str = "{option}") -> list[dict[str, Any]]:
     """Zero-shot classification of every question's image among its options (``template`` makes each option's
     text) and image-to-caption retrieval among the set's distinct captions: ``{"id", "answer", "correct"}`` per
     question, ``{"image", "retrieved", "hit"}`` per captioned image (a hit: the top caption is the image's own text)."""
@@ -269,7 +261,7 @@ def answer_encoder(adapter, rset: RetentionSet, template: str = "{option}") -> l
     if questions:
         queries = _queries(rset, questions, lambda it: it.question)
         texts = [tuple(template.format(option=o, question=it.question) for o in it.options) for it in questions]
-        for item, row in zip(questions, adapter.similarities(queries, texts)):
+        for item, row in zip(questions, backend.similarities(queries, texts)):
             answer = LETTERS[int(np.argmax(row))]
             records.append({"id": item.id, "answer": answer, "correct": answer == item.answer})
     captioned = rset.captioned_images()
@@ -278,7 +270,7 @@ def answer_encoder(adapter, rset: RetentionSet, template: str = "{option}") -> l
         refs = list(captioned)
         items = [RetentionItem(ref, ref) for ref in refs]
         queries = _queries(rset, items, lambda it: "")
-        for ref, row in zip(refs, adapter.similarities(queries, [captions] * len(queries))):
+        for ref, row in zip(refs, backend.similarities(queries, [captions] * len(queries))):
             retrieved = captions[int(np.argmax(row))]
             records.append({"image": ref, "retrieved": retrieved, "hit": retrieved == captioned[ref]})
     return records
@@ -303,15 +295,9 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [value for _, _, value in json_lines(path.read_text().splitlines(), path, RunFormatError)]
 
 
-def _ci(values: np.ndarray, samples: int, seed: int) -> list[float]:
-    rng = np.random.default_rng(seed)
-    means = 100.0 * values[rng.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
 def summarize(records: list[dict[str, Any]], samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
     """Each metric's value (percent), its bootstrap 95% interval and its item count."""
-    return {name: {"value": 100.0 * float(v.mean()), "ci": _ci(v, samples, seed), "n": int(len(v))}
+    return {name: {"value": 100.0 * float(v.mean()), "ci": mean_interval(v, samples, seed), "n": int(len(v))}
             for name, v in metrics_of(records).items()}
 
 
@@ -330,8 +316,6 @@ def pooled_retention_block(name: str, fingerprint: str, mode: str, befores: list
     (a cv's folds: each fold's model against its base). Per item, the change is its mean over the runs; the
     interval bootstraps items (an item is one unit however many runs scored it), and ``mcnemar_p`` is the
     exact sign test on the items whose mean change is not zero, which for one run is McNemar's exact test."""
-    from scipy.stats import binomtest
-
     if len(befores) != len(afters) or not befores:
         raise ValueError("retention: one before and one after per run")
     per_run = [(metrics_of(b), metrics_of(a)) for b, a in zip(befores, afters)]
@@ -343,14 +327,12 @@ def pooled_retention_block(name: str, fingerprint: str, mode: str, befores: list
         before = np.mean([b[metric] for b, _ in per_run], axis=0)  # per item, over runs
         after = np.mean([a[metric] for _, a in per_run], axis=0)
         change = after - before
-        idx = np.random.default_rng(seed).integers(0, len(change), size=(samples, len(change)))
-        diff_samples = 100.0 * change[idx].mean(axis=1)
+        diff_samples = 100.0 * change[resamples(len(change), samples, seed)].mean(axis=1)
         gained, lost = int((change > 0).sum()), int((change < 0).sum())
-        metrics[metric] = {"before": 100.0 * float(before.mean()), "before_ci": _ci(before, samples, seed),
-                           "after": 100.0 * float(after.mean()), "after_ci": _ci(after, samples, seed),
+        metrics[metric] = {"before": 100.0 * float(before.mean()), "before_ci": mean_interval(before, samples, seed),
+                           "after": 100.0 * float(after.mean()), "after_ci": mean_interval(after, samples, seed),
                            "diff": float(100.0 * after.sum() / len(change) - 100.0 * before.sum() / len(change)),
-                           "diff_ci": [float(np.percentile(diff_samples, 2.5)), float(np.percentile(diff_samples, 97.5))],
-                           "mcnemar_p": float(binomtest(gained, gained + lost, 0.5).pvalue) if gained + lost else 1.0,
+                           "diff_ci": percentile_interval(diff_samples), "mcnemar_p": mcnemar_exact(lost, gained),
                            "n": int(len(change))}
         if len(per_run) > 1:
             metrics[metric]["after_per_run"] = [100.0 * float(a[metric].mean()) for _, a in per_run]

@@ -12,23 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .images import ImageProblem, check_images, load_image
-from .io import atomic_write_bytes, atomic_write_json, owned_folder
-from .launch import LaunchState, launch_state
 from .benchmarks import load_benchmark
+from .evaluation import answer_questions
+from .folders import owned_folder
+from .images import ImageProblem, check_images
+from .io import atomic_write_bytes, atomic_write_json
+from .launch import LaunchState, launch_state
 from .pairs import Benchmark, Pair
 from .prompts import DEFAULT_PROMPTS, MODES, load_prompts
 from .scorer import PARSERS, read_predictions, score_predictions
 from .stopping import Stopped, deferred, signal_name, stop_requested
 
-MC_MAX_NEW_TOKENS = 32  # the reference's setting for mc mode
 DEFAULT_BATCH_PAIRS = 8
 PARTS = "parts"  # out/parts/predictions.rank-<r>.jsonl: a launched process's answers until they are gathered
 
@@ -61,7 +61,8 @@ class EvalConfig:
     judge_model: str | None = field(default=None, metadata={"help": "judge model name for freeform mode"})
     judge_temperature: float = field(default=0.0, metadata={
         "help": "judge sampling temperature (reference used 0.7)"})
-    tr: float = field(default=3, metadata={"help": "freeform: judge score margin an option needs to win"})
+    judge_margin: float = field(default=3, metadata={"help": "freeform: judge score margin an option needs to win "
+                                                             "(the reference's --tr)"})
     device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu (default: cuda when available)"})
     trust_remote_code: bool | None = field(default=None, metadata={
         "help": "allow model code from the hub (off by default)"})
@@ -97,7 +98,7 @@ def _run_meta(cfg: EvalConfig, bench: Benchmark, prompt_version: str) -> dict[st
     where = Path(cfg.benchmark)
     return {"model": cfg.model, "mode": cfg.mode, "benchmark": bench.name, "n_pairs": len(bench.pairs),
             "benchmark_path": str(where.resolve()) if where.exists() else cfg.benchmark,
-            "prompt_version": prompt_version, "judge_model": cfg.judge_model, "tr": cfg.tr}
+            "prompt_version": prompt_version, "judge_model": cfg.judge_model, "judge_margin": cfg.judge_margin}
 
 
 def check_inputs(cfg: EvalConfig):
@@ -107,7 +108,7 @@ def check_inputs(cfg: EvalConfig):
     if cfg.mode not in MODES:
         raise EvalInputError(f"unknown mode {cfg.mode!r}; modes: {', '.join(MODES)}")
     for option, value in (("--limit", cfg.limit), ("--batch-size", cfg.batch_size)):
-        if value is not None and value < 1:  # 0 used to mean "all pairs" / "the default batch": silently
+        if value is not None and value < 1:  # 0 must not read as "all pairs" or "the default batch"
             raise EvalInputError(f"{option} must be at least 1, got {value}")
     bench = load_benchmark(cfg.benchmark, split=cfg.split).limit(cfg.limit)
     problems = check_images(bench)
@@ -168,7 +169,7 @@ def _answer_and_score(cfg: EvalConfig, out: Path, bench: Benchmark, spec, prompt
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        adapter, spec = load_model(spec, device=cfg.device or launch.device, trust_remote_code=cfg.trust_remote_code)
+        backend, spec = load_model(spec, device=cfg.device or launch.device, trust_remote_code=cfg.trust_remote_code)
         judge = None
         if cfg.mode == "freeform":
             from .judge import Judge
@@ -181,7 +182,7 @@ def _answer_and_score(cfg: EvalConfig, out: Path, bench: Benchmark, spec, prompt
         answered = 0
         with open(target, "a", encoding="utf-8") as fh, deferred():
             for chunk in todo:
-                records = answer_pairs(adapter, spec, cfg, prompts, bench, chunk, judge)
+                records = answer_pairs(backend, spec, cfg, prompts, bench, chunk, judge)
                 # a chunk torn by a kill is recomputed whole: write only the questions not on disk yet
                 fresh = [r for r in records if (str(r["pair_id"]), int(r["image"])) not in done]
                 fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh))
@@ -303,70 +304,8 @@ def score_run(out: Path, bench: Benchmark, parser: str, meta: dict[str, Any] | N
                         title=f"MediConfusion scores: {meta.get('model') or source}")
 
 
-def score_dtype(adapter) -> str | None:
-    """The dtype the adapter's model computes in (``bfloat16``, ``float32``): what sets an answer's noise band."""
-    model = getattr(adapter, "model", None)
-    param = next(model.parameters(), None) if model is not None else None
-    return str(param.dtype).removeprefix("torch.") if param is not None else None
-
-
-def _queries(bench: Benchmark, pairs: list[Pair], render) -> list:
-    from .models import Query
-
-    images: dict[str, Any] = {}
-    queries = []
-    for pair in pairs:
-        for side in (1, 2):
-            # normalised: the same image reached through another split's folder (world/test/../images) shares its cache entry
-            path = os.path.normpath(bench.resolve_image(pair.image(side)))
-            if path not in images:
-                images[path] = load_image(path)
-            queries.append(Query(path, images[path], render(pair), pair.options, {"pair_id": pair.id, "image": side}))
-    return queries
-
-
-def answer_pairs(adapter, spec, cfg: EvalConfig, prompts, bench: Benchmark, pairs: list[Pair], judge=None) -> list[dict[str, Any]]:
-    """One prediction record per question of ``pairs`` (both images of each pair)."""
-    mode = cfg.mode
-    key = spec.prompt_key
-    if mode == "clip":
-        template = prompts.template("clip", spec.clip_prompt)
-        queries = _queries(bench, pairs, lambda p: p.question)
-        texts = [tuple(template.format(question=q.prompt, option=o) for o in q.options) for q in queries]
-        scores = adapter.similarities(queries, texts)
-    elif mode == "greedy":
-        queries = _queries(bench, pairs, lambda p: prompts.render("greedy", p.question, p.options, key))
-        scores = adapter.next_token_scores(queries, ("A", "B"))
-    elif mode == "prefix":
-        queries = _queries(bench, pairs, lambda p: prompts.render("prefix", p.question, p.options, key))
-        scores = adapter.continuation_scores(queries, [q.options for q in queries])
-    elif mode in ("mc", "freeform"):
-        queries = _queries(bench, pairs, lambda p: prompts.render(mode, p.question, p.options, key))
-        texts = adapter.generate(queries, MC_MAX_NEW_TOKENS if mode == "mc" else spec.max_new_tokens)
-    else:  # pragma: no cover - check_inputs() rejects unknown modes
-        raise ValueError(mode)
-
-    records = []
-    dtype = score_dtype(adapter) if mode in ("clip", "greedy", "prefix") else None
-    for i, q in enumerate(queries):
-        rec: dict[str, Any] = {"pair_id": q.meta["pair_id"], "image": q.meta["image"]}
-        if mode in ("clip", "greedy", "prefix"):
-            a, b = scores[i]
-            if not (math.isfinite(a) and math.isfinite(b)):
-                letter = None  # a NaN or infinite score is no answer (invalid), never B; the scores stay in the record
-            else:  # ties: the reference picks A for greedy (argmax) and B for prefix (strict >)
-                letter = "A" if (a >= b if mode == "greedy" else a > b) else "B"
-            rec.update(answer=letter, raw=letter, scores={"A": a, "B": b})
-            if letter is not None:  # how far from flipping, in the dtype the model scored in (scorer.near_ties)
-                rec.update(margin=a - b, dtype=dtype)
-        elif mode == "mc":
-            rec.update(raw=texts[i], parsed=PARSERS[cfg.parser](texts[i], q.options), parser=cfg.parser)
-        else:
-            from .judge import decide, parse_judge_scores
-
-            pair = next(p for p in pairs if p.id == q.meta["pair_id"])
-            verdict = judge.ask(pair.question, pair.options, texts[i])
-            judged = parse_judge_scores(verdict)
-            rec.update(answer=decide(judged, cfg.tr), raw=texts[i], judge={"scores": judged, "reply": verdict})
-        records.append(rec)
-    return records
+def answer_pairs(backend, spec, cfg: EvalConfig, prompts, bench: Benchmark, pairs: list[Pair], judge=None) -> list[dict[str, Any]]:
+    """One prediction record per question of ``pairs`` (both images of each pair), as ``cfg`` asks
+    (``unconfuse.eval.evaluation.answer_questions``)."""
+    return answer_questions(backend, spec, cfg.mode, prompts, bench, pairs, parser=cfg.parser, judge=judge,
+                            judge_margin=cfg.judge_margin)

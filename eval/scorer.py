@@ -19,18 +19,16 @@ from typing import Any, Callable, Collection, Iterable, Mapping
 import numpy as np
 
 from .pairs import MEDICONFUSION_CATEGORIES, Pair
+from .stats import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, mcnemar_exact, percent, percentile_interval, resamples
 
 SCORER_VERSION = "1.1.0"  # 1.1: an undefined metric (zero denominator) is null with a note, not 0
 HEADLINE = ("set_accuracy", "individual_accuracy", "confusion")
-BOOTSTRAP_SAMPLES = 10_000
-BOOTSTRAP_SEED = 0
 
 Answer = str | None  # "A", "B" or None (invalid)
 
 # Score noise between two evaluations of one model (batch size, padding, kernels), by the dtype it scored in: an
-# answer whose margin (score A - score B) is inside the band can flip with the batch size. 16-bit: the GPU smoke's
-# bf16 log-prob differences between batched and one-at-a-time scoring reached 7e-2 (Qwen and Gemma twins);
-# float32: CPU twins differ by <= 1.4e-6 (tests/test_near_ties.py), the band leaves room for GPU kernels.
+# answer whose margin (score A - score B) is inside the band can flip with the batch size. The bands sit above the
+# batched vs one-at-a-time differences measured on the twins (docs/evaluating.md, tests/test_near_ties.py).
 NOISE_BANDS = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
 
 
@@ -230,11 +228,6 @@ def outcomes(pairs: list[Pair], answers: Mapping[tuple[str, int], Answer]) -> Ou
     )
 
 
-def _pct(num: float, den: float) -> float | None:
-    """A percentage; None (JSON null) when undefined: the reference writes 0, which reads as perfect confusion."""
-    return 100.0 * num / den if den > 0 else None
-
-
 def fmt(value: float | None, spec: str = ".1f") -> str:
     """A metric for a table: ``n/a`` when it is undefined (None)."""
     return "n/a" if value is None else format(value, spec)
@@ -286,11 +279,11 @@ def score(pairs: list[Pair], answers: Mapping[tuple[str, int], Answer], *, parse
     out = outcomes(pairs, answers)
     n = len(pairs)
     results: dict[str, Any] = {
-        "set_accuracy": _pct(out.set_correct.sum(), n),
-        "individual_accuracy": _pct(out.correct_1.sum() + out.correct_2.sum(), 2 * n),
-        "confusion": _pct(out.confused.sum(), out.both_valid.sum()),
-        "invalid": _pct((~out.valid_1).sum() + (~out.valid_2).sum(), 2 * n),
-        "precision": _pct(out.set_correct.sum(), (out.both_valid & ~out.confused).sum()),
+        "set_accuracy": percent(out.set_correct.sum(), n),
+        "individual_accuracy": percent(out.correct_1.sum() + out.correct_2.sum(), 2 * n),
+        "confusion": percent(out.confused.sum(), out.both_valid.sum()),
+        "invalid": percent((~out.valid_1).sum() + (~out.valid_2).sum(), 2 * n),
+        "precision": percent(out.set_correct.sum(), (out.both_valid & ~out.confused).sum()),
         "n_pairs": n,
         "valid_pairs": int(out.both_valid.sum()),
         "per_category": {},
@@ -304,11 +297,11 @@ def score(pairs: list[Pair], answers: Mapping[tuple[str, int], Answer], *, parse
         unconfused = int(((out.both_valid & ~out.confused) * kb).sum())
         set_score = int((out.set_correct * kb).sum())
         results["per_category"][cat] = {
-            "set_accuracy": _pct(set_score, total),
-            "individual_accuracy": _pct((out.correct_1 * k1).sum() + (out.correct_2 * k2).sum(), total),
-            "confusion": _pct((out.confused * kb).sum(), valids),
-            "invalid": _pct((~out.valid_1 * k1).sum() + (~out.valid_2 * k2).sum(), total),
-            "precision": _pct(set_score, unconfused),
+            "set_accuracy": percent(set_score, total),
+            "individual_accuracy": percent((out.correct_1 * k1).sum() + (out.correct_2 * k2).sum(), total),
+            "confusion": percent((out.confused * kb).sum(), valids),
+            "invalid": percent((~out.valid_1 * k1).sum() + (~out.valid_2 * k2).sum(), total),
+            "precision": percent(set_score, unconfused),
             "total": total,
             "valid_pairs": valids,
         }
@@ -336,15 +329,8 @@ def _metric_samples(out: Outcomes, idx: np.ndarray) -> dict[str, np.ndarray]:
 def bootstrap_ci(out: Outcomes, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
                  level: float = 95.0) -> dict[str, list[float]]:
     """Percentile bootstrap intervals over pairs for the headline metrics (fixed seed)."""
-    n = len(out.correct_1)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(samples, n))
-    tail = (100.0 - level) / 2
-    ci = {}
-    for name, values in _metric_samples(out, idx).items():
-        values = values[~np.isnan(values)]
-        ci[name] = [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))] if len(values) else None
-    return ci
+    idx = resamples(len(out.correct_1), samples, seed)
+    return {name: percentile_interval(values, level) for name, values in _metric_samples(out, idx).items()}
 
 
 def compare(pairs: list[Pair], answers_a: Mapping[tuple[str, int], Answer], answers_b: Mapping[tuple[str, int], Answer],
@@ -359,12 +345,10 @@ def compare(pairs: list[Pair], answers_a: Mapping[tuple[str, int], Answer], answ
     oa, ob = outcomes(pairs, answers_a), outcomes(pairs, answers_b)
     n = len(pairs)
     paired = paired_accuracy(oa.set_correct, ob.set_correct, samples, seed)
-    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))  # the same resamples as paired_accuracy's
+    idx = resamples(n, samples, seed)  # the same resamples as paired_accuracy's
     conf_a, conf_b = _metric_samples(oa, idx)["confusion"], _metric_samples(ob, idx)["confusion"]
-    conf_diff = conf_b - conf_a
-    conf_diff = conf_diff[~np.isnan(conf_diff)]
-    ca = _pct(oa.confused.sum(), oa.both_valid.sum())
-    cb = _pct(ob.confused.sum(), ob.both_valid.sum())
+    ca = percent(oa.confused.sum(), oa.both_valid.sum())
+    cb = percent(ob.confused.sum(), ob.both_valid.sum())
     return {
         "n_pairs": n,
         "set_accuracy_a": paired["a"],
@@ -372,7 +356,7 @@ def compare(pairs: list[Pair], answers_a: Mapping[tuple[str, int], Answer], answ
         "set_accuracy_diff": paired["diff"],
         "set_accuracy_diff_ci": paired["diff_ci"],
         "confusion_diff": None if ca is None or cb is None else cb - ca,
-        "confusion_diff_ci": [float(np.percentile(conf_diff, 2.5)), float(np.percentile(conf_diff, 97.5))] if len(conf_diff) else None,
+        "confusion_diff_ci": percentile_interval(conf_b - conf_a),
         "mcnemar_only_a": paired["mcnemar_only_a"],
         "mcnemar_only_b": paired["mcnemar_only_b"],
         "mcnemar_p": paired["mcnemar_p"],
@@ -383,18 +367,14 @@ def paired_accuracy(correct_a: np.ndarray, correct_b: np.ndarray, samples: int =
                     seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
     """B against A on the same items (per-item booleans): both accuracies (percent), the difference B - A with
     its paired percentile-bootstrap 95% interval, and the exact McNemar test on the discordant items."""
-    from scipy.stats import binomtest
-
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     n = len(a)
-    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    idx = resamples(n, samples, seed)
     diff_samples = 100.0 * (b[idx].astype(float) - a[idx].astype(float)).mean(axis=1)
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-    acc_a, acc_b = _pct(a.sum(), n), _pct(b.sum(), n)
-    return {"a": acc_a, "b": acc_b, "diff": acc_b - acc_a,
-            "diff_ci": [float(np.percentile(diff_samples, 2.5)), float(np.percentile(diff_samples, 97.5))],
-            "mcnemar_only_a": only_a, "mcnemar_only_b": only_b,
-            "mcnemar_p": float(binomtest(only_b, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0}
+    acc_a, acc_b = percent(a.sum(), n), percent(b.sum(), n)
+    return {"a": acc_a, "b": acc_b, "diff": acc_b - acc_a, "diff_ci": percentile_interval(diff_samples),
+            "mcnemar_only_a": only_a, "mcnemar_only_b": only_b, "mcnemar_p": mcnemar_exact(only_a, only_b)}
 
 
 # ---------------------------------------------------------------------------------------------

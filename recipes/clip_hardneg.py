@@ -20,18 +20,21 @@ import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from transformers import Trainer, TrainingArguments
 
+from unconfuse.eval.evaluation import predict, score_records
 from unconfuse.eval.models import load_model, resolve_model
-from unconfuse.eval.runs import RunResults
-from unconfuse.train import run as lifecycle
 from unconfuse.eval.retention import answer_encoder
-from unconfuse.train.callbacks import predict, score_records
-from unconfuse.train.config import ConfigError, RecipeSettings, TrainSettings, setting, to_dict
+from unconfuse.eval.runs import RunResults
+from unconfuse.recipes import recipe_cli
+from unconfuse.train import lifecycle
+from unconfuse.train.checkpoints import trainer_arguments
+from unconfuse.train.config import ConfigError, RecipeSettings, Settings, TrainSettings, setting, to_dict
 from unconfuse.train.data import ClipCollator, PairBatches, PairItems
+from unconfuse.train.distributed import process_device, whole_weights
 from unconfuse.train.losses import clip_hardneg_loss, distill_loss
 from unconfuse.train.replay import FRACTION_HELP, REPLAY_HELP, caption_items, with_replay
 
@@ -39,7 +42,7 @@ RECIPE = "clip_hardneg"
 
 
 @dataclass
-class ClipData:
+class ClipData(Settings):
     """Where the pairs come from, and what each image is trained to match."""
 
     train: str = setting("world:train", "training pairs: any benchmark argument (folder, file, hf:<id>, world:<split>)")
@@ -61,7 +64,7 @@ class ClipData:
 
 
 @dataclass
-class PairLoss:
+class PairLoss(Settings):
     """The pair terms added to CLIP's InfoNCE, and the anchor to the base model."""
 
     hardneg_weight: float = setting(1.0, "image vs (own text, partner's text); 0 = plain CLIP fine-tuning", min=0)
@@ -76,7 +79,7 @@ class PairLoss:
 
 
 @dataclass
-class EncoderLora:
+class EncoderLora(Settings):
     """LoRA on the vision tower (``trainable: lora``)."""
 
     r: int = setting(8, "LoRA rank", min=1)
@@ -160,7 +163,7 @@ class HFClipForTraining(torch.nn.Module):
         return normalize(image, dim=-1), normalize(texts, dim=-1), self.clip.logit_scale.exp()
 
 
-def open_clip_encoder(adapter, spec) -> TrainableEncoder:
+def open_clip_encoder(backend, spec) -> TrainableEncoder:
     import open_clip
 
     model_id = spec.model_id
@@ -183,28 +186,28 @@ def open_clip_encoder(adapter, spec) -> TrainableEncoder:
             # a local-dir: model with a Hugging Face tokenizer reads it from the folder itself (open_clip's
             # get_tokenizer), not from hf_tokenizer_name; hf_model_name (BERT's config: architecture only,
             # the weights are in the safetensors above) stays what the base model names
-            adapter.tokenizer.save_pretrained(folder)
+            backend.tokenizer.save_pretrained(folder)
 
-    return TrainableEncoder(adapter.model, adapter.model, adapter.preprocess, adapter.tokenizer, ("visual.",), "visual",
-                            save_folder, lambda folder: f"local-dir:{folder}", _shapes(adapter.model))
+    return TrainableEncoder(backend.model, backend.model, backend.preprocess, backend.tokenizer, ("visual.",), "visual",
+                            save_folder, lambda folder: f"local-dir:{folder}", _shapes(backend.model))
 
 
-def hf_clip_encoder(adapter, spec) -> TrainableEncoder:
-    processor = adapter.processor
+def hf_clip_encoder(backend, spec) -> TrainableEncoder:
+    processor = backend.processor
 
     def preprocess(image):
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
-        return dict(processor(text=texts, return_tensors="pt", padding=adapter.text_padding, truncation=True))
+        return dict(processor(text=texts, return_tensors="pt", padding=backend.text_padding, truncation=True))
 
     def save_folder(folder: Path, state: dict[str, torch.Tensor]) -> None:
-        adapter.model.save_pretrained(folder, state_dict=state)
+        backend.model.save_pretrained(folder, state_dict=state)
         processor.save_pretrained(folder)
 
-    return TrainableEncoder(HFClipForTraining(adapter.model), adapter.model, preprocess, tokenize,
+    return TrainableEncoder(HFClipForTraining(backend.model), backend.model, preprocess, tokenize,
                             ("clip.vision_model.", "clip.visual_projection", "vision_model.", "visual_projection"),
-                            "vision_model", save_folder, str, _shapes(adapter.model))
+                            "vision_model", save_folder, str, _shapes(backend.model))
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
@@ -326,8 +329,9 @@ def _features(out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 # The recipe
 
 
-def main(cfg: ClipHardNegConfig) -> RunResults:
-    """Run the recipe; returns its run record (also in ``<run>/results.json``)."""
+def main(cfg: ClipHardNegConfig, callbacks: Sequence[Any] = ()) -> RunResults:
+    """Run the recipe; returns its run record (also in ``<run>/results.json``). ``callbacks``: TrainerCallbacks
+    added after the run\'s own (its validation loop, checkpoints, signals)."""
     # data: run directory, pairs, leakage audit
     if cfg.train.activation_checkpointing:
         raise ConfigError("train.activation_checkpointing: not supported by clip_hardneg (CLIP-style encoders train "
@@ -341,44 +345,40 @@ def main(cfg: ClipHardNegConfig) -> RunResults:
     if not spec.is_encoder:
         raise ConfigError(f"model: clip_hardneg trains CLIP-style encoders; {cfg.model!r} is {spec.family}")
     spec = replace(spec, clip_prompt="question" if cfg.data.text == "question_option" else "default")
-    device = lifecycle.process_device()
+    device = process_device()
     torch.manual_seed(cfg.train.seed)
-    adapter, spec = load_model(spec, device=device)
-    encoder = (open_clip_encoder if spec.family == "open-clip" else hf_clip_encoder)(adapter, spec)
+    backend, spec = load_model(spec, device=device)
+    encoder = (open_clip_encoder if spec.family == "open-clip" else hf_clip_encoder)(backend, spec)
     teacher = copy.deepcopy(encoder.trained).eval().requires_grad_(False) if cfg.loss.distill_weight else None
     torch.manual_seed(cfg.train.seed)  # LoRA init must not depend on whether the base model was just built
     freeze(encoder, cfg.trainable, cfg.lora)
     if run.launch["deepspeed"]:
         unscalar_parameters(encoder.weights)
     model = encoder.trained
-    lifecycle.start_wandb(run, spec.name)
     vision_trains = any(p.requires_grad for n, p in model.named_parameters() if encoder.is_vision(n))
     text_trains = any(p.requires_grad for n, p in model.named_parameters() if not encoder.is_vision(n) and "logit" not in n)
 
-    cached_at = {"step": 0}  # the optimizer step the training adapter's cached embeddings were computed at
+    cached_at = {"step": 0}  # the optimizer step the training backend's cached embeddings were computed at
 
     def fresh(scorer, trainer) -> None:
         """Drop the cached embeddings a training step has made stale: those of the towers that train, once
         a step has passed since they were computed. A frozen tower's stay valid for the whole run, and a
         loaded checkpoint's (the test stage's ``best``) never change."""
         step = trainer.state.global_step if trainer is not None else 0
-        if scorer is adapter and step != cached_at["step"]:
-            if vision_trains:
-                scorer._image_emb.clear()
-            if text_trains:
-                scorer._text_emb.clear()
+        if scorer is backend and step != cached_at["step"]:
+            scorer.clear_cache(images=vision_trains, texts=text_trains)
             cached_at["step"] = step
 
-    def evaluate(bench, mode, scorer=adapter, trainer=None):
-        with lifecycle.whole_weights(trainer):  # under ZeRO-3, gathered for the pass
+    def evaluate(bench, mode, scorer=backend, trainer=None):
+        with whole_weights(trainer):  # under ZeRO-3, gathered for the pass
             model.eval()
             fresh(scorer, trainer)
             records = predict(scorer, spec, mode, bench, run.prompts, cfg.val_batch_pairs)
             model.train()
         return records, score_records(bench, records, prompt_version=run.prompts.version)
 
-    def retain(rset, scorer=adapter, trainer=None):
-        with lifecycle.whole_weights(trainer):
+    def retain(rset, scorer=backend, trainer=None):
+        with whole_weights(trainer):
             model.eval()
             fresh(scorer, trainer)  # the same images as the pairs' (the world's test split) are encoded once
             records = answer_encoder(scorer, rset, run.prompts.template("clip", spec.clip_prompt))
@@ -389,7 +389,7 @@ def main(cfg: ClipHardNegConfig) -> RunResults:
 
     # trainer (the encoder is loaded whole: encoders are small; ZeRO-3 partitions it when training starts)
     width = max(p.shape[-1] for p in model.parameters() if p.dim() == 2)  # for DeepSpeed's auto bucket sizes
-    args = TrainingArguments(**lifecycle.trainer_arguments(run, cfg.train, model_width=width), remove_unused_columns=False)
+    args = TrainingArguments(**trainer_arguments(run, cfg.train, model_width=width), remove_unused_columns=False)
     replay = run.replay_rows(caption_items(run.replay, cfg.data.replay, cfg.data.replay_text,
                                            run.prompts.template("clip", spec.clip_prompt)) if run.replay else [])
     per_batch = run.replay_per_batch
@@ -402,7 +402,7 @@ def main(cfg: ClipHardNegConfig) -> RunResults:
     trainer.add_callback(callback)
 
     # train, then test the selected checkpoint loaded the way `unconfuse eval` loads it
-    lifecycle.train(run, trainer)
+    lifecycle.fit(run, trainer, callbacks)
     best, _ = load_model(replace(spec, build=None, model_id=encoder.model_id(run.best_dir)), device=device)
     final = lifecycle.score_stage(run, "test", lambda bench, mode: evaluate(bench, mode, best), spec.name,
                                   retain=lambda rset: retain(rset, best))
@@ -412,4 +412,4 @@ def main(cfg: ClipHardNegConfig) -> RunResults:
 
 
 if __name__ == "__main__":
-    sys.exit(lifecycle.recipe_cli(RECIPE))
+    sys.exit(recipe_cli(RECIPE))

@@ -21,26 +21,29 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+from trl import DPOConfig, DPOTrainer
 
 from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.runs import RunResults
-from unconfuse.train import run as lifecycle
-from unconfuse.train.config import setting, to_dict
+from unconfuse.recipes import recipe_cli
+from unconfuse.train import lifecycle
+from unconfuse.train.checkpoints import trainer_arguments
+from unconfuse.train.config import Settings, setting, to_dict
 from unconfuse.train.data import PairBatches
 from unconfuse.train.losses import image_contrast_loss
-from unconfuse.train.mllm import (AnchoredToBase, MllmData, MllmRecipeSettings, attach_lora, letter_examples,
-                                  load_best_adapters, load_mllm, replay_examples, retention_scorer, scorer,
-                                  warm_start, with_eval_bos)
+from unconfuse.train.mllm import (AnchoredToBase, MllmData, MllmRecipeSettings, attach_lora, evaluator, letter_examples,
+                                  load_best_adapters, load_mllm, replay_examples, retention_evaluator, warm_start,
+                                  with_eval_bos)
 from unconfuse.train.replay import with_replay
 
 RECIPE = "mllm_dpo"
 
 
 @dataclass
-class PreferenceSettings:
+class PreferenceSettings(Settings):
     """The preference loss: DPO, the pair image-contrast term, and an optional SFT term."""
 
     beta: float = setting(0.1, "DPO temperature (also of the image-contrast term)", gt=0)
@@ -136,95 +139,89 @@ def fused_log_probs(modules, captured: list[torch.Tensor]):
             handle.remove()
 
 
-def make_trainer_class():
-    from trl import DPOTrainer
+class PairDPOTrainer(AnchoredToBase, PairBatches, DPOTrainer):
+    """DPOTrainer with whole-pair batches and the pair image-contrast term added to its loss.
 
-    class PairDPOTrainer(AnchoredToBase, PairBatches, DPOTrainer):
-        """DPOTrainer with whole-pair batches and the pair image-contrast term added to its loss.
+    The term compares a chosen answer's log-ratio with its own image and with the partner image. The
+    latter is already in DPO's batch: it is the partner's rejected row (``partner_rows``). So the term
+    reads the per-row log-probs of the two forwards TRL's ``_compute_loss`` makes anyway (the policy,
+    then the reference: TRL's "ref" adapter; TRL cannot precompute reference log-probs for image data),
+    and TRL's own code computes the DPO loss and metrics, unchanged. Replay rows (after the pair rows of a
+    batch: ``pair_rows`` counts the pair rows) take DPO's loss only."""
 
-        The term compares a chosen answer's log-ratio with its own image and with the partner image. The
-        latter is already in DPO's batch: it is the partner's rejected row (``partner_rows``). So the term
-        reads the per-row log-probs of the two forwards TRL's ``_compute_loss`` makes anyway (the policy,
-        then the reference: TRL's "ref" adapter; TRL cannot precompute reference log-probs for image data),
-        and TRL's own code computes the DPO loss and metrics, unchanged. Replay rows (after the pair rows of a
-        batch: ``pair_rows`` counts the pair rows) take DPO's loss only."""
+    count_pair_rows = True
 
-        count_pair_rows = True
+    def __init__(self, *args, image_contrast_weight: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.image_contrast_weight = image_contrast_weight
 
-        def __init__(self, *args, image_contrast_weight: float = 0.0, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.image_contrast_weight = image_contrast_weight
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            rows = inputs["input_ids"].shape[0] // 2  # the batch is [chosen rows; rejected rows]
-            pair_rows = int(inputs.pop("pair_rows", rows))
-            if not self.image_contrast_weight:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if pair_rows % 2:
-                raise ValueError("the image-contrast term needs whole pairs in every batch")
-            partner = partner_rows(inputs, rows, pair_rows=pair_rows)
-            captured: list[torch.Tensor] = []
-            # the policy forward reaches self.model through any DDP/DeepSpeed wrapper; the reference forward calls it
-            modules = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
-            with fused_log_probs(modules, captured):
-                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if len(captured) != 2:
-                raise RuntimeError(f"expected TRL's policy and reference forwards, saw {len(captured)} forwards")
-            completion = inputs["completion_mask"].shape[1] - 1  # log-probs are zero outside the completion
-            policy, reference = (log_probs[:, -completion:].sum(dim=1) for log_probs in captured)
-            term = image_contrast_loss(policy[:pair_rows], reference[:pair_rows], policy[partner], reference[partner], self.beta)
-            mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["image_contrast"].append(term.item())
-            if return_outputs:
-                return result[0] + self.image_contrast_weight * term, result[1]
-            return result + self.image_contrast_weight * term
-
-    return PairDPOTrainer
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rows = inputs["input_ids"].shape[0] // 2  # the batch is [chosen rows; rejected rows]
+        pair_rows = int(inputs.pop("pair_rows", rows))
+        if not self.image_contrast_weight:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if pair_rows % 2:
+            raise ValueError("the image-contrast term needs whole pairs in every batch")
+        partner = partner_rows(inputs, rows, pair_rows=pair_rows)
+        captured: list[torch.Tensor] = []
+        # the policy forward reaches self.model through any DDP/DeepSpeed wrapper; the reference forward calls it
+        modules = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
+        with fused_log_probs(modules, captured):
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if len(captured) != 2:
+            raise RuntimeError(f"expected TRL's policy and reference forwards, saw {len(captured)} forwards")
+        completion = inputs["completion_mask"].shape[1] - 1  # log-probs are zero outside the completion
+        policy, reference = (log_probs[:, -completion:].sum(dim=1) for log_probs in captured)
+        term = image_contrast_loss(policy[:pair_rows], reference[:pair_rows], policy[partner], reference[partner], self.beta)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["image_contrast"].append(term.item())
+        if return_outputs:
+            return result[0] + self.image_contrast_weight * term, result[1]
+        return result + self.image_contrast_weight * term
 
 
-def main(cfg: MllmDpoConfig) -> RunResults:
-    """Run the recipe; returns its run record (also in ``<run>/results.json``)."""
+def main(cfg: MllmDpoConfig, callbacks: Sequence[Any] = ()) -> RunResults:
+    """Run the recipe; returns its run record (also in ``<run>/results.json``). ``callbacks``: TrainerCallbacks
+    added after the run\'s own (its validation loop, checkpoints, signals)."""
     from datasets import Dataset
-    from trl import DPOConfig
 
     # data: run directory, pairs, leakage audit
     strategy = cfg.strategy or with_replay("dpo+image-contrast" if cfg.preference.image_contrast_weight else "dpo", cfg)
     run = lifecycle.open_run(RECIPE, cfg, strategy, modes=[cfg.val_mode, *cfg.test_modes])
     sft = cfg.preference.sft_weight
-    args = DPOConfig(**lifecycle.trainer_arguments(run, cfg.train), max_length=None,  # never cut image tokens
+    args = DPOConfig(**trainer_arguments(run, cfg.train), max_length=None,  # never cut image tokens
                      beta=cfg.preference.beta, loss_type=["sigmoid", "sft"] if sft else ["sigmoid"],
                      loss_weights=[1.0, sft] if sft else None)  # made before the model (ZeRO-3)
 
     # model + LoRA (disabling it gives the reference model), trainer, then the base scores
-    adapter, spec = load_mllm(run, RECIPE)
-    lifecycle.start_wandb(run, spec.name)
-    model = attach_lora(adapter, cfg.lora, cfg.train.seed)
+    backend, spec = load_mllm(run, RECIPE)
+    model = attach_lora(backend, cfg.lora, cfg.train.seed)
     warm_start(model, run.init_adapters)  # before the trainer: TRL's reference adapter copies it
     examples = preference_examples(run.train, run.prompts, cfg.data, cfg.train.seed,
                                    same_size_pairs=bool(cfg.preference.image_contrast_weight)
-                                   and image_tokens_vary(adapter.processor))
+                                   and image_tokens_vary(backend.processor))
     replay = replay_examples(run, "dpo", run.prompts, cfg.train.seed)
-    trainer = make_trainer_class()(model=model, args=args, processing_class=with_eval_bos(adapter.processor),
+    trainer = PairDPOTrainer(model=model, args=args, processing_class=with_eval_bos(backend.processor),
                                    train_dataset=Dataset.from_list([{**ex, "replay": False} for ex in examples] + replay),
                                    pairs_per_batch=cfg.train.pairs_per_batch, replay_items=len(replay),
                                    replay_per_batch=run.replay_per_batch,
                                    image_contrast_weight=cfg.preference.image_contrast_weight,
                                    anchor_weight=cfg.lora.anchor_weight)
-    evaluate = scorer(run, spec, adapter, trainer, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
-    retain = retention_scorer(run, adapter, trainer)
+    evaluate = evaluator(run, spec, backend, trainer, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
+    retain = retention_evaluator(run, backend, trainer)
     base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, base=True), spec.name,
                                  retain=lambda rset: retain(rset, base=True))
 
     def save_adapters(folder):
         model.save_pretrained(str(folder))
-        adapter.processor.save_pretrained(str(folder))
+        backend.processor.save_pretrained(str(folder))
 
     callback = lifecycle.validation(run, evaluate, save_adapters, val_mode=cfg.val_mode,
                                     saved_parameters=lambda: [p for p in model.parameters() if p.requires_grad], retain=retain)
     trainer.add_callback(callback)
 
     # train, then test the selected adapters (loaded into the trained model in place)
-    lifecycle.train(run, trainer)
+    lifecycle.fit(run, trainer, callbacks)
     load_best_adapters(run, model)
     final = lifecycle.score_stage(run, "test", evaluate, spec.name, retain=retain)
     return lifecycle.finish(run, spec.name, base, final, trainer, callback,
@@ -232,4 +229,4 @@ def main(cfg: MllmDpoConfig) -> RunResults:
 
 
 if __name__ == "__main__":
-    sys.exit(lifecycle.recipe_cli(RECIPE))
+    sys.exit(recipe_cli(RECIPE))

@@ -6,7 +6,7 @@ is sampled ``num_generations`` times (temperature > 0). ``rollouts: text``: the 
 letter and the end of turn (``max_completion_length`` is a few tokens), read by eval's strict parser (the mc
 mode's; a bare ``A`` or ``B: ...`` is that letter, anything unreadable is invalid and earns nothing).
 ``rollouts: letters``: one token sampled among the two eval's greedy mode compares, i.e. greedy mode's choice
-as a policy, for models that never write a letter unprompted (the tiny base: 0 of 64 text rollouts parsed).
+as a policy, for models that never write a letter unprompted (the tiny base: docs/results.md).
 The reward::
 
     reward(k of image i) = right(i, k) + pair_weight * right(i, k) * mean_j right(partner, j)
@@ -38,24 +38,28 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
+
+from trl import GRPOConfig, GRPOTrainer
 
 from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.runs import RunResults
 from unconfuse.eval.scorer import parse_strict
-from unconfuse.train import run as lifecycle
-from unconfuse.train.config import setting, to_dict
+from unconfuse.recipes import recipe_cli
+from unconfuse.train import lifecycle
+from unconfuse.train.checkpoints import trainer_arguments
+from unconfuse.train.config import Settings, setting, to_dict
 from unconfuse.train.data import PairRepeatSampler
-from unconfuse.train.mllm import (AnchoredToBase, MllmData, MllmRecipeSettings, attach_lora, letter_examples,
-                                  load_best_adapters, load_mllm, replay_examples, retention_scorer, scorer,
-                                  warm_start, with_eval_bos)
+from unconfuse.train.mllm import (AnchoredToBase, MllmData, MllmRecipeSettings, attach_lora, evaluator, letter_examples,
+                                  load_best_adapters, load_mllm, replay_examples, retention_evaluator, warm_start,
+                                  with_eval_bos)
 from unconfuse.train.replay import with_replay
 
 RECIPE = "mllm_grpo"
 
 
 @dataclass
-class GrpoSettings:
+class GrpoSettings(Settings):
     """Rollouts, the reward and GRPO's loss."""
 
     num_generations: int = setting(8, "completions sampled per image (GRPO's group); a step holds "
@@ -130,7 +134,7 @@ def reward_functions():
     return [letter, pair]
 
 
-def letters_only(adapter, example: dict[str, Any]) -> dict[str, Any]:
+def letters_only(backend, example: dict[str, Any]) -> dict[str, Any]:
     """Generation settings that sample one token among the two eval's greedy mode compares (the first token of
     the reply ``A`` and of ``B`` as the chat template renders it): greedy mode's choice, as a policy. Every other
     token is suppressed. The loss still takes the log-probability over the whole vocabulary, but the group-centred
@@ -139,50 +143,44 @@ def letters_only(adapter, example: dict[str, Any]) -> dict[str, Any]:
     from unconfuse.eval.models.base import Query
 
     content = example["prompt"][0]["content"]
-    letters = adapter.letter_token_ids(("A", "B"), Query("rollout", example["images"][0], content))
-    vocabulary = adapter.model.get_output_embeddings().weight.shape[0]
+    letters = backend.letter_token_ids(("A", "B"), Query("rollout", example["images"][0], content))
+    vocabulary = backend.model.get_output_embeddings().weight.shape[0]
     return {"suppress_tokens": [i for i in range(vocabulary) if i not in letters]}
 
 
-def make_trainer_class():
-    from trl import GRPOTrainer
+class PairGRPOTrainer(AnchoredToBase, GRPOTrainer):
+    """GRPOTrainer whose generation batches hold whole pairs: both images of each pair, each with its
+    ``num_generations`` rollouts, in the same process's slice (``PairRepeatSampler``)."""
 
-    class PairGRPOTrainer(AnchoredToBase, GRPOTrainer):
-        """GRPOTrainer whose generation batches hold whole pairs: both images of each pair, each with its
-        ``num_generations`` rollouts, in the same process's slice (``PairRepeatSampler``)."""
+    def __init__(self, *args, pairs_per_batch: int, replay_items: int = 0, replay_per_batch: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pairs_per_batch, self.replay_items, self.replay_per_batch = pairs_per_batch, replay_items, replay_per_batch
 
-        def __init__(self, *args, pairs_per_batch: int, replay_items: int = 0, replay_per_batch: int = 0, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.pairs_per_batch, self.replay_items, self.replay_per_batch = pairs_per_batch, replay_items, replay_per_batch
-
-        def _get_train_sampler(self, dataset=None) -> PairRepeatSampler:
-            dataset = self.train_dataset if dataset is None else dataset
-            group = 2 * self.num_generations  # one pair's rollouts
-            local = self.args.per_device_train_batch_size * self.args.steps_per_generation
-            unit = (2 * self.pairs_per_batch + self.replay_per_batch) * self.num_generations  # one device batch
-            if self.args.per_device_train_batch_size != unit or self.args.generation_batch_size % unit:
-                raise ValueError(f"mllm_grpo: a process's generation batch of {local} completions cannot hold whole pairs "
-                                 f"of 2 x {self.num_generations} rollouts; per_device_train_batch_size must be "
-                                 f"(2 x pairs_per_batch + replay per batch) x num_generations = {unit}")
-            units = self.args.generation_batch_size // unit
-            return PairRepeatSampler((len(dataset) - self.replay_items) // 2, self.num_generations,
-                                     units * self.pairs_per_batch, repeat_count=self.num_iterations * self.args.steps_per_generation,
-                                     seed=self.args.seed, shuffle=self.shuffle_dataset, replay_items=self.replay_items,
-                                     replay_per_unit=self.replay_per_batch, pairs_per_unit=self.pairs_per_batch)
-
-    return PairGRPOTrainer
+    def _get_train_sampler(self, dataset=None) -> PairRepeatSampler:
+        dataset = self.train_dataset if dataset is None else dataset
+        local = self.args.per_device_train_batch_size * self.args.steps_per_generation
+        unit = (2 * self.pairs_per_batch + self.replay_per_batch) * self.num_generations  # one device batch
+        if self.args.per_device_train_batch_size != unit or self.args.generation_batch_size % unit:
+            raise ValueError(f"mllm_grpo: a process's generation batch of {local} completions cannot hold whole pairs "
+                             f"of 2 x {self.num_generations} rollouts; per_device_train_batch_size must be "
+                             f"(2 x pairs_per_batch + replay per batch) x num_generations = {unit}")
+        units = self.args.generation_batch_size // unit
+        return PairRepeatSampler((len(dataset) - self.replay_items) // 2, self.num_generations,
+                                 units * self.pairs_per_batch, repeat_count=self.num_iterations * self.args.steps_per_generation,
+                                 seed=self.args.seed, shuffle=self.shuffle_dataset, replay_items=self.replay_items,
+                                 replay_per_unit=self.replay_per_batch, pairs_per_unit=self.pairs_per_batch)
 
 
-def main(cfg: MllmGrpoConfig) -> RunResults:
-    """Run the recipe; returns its run record (also in ``<run>/results.json``)."""
+def main(cfg: MllmGrpoConfig, callbacks: Sequence[Any] = ()) -> RunResults:
+    """Run the recipe; returns its run record (also in ``<run>/results.json``). ``callbacks``: TrainerCallbacks
+    added after the run\'s own (its validation loop, checkpoints, signals)."""
     from datasets import Dataset
-    from trl import GRPOConfig
 
     # data: run directory, pairs, leakage audit
     grpo = cfg.grpo
     run = lifecycle.open_run(RECIPE, cfg, cfg.strategy or with_replay("grpo" if grpo.pair_weight else "grpo-letter", cfg),
                              modes=[cfg.val_mode, *cfg.test_modes])
-    arguments = lifecycle.trainer_arguments(run, cfg.train)
+    arguments = trainer_arguments(run, cfg.train)
     arguments["per_device_train_batch_size"] = (arguments["per_device_train_batch_size"] + run.replay_per_batch) \
         * grpo.num_generations  # GRPO counts completions: (whole pairs + replay prompts) x rollouts
     letters = grpo.rollouts == "letters"
@@ -192,16 +190,15 @@ def main(cfg: MllmGrpoConfig) -> RunResults:
                       reward_weights=[1.0, grpo.pair_weight])  # made before the model (ZeRO-3)
 
     # model + LoRA (disabling it gives the KL reference), trainer, then the base scores
-    adapter, spec = load_mllm(run, RECIPE)
-    lifecycle.start_wandb(run, spec.name)
-    model = attach_lora(adapter, cfg.lora, cfg.train.seed)
+    backend, spec = load_mllm(run, RECIPE)
+    model = attach_lora(backend, cfg.lora, cfg.train.seed)
     warm_start(model, run.init_adapters)  # before the trainer: TRL's reference adapter copies it
     examples = [{**ex, "replay": False} for ex in rollout_prompts(run.train, run.prompts, cfg.data, cfg.train.seed)]
     replay = replay_examples(run, "grpo", run.prompts, cfg.train.seed)
     if letters:
-        args.generation_kwargs = letters_only(adapter, examples[0])
-    trainer = make_trainer_class()(model=model, reward_funcs=reward_functions(), args=args,
-                                   processing_class=with_eval_bos(adapter.processor),
+        args.generation_kwargs = letters_only(backend, examples[0])
+    trainer = PairGRPOTrainer(model=model, reward_funcs=reward_functions(), args=args,
+                                   processing_class=with_eval_bos(backend.processor),
                                    train_dataset=Dataset.from_list(examples + replay), pairs_per_batch=cfg.train.pairs_per_batch,
                                    replay_items=len(replay), replay_per_batch=run.replay_per_batch,
                                    anchor_weight=cfg.lora.anchor_weight)
@@ -209,25 +206,25 @@ def main(cfg: MllmGrpoConfig) -> RunResults:
         # TRL copies a passed-in adapter as the KL reference: a fresh one is the base (adapters disabled), and
         # without a KL term no reference is needed; a warm start's copy is the reference of its KL term
         model.delete_adapter("ref")
-    evaluate = scorer(run, spec, adapter, trainer, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
-    retain = retention_scorer(run, adapter, trainer)
+    evaluate = evaluator(run, spec, backend, trainer, vision_trains=cfg.lora.vision != "none" or cfg.lora.projector != "none")
+    retain = retention_evaluator(run, backend, trainer)
     base = lifecycle.score_stage(run, "base", lambda bench, mode: evaluate(bench, mode, base=True), spec.name,
                                  retain=lambda rset: retain(rset, base=True))
 
     def save_adapters(folder):
         model.save_pretrained(str(folder))
-        adapter.processor.save_pretrained(str(folder))
+        backend.processor.save_pretrained(str(folder))
 
     callback = lifecycle.validation(run, evaluate, save_adapters, val_mode=cfg.val_mode,
                                     saved_parameters=lambda: [p for p in model.parameters() if p.requires_grad], retain=retain)
     trainer.add_callback(callback)
 
     # train, then test the selected adapters (loaded into the trained model in place)
-    lifecycle.train(run, trainer)
+    lifecycle.fit(run, trainer, callbacks)
     load_best_adapters(run, model)
     final = lifecycle.score_stage(run, "test", evaluate, spec.name, retain=retain)
     return lifecycle.finish(run, spec.name, base, final, trainer, callback, details={"grpo": to_dict(grpo)})
 
 
 if __name__ == "__main__":
-    sys.exit(lifecycle.recipe_cli(RECIPE))
+    sys.exit(recipe_cli(RECIPE))

@@ -35,11 +35,27 @@ def tiny_models(unconfuse_home) -> None:
     prepare(models=TINY_PRESETS)
 
 
-@pytest.fixture()
-def latest_checkpoint_wins(monkeypatch) -> None:
-    """Validation selects the newest evaluation, so tests can assert on trained weights (with random
-    tiny models, step 0 may well score best)."""
-    monkeypatch.setattr("unconfuse.train.callbacks.better", lambda new, old: True)
+@pytest.fixture(scope="session")
+def world_of(tmp_path_factory):
+    """``world_of(pairs)``: a small embedded world of that many pairs (32-px images), built once per session and
+    shared: tests read it and write their runs elsewhere."""
+    from unconfuse.eval.world import WorldConfig, synthesize
+
+    built = {}
+
+    def build(pairs: int):
+        if pairs not in built:
+            built[pairs] = synthesize(WorldConfig(pairs=pairs, bases_per_source=8, corpus_size=10, image_size=32),
+                                      tmp_path_factory.mktemp(f"world{pairs}") / "world")
+        return built[pairs]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def world(world_of):
+    """The 30-pair world most tests train and score on."""
+    return world_of(30)
 
 
 @pytest.fixture(scope="session")

@@ -2,32 +2,22 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from transformers import TrainerCallback
 
-from unconfuse.train.callbacks import PairValidationCallback
 
+class KilledAfterStep(TrainerCallback):
+    """Passed to a recipe's ``main(cfg, callbacks=[...])``: training raises KeyboardInterrupt right after ``step``
+    (its validation done), as a killed job stops; the caller expects that interrupt."""
 
-@contextmanager
-def killed_at_step(monkeypatch, step: int):
-    """Inside the block, training raises KeyboardInterrupt right after ``step`` (its validation
-    and checkpoint done); the block expects that interrupt."""
-    original = PairValidationCallback.on_step_end
+    def __init__(self, step: int):
+        self.step = step
 
-    def on_step_end(self, args, state, control, **kw):
-        result = original(self, args, state, control, **kw)
-        if state.global_step == step:
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
             raise KeyboardInterrupt
-        return result
-
-    monkeypatch.setattr(PairValidationCallback, "on_step_end", on_step_end)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            yield
-    finally:
-        monkeypatch.setattr(PairValidationCallback, "on_step_end", original)
 
 
 def assert_same_answers(got: Path, want: Path) -> None:

@@ -1,4 +1,4 @@
-"""Job functions for tests/test_jobs.py: importable by name (``unconfuse.tests.jobs_work``), so that a
+"""Job functions for tests/test_jobs.py: importable by name (``tests.jobs_work``), so that a
 spawned worker process can run them."""
 import os
 import time

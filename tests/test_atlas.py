@@ -10,12 +10,12 @@ import time
 
 import pytest
 
+from unconfuse.cli.main import main
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.runs import RunResults, write_run_results, write_scored
 from unconfuse.eval.scorer import score
 from unconfuse.eval.tools.atlas import STATUSES, AtlasError, atlas_table, build_atlas, pair_status, write_atlas
 from unconfuse.eval.tools.compare import CompareError
-from unconfuse.train.commands.cli import main
 
 BASELINE_RIGHT = {"s001", "s002"}
 RUN_RIGHT = {"s001", "s003", "s004"}

@@ -59,11 +59,11 @@ def test_base_mllm_learned_what_its_corpus_taught(world):
     from unconfuse.eval.images import load_image
     from unconfuse.eval.models import Query
 
-    adapter, _ = load_model("tiny-llava-base")
+    backend, _ = load_model("tiny-llava-base")
     bench = load_benchmark(world.root / "test")
     pairs = bench.pairs[:20]
     queries = [Query(p.image_1, load_image(bench.resolve_image(p.image_1)), "What imaging modality is shown?") for p in pairs]
-    replies = adapter.generate(queries, max_new_tokens=8)
+    replies = backend.generate(queries, max_new_tokens=8)
     import json
 
     truth = {json.loads(l)["id"]: json.loads(l) for l in (world.root / "test" / "pairs.jsonl").read_text().splitlines()}

@@ -30,8 +30,8 @@ def _unpadded(batch, row=0):
     return batch["input_ids"][row][batch["attention_mask"][row] == 1].tolist()
 
 
-def _bos_count(adapter, ids):
-    bos = adapter.tokenizer.bos_token_id
+def _bos_count(backend, ids):
+    bos = backend.tokenizer.bos_token_id
     return ids.count(bos) if bos is not None else None
 
 

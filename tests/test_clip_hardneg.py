@@ -9,25 +9,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from unconfuse.eval.benchmarks import load_benchmark
+from unconfuse.eval.leakage import LeakageError
 from unconfuse.eval.models import load_model
-from unconfuse.eval.world import WorldConfig, synthesize
 from unconfuse.recipes import clip_hardneg
 from unconfuse.recipes.clip_hardneg import ClipData, ClipHardNegConfig, PairLoss
+from unconfuse.train.config import TrainSettings
 from unconfuse.train.data import ClipCollator, PairBatchSampler, PairItems
 from unconfuse.train.losses import clip_hardneg_loss
-from unconfuse.eval.benchmarks import load_benchmark
-from unconfuse.train.config import TrainSettings
-from unconfuse.train.run import LeakageError
 
-from .interrupt import killed_at_step
+from .interrupt import KilledAfterStep
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthesize(WorldConfig(pairs=42, bases_per_source=8, corpus_size=10, image_size=32),
-                      tmp_path_factory.mktemp("w") / "world")
+def world(world_of):
+    return world_of(42)
 
 
 def config(world, out, **train):
@@ -45,11 +43,11 @@ def _log(run_dir, step):
 
 def first_batch_loss(world, **weights) -> float:
     """Step 1's loss recomputed independently: fresh model, the sampler's first batch, the loss function."""
-    adapter, _ = load_model("tiny-clip", device="cpu")
-    items = PairItems(load_benchmark(str(world.root / "train")), adapter.preprocess)
-    batch = ClipCollator(tokenize=adapter.tokenizer)([items[i] for i in next(iter(PairBatchSampler(len(items) // 2, 4, seed=0)))])
+    backend, _ = load_model("tiny-clip", device="cpu")
+    items = PairItems(load_benchmark(str(world.root / "train")), backend.preprocess)
+    batch = ClipCollator(tokenize=backend.tokenizer)([items[i] for i in next(iter(PairBatchSampler(len(items) // 2, 4, seed=0)))])
     with torch.no_grad():
-        image_features, text_features, logit_scale = adapter.model.train()(batch["pixel_values"], batch["input_ids"])[:3]
+        image_features, text_features, logit_scale = backend.model.train()(batch["pixel_values"], batch["input_ids"])[:3]
         return clip_hardneg_loss(image_features, text_features, logit_scale, batch["text_ids"], batch["partner"],
                                  **weights)["loss"].item()
 
@@ -82,14 +80,14 @@ def test_replay_and_distillation_reach_the_first_steps_loss(world, tmp_path):
     cfg.data.replay, cfg.data.replay_fraction, cfg.data.replay_text = "auto", 0.5, "both"
     cfg.loss.distill_weight = 0.7
     clip_hardneg.main(cfg)
-    adapter, _ = load_model("tiny-clip", device="cpu")
+    backend, _ = load_model("tiny-clip", device="cpu")
     replay = caption_items(load_replay(str(world.replay)), "auto", "both")
-    items = PairItems(load_benchmark(str(world.root / "train")), adapter.preprocess, replay=replay)
+    items = PairItems(load_benchmark(str(world.root / "train")), backend.preprocess, replay=replay)
     sampler = PairBatchSampler((len(items) - len(replay)) // 2, 4, seed=0, replay_items=len(replay), replay_per_batch=8)
-    batch = ClipCollator(tokenize=adapter.tokenizer)([items[i] for i in next(iter(sampler))])
+    batch = ClipCollator(tokenize=backend.tokenizer)([items[i] for i in next(iter(sampler))])
     assert batch["replay"].tolist() == [False] * 8 + [True] * 8
     with torch.no_grad():
-        image, text, scale = adapter.model.train()(batch["pixel_values"], batch["input_ids"])[:3]
+        image, text, scale = backend.model.train()(batch["pixel_values"], batch["input_ids"])[:3]
         parts = clip_hardneg_loss(image, text, scale, batch["text_ids"], batch["partner"], replay=batch["replay"])
         distill = distill_loss(image, text, scale, image, text, scale).item()
     expected = parts["loss"].item() + 0.7 * distill
@@ -109,24 +107,24 @@ def test_lora_reaches_a_modified_resnet_tower(tmp_path):
     from unconfuse.train.config import ConfigError
 
     build_open_clip(tmp_path / "rn", image_size=64, embed_dim=64, vision_width=16, context_length=48, vision_tower="resnet")
-    adapter, spec = load_model(ModelSpec(name="rn", family="open-clip", model_id=f"local-dir:{tmp_path / 'rn'}"), device="cpu")
-    encoder = open_clip_encoder(adapter, spec)
+    backend, spec = load_model(ModelSpec(name="rn", family="open-clip", model_id=f"local-dir:{tmp_path / 'rn'}"), device="cpu")
+    encoder = open_clip_encoder(backend, spec)
     targets = lora_targets(encoder, None)
-    assert targets and all(isinstance(adapter.model.get_submodule(t), torch.nn.Conv2d) for t in targets)
+    assert targets and all(isinstance(backend.model.get_submodule(t), torch.nn.Conv2d) for t in targets)
     assert not any("attnpool" in t for t in targets)
     with pytest.raises(ConfigError, match="visual.attnpool.q_proj: an adapter there would never run"):
         lora_targets(encoder, r"visual\.attnpool\.q_proj")
     freeze(encoder, "lora", EncoderLora(r=2, alpha=4))
-    image, text = encoder.trained(torch.randn(2, 3, 64, 64), adapter.tokenizer(["a", "b"]))[:2]
+    image, text = encoder.trained(torch.randn(2, 3, 64, 64), backend.tokenizer(["a", "b"]))[:2]
     (image @ text.T).sum().backward()
     grads = [p.grad for n, p in encoder.trained.named_parameters() if "lora_" in n]
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
-def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(world, tmp_path, monkeypatch):
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(world, tmp_path):
     full = clip_hardneg.main(config(world, tmp_path / "full", max_steps=8, save_steps=4, eval_steps=4))
-    with killed_at_step(monkeypatch, 6):
-        clip_hardneg.main(config(world, tmp_path / "part", max_steps=8, save_steps=4, eval_steps=4))
+    with pytest.raises(KeyboardInterrupt):
+        clip_hardneg.main(config(world, tmp_path / "part", max_steps=8, save_steps=4, eval_steps=4), callbacks=[KilledAfterStep(6)])
     resumed_cfg = config(world, tmp_path / "part", max_steps=8, save_steps=4, eval_steps=4)
     resumed_cfg.resume_from_checkpoint = "latest"
     resumed = clip_hardneg.main(resumed_cfg)
@@ -181,8 +179,8 @@ def test_locked_text_tower_is_bitwise_unchanged(world, tmp_path):
     cfg = config(world, tmp_path / "run", max_steps=3, eval_steps=3, save_steps=3)
     cfg.trainable = "locked_text"
     clip_hardneg.main(cfg)
-    adapter, _ = load_model("tiny-clip", device="cpu")
-    before = adapter.model.state_dict()
+    backend, _ = load_model("tiny-clip", device="cpu")
+    before = backend.model.state_dict()
     after = load_file(str(tmp_path / "run" / "checkpoints" / "best" / "open_clip_model.safetensors"))
     text = [k for k in before if not k.startswith("visual.") and k != "logit_scale"]
     assert text and all(torch.equal(before[k], after[k]) for k in text)
@@ -216,7 +214,7 @@ def test_wandb_runs_offline_without_a_key(world, tmp_path, monkeypatch):
     cfg.report_to = "wandb"
     clip_hardneg.main(cfg)
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert runs and os.environ["WANDB_MODE"] == "offline"
+    assert runs and "WANDB_MODE" not in os.environ  # offline by wandb.init's mode: the environment is left as it was
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
@@ -225,7 +223,7 @@ def test_wandb_runs_offline_without_a_key(world, tmp_path, monkeypatch):
 def test_two_process_launch_on_cpu(world, tmp_path, launch):
     out = tmp_path / launch
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "unconfuse.train.commands.cli", "train", "clip_hardneg", "--config",
+    cmd = [sys.executable, "-m", "unconfuse.cli", "train", "clip_hardneg", "--config",
            str(REPO / "configs" / "clip_hardneg" / "tiny.yaml"), "--launch", str(REPO / "configs" / "accelerate" / f"{launch}.yaml"),
            "model=tiny-clip", f"output_dir={out}", "report_to=none", "train.max_steps=4", "train.eval_steps=2",
            "train.save_steps=2", "train.logging_steps=1", "train.pairs_per_batch=4", f"data.train={world.root / 'train'}",
@@ -253,12 +251,12 @@ def test_two_process_launch_on_cpu(world, tmp_path, launch):
     assert first_val == json.loads((tmp_path / "single" / "val_history.jsonl").read_text().splitlines()[0])
 
 
-def test_lora_changes_only_the_adapted_vision_linears(world, tmp_path, latest_checkpoint_wins):
-    cfg = config(world, tmp_path / "run", max_steps=3, eval_steps=3, save_steps=3, learning_rate=1e-2)
+def test_lora_changes_only_the_adapted_vision_linears(world, tmp_path):
+    cfg = config(world, tmp_path / "run", max_steps=3, eval_steps=3, save_steps=3, learning_rate=1e-2, selection="last")
     cfg.trainable = "lora"
     results = clip_hardneg.main(cfg)
-    adapter, _ = load_model("tiny-clip", device="cpu")
-    before = adapter.model.state_dict()
+    backend, _ = load_model("tiny-clip", device="cpu")
+    before = backend.model.state_dict()
     after = load_file(str(tmp_path / "run" / "checkpoints" / "best" / "open_clip_model.safetensors"))
     assert set(after) == set(before)  # plain open_clip names: LoRA merged away
     import re
@@ -281,16 +279,16 @@ def test_a_lora_target_that_matches_nothing_is_an_error(world, tmp_path):
 
 
 def test_frozen_vision_tower_encodes_validation_images_once(world, tmp_path, monkeypatch):
-    from unconfuse.eval.models.clip import OpenClipAdapter
+    from unconfuse.eval.models.clip import OpenClipBackend
 
     counts = {"images": 0}
-    original = OpenClipAdapter._encode_images
+    original = OpenClipBackend._encode_images
 
     def counting(self, images):
         counts["images"] += len(images)
         return original(self, images)
 
-    monkeypatch.setattr(OpenClipAdapter, "_encode_images", counting)
+    monkeypatch.setattr(OpenClipBackend, "_encode_images", counting)
     n_val = len(load_benchmark(str(world.root / "val")).unique_images())
     n_test = len(load_benchmark(str(world.root / "test")).unique_images())
     runs = {}
@@ -306,16 +304,16 @@ def test_frozen_vision_tower_encodes_validation_images_once(world, tmp_path, mon
 
 
 @pytest.mark.parametrize("trainable", ["full", "lora"])
-def test_transformers_clip_trains_through_the_same_recipe(world, tmp_path, trainable, latest_checkpoint_wins):
-    cfg = config(world, tmp_path / "run", max_steps=3, eval_steps=3, save_steps=3, learning_rate=1e-2)
+def test_transformers_clip_trains_through_the_same_recipe(world, tmp_path, trainable):
+    cfg = config(world, tmp_path / "run", max_steps=3, eval_steps=3, save_steps=3, learning_rate=1e-2, selection="last")
     cfg.model, cfg.trainable = "tiny-hf-clip", trainable
     results = clip_hardneg.main(cfg)
     best = tmp_path / "run" / "checkpoints" / "best"
     assert (best / "config.json").exists() and (best / "model.safetensors").exists()
-    adapter, spec = load_model(str(best), device="cpu")  # what `unconfuse eval --model DIR` does
+    backend, spec = load_model(str(best), device="cpu")  # what `unconfuse eval --model DIR` does
     assert spec.family == "hf-clip" and results.final["n_pairs"] == len(load_benchmark(str(world.root / "test")).pairs)
     before, _ = load_model("tiny-hf-clip", device="cpu")
-    changed = [k for k, v in before.model.state_dict().items() if not torch.equal(v, adapter.model.state_dict()[k])]
+    changed = [k for k, v in before.model.state_dict().items() if not torch.equal(v, backend.model.state_dict()[k])]
     assert results.best_step == 3 and changed
     if trainable == "lora":
         assert all("vision_model" in k for k in changed)

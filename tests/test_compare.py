@@ -1,14 +1,13 @@
 """`unconfuse compare` on fake run directories whose numbers are known by construction."""
 import csv
 import json
-
 from pathlib import Path
 
 import pytest
 
+from unconfuse.cli.main import main
 from unconfuse.eval.runs import RunResults, write_run_results
 from unconfuse.eval.tools.compare import CompareError, run_compare
-from unconfuse.train.commands.cli import main
 
 N_PAIRS = 8
 

@@ -11,9 +11,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from unconfuse.cli.main import main
 from unconfuse.eval.convert import LLAVA_MED_CHAT_TEMPLATE
 from unconfuse.eval.world.tiny import write_llava_med_original
-from unconfuse.train.commands.cli import main
 
 VISION = "model.vision_tower.vision_tower.vision_model."
 
@@ -208,24 +208,24 @@ def test_the_chat_template_renders_llava_meds_mistral_instruct(converted):
 
 
 def test_the_eval_adapter_asks_as_llava_med_does(converted, unconfuse_home):
-    """The preset twin (tiny-llava-med, built by the same converter) through eval's adapter and the
+    """The preset twin (tiny-llava-med, built by the same converter) through eval's backend and the
     reference's llava_med prompt: LLaVA-Med's text after one BOS, the reply scored as LLaVA-Med's "▁A"."""
     from unconfuse.eval.models import Query, load_model
     from unconfuse.eval.prompts import load_prompts
     from unconfuse.eval.world import prepare
 
     prepare(models=["tiny-llava-med"])
-    adapter, spec = load_model("tiny-llava-med", device="cpu")
+    backend, spec = load_model("tiny-llava-med", device="cpu")
     assert spec.prompt_key == "llava_med"
     prompt = load_prompts().render("mc", "Which side is the lesion on?", ("left", "right"), key=spec.prompt_key)
     assert prompt.endswith("Answer: ")
-    assert adapter.render(prompt) == adapter.tokenizer.bos_token + llava_med_prompt(
+    assert backend.render(prompt) == backend.tokenizer.bos_token + llava_med_prompt(
         [("USER", "<image>\n" + prompt), ("ASSISTANT", None)])
     query = Query("img", Image.new("RGB", (40, 24), (90, 90, 90)), prompt, ("left", "right"), {})
-    ids = adapter._inputs([query])["input_ids"][0].tolist()
-    assert ids.count(adapter.tokenizer.bos_token_id) == 1 and ids[0] == adapter.tokenizer.bos_token_id
-    letters = adapter.letter_token_ids(("A", "B"), query)
-    assert adapter.tokenizer.convert_ids_to_tokens(letters) == ["▁A", "▁B"]  # as the reference's encode("A")
+    ids = backend._inputs([query])["input_ids"][0].tolist()
+    assert ids.count(backend.tokenizer.bos_token_id) == 1 and ids[0] == backend.tokenizer.bos_token_id
+    letters = backend.letter_token_ids(("A", "B"), query)
+    assert backend.tokenizer.convert_ids_to_tokens(letters) == ["▁A", "▁B"]  # as the reference's encode("A")
 
 
 def test_assistant_replies_are_marked_for_assistant_only_loss(converted):

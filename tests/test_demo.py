@@ -4,16 +4,17 @@ import json
 
 import pytest
 
+from unconfuse.cli.main import main
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.world import default_world
-from unconfuse.train.commands.cli import main
 
 
 @pytest.mark.slow
-def test_demo_trains_and_shows_a_real_gain(tmp_path, capsys, monkeypatch):
+def test_demo_trains_and_shows_a_real_gain(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert main(["demo", "--out", str(tmp_path), "--mllm-steps", "20"]) == 0
-    printed = capsys.readouterr().out
+    compared = {name: {r["strategy"]: r for r in csv.DictReader((tmp_path / name / "comparison.csv").open()) if r["row"] == "run"}
+                for name in ("compare-encoder", "compare-mllm")}
     test = load_benchmark(default_world().root / "test")
     replay = json.loads((tmp_path / "clip_hardneg" / "results.json").read_text())
     old = json.loads((tmp_path / "clip_hardneg-old" / "results.json").read_text())
@@ -22,8 +23,7 @@ def test_demo_trains_and_shows_a_real_gain(tmp_path, capsys, monkeypatch):
     assert replay["final"]["n_pairs"] == len(test.pairs) and replay["details"]["replay"]["per_batch"] == 32
     assert old["details"]["replay"]["per_batch"] == 0 and wise["details"]["interpolation"]["selection"] == "set_accuracy_with_retention_floor"
     # the improvement is real: the paired CI of the set-accuracy gain excludes zero
-    line = next(l for l in printed.splitlines() if l.startswith("clip_hardneg (replay): set accuracy"))
-    low = float(line.split("95% CI [")[1].split(",")[0])
+    low = float(compared["compare-encoder"]["hardneg+replay"]["set_accuracy_diff_ci_low"])
     assert low > 0 and replay["final"]["set_accuracy"] > replay["base"]["set_accuracy"]
     assert replay["final"]["confusion"] < replay["base"]["confusion"]
     # and it keeps what the base knew far better than the old recipe
@@ -32,8 +32,7 @@ def test_demo_trains_and_shows_a_real_gain(tmp_path, capsys, monkeypatch):
     report = (tmp_path / "report.md").read_text()
     assert "| clip_hardneg (replay) |" in report and "McNemar" in report and (tmp_path / "validation.png").stat().st_size > 10_000
     assert "clip_hardneg-old-wise/pareto.png" in report and (tmp_path / "clip_hardneg-old-wise" / "pareto.png").stat().st_size > 10_000
-    row = next(l for l in printed.splitlines() if l.startswith("clip_hardneg (replay) "))
-    assert f"{replay['final']['set_accuracy']:5.1f}" in row
+    assert f"| clip_hardneg (replay) | {replay['final']['set_accuracy']:.1f} [" in report
     # act 2: the MLLM recipes ran on the same test pairs, from the same base; grpo started from the shipped sft
     sft_old = json.loads((tmp_path / "mllm_sft-old" / "results.json").read_text())
     sft = json.loads((tmp_path / "mllm_sft" / "results.json").read_text())
@@ -61,11 +60,9 @@ def test_demo_trains_and_shows_a_real_gain(tmp_path, capsys, monkeypatch):
     # the demo ends with `unconfuse compare`, whose rescoring agrees with each recipe's own test score
     for name, runs in (("compare-encoder", {"hardneg": old, "hardneg+replay": replay, "hardneg+wise-ft": wise}),
                        ("compare-mllm", {"sft-lr1e-3": sft_old, "sft": sft, "grpo": grpo})):
-        table = {r["strategy"]: r for r in csv.DictReader((tmp_path / name / "comparison.csv").open()) if r["row"] == "run"}
         for strategy, res in runs.items():
-            assert float(table[strategy]["set_accuracy"]) == round(res["final"]["set_accuracy"], 4)
-            assert float(table[strategy]["confusion"]) == round(res["final"]["confusion"], 4)
-    assert "$ unconfuse compare" in printed
+            assert float(compared[name][strategy]["set_accuracy"]) == round(res["final"]["set_accuracy"], 4)
+            assert float(compared[name][strategy]["confusion"]) == round(res["final"]["confusion"], 4)
 
 
 @pytest.mark.slow  # spawns the demo's two workers

@@ -7,8 +7,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 import numpy as np
 from PIL import Image
 
+from unconfuse.cli.main import main
 from unconfuse.eval.download import DownloadConfig, download
-from unconfuse.train.commands.cli import main
 
 from .http_stub import CUT, StubServer
 
@@ -139,8 +139,8 @@ def test_download_command_exits_non_zero_and_keeps_what_succeeded(tmp_path, caps
     assert "4.jpg <- http://127.0.0.1" in err and "/bucket/PMC300.1/flaky.jpg: HTTP 503 after 2 attempts" in err
     assert "gone.jpg is in no version of PMC500" in err
     assert sorted(p.name for p in (tmp_path / "mc" / "images").glob("*.jpg")) == ["1.jpg", "2.jpg", "3.jpg", "7.jpg", "8.jpg"]  # broken once: one retry is enough
-    from unconfuse.eval.images import check_images
     from unconfuse.eval.benchmarks import load_benchmark
+    from unconfuse.eval.images import check_images
 
     bench = load_benchmark(tmp_path / "mc")
     assert bench.pairs[0].image_1 == "1.jpg" and not check_images(bench)

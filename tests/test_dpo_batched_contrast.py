@@ -6,10 +6,9 @@ import math
 import pytest
 import torch
 
+from bench.dpo_reference import collate, pair_examples, pair_trainer, partner_pixels, separate_loss
 from unconfuse.eval.models import load_model
 from unconfuse.recipes import mllm_dpo
-
-from .dpo_reference import collate, pair_examples, pair_trainer, partner_pixels, separate_loss
 
 PAIRS = 2  # rows: [2 pairs' chosen; their rejected] = 8
 
@@ -40,8 +39,8 @@ def row_images(inputs, index: torch.Tensor) -> dict[str, torch.Tensor]:
 def test_batched_term_equals_separate_forwards(model_name, tmp_path):
     """LLaVA (pixel rows), Qwen2.5-VL (patch chunks + image_grid_thw), LLaVA-NeXT (tiles + image_sizes),
     Gemma 3 (token_type_ids); pairs of two sizes in the batch. Loss, term, DPO metrics and gradients match."""
-    adapter, _ = load_model(model_name, device="cpu")
-    trainer = pair_trainer(adapter, tmp_path, weight=1.0, pairs_per_batch=PAIRS, beta=1.0)
+    backend, _ = load_model(model_name, device="cpu")
+    trainer = pair_trainer(backend, tmp_path, weight=1.0, pairs_per_batch=PAIRS, beta=1.0)
     model = trainer.model
     batch = collate(trainer, pair_examples(PAIRS))
 
@@ -85,8 +84,8 @@ def test_batched_term_equals_separate_forwards(model_name, tmp_path):
 
 
 def test_weight_zero_is_plain_dpo(tmp_path, monkeypatch):
-    adapter, _ = load_model("tiny-llava", device="cpu")
-    trainer = pair_trainer(adapter, tmp_path, weight=0.0, pairs_per_batch=PAIRS)
+    backend, _ = load_model("tiny-llava", device="cpu")
+    trainer = pair_trainer(backend, tmp_path, weight=0.0, pairs_per_batch=PAIRS)
     monkeypatch.setattr(mllm_dpo, "partner_rows", None)  # never reached
     forwards, handle = forward_rows(trainer.model)
     trainer.compute_loss(trainer.model, collate(trainer, pair_examples(PAIRS)))
@@ -98,8 +97,8 @@ def test_the_term_reads_the_partner_image_rows(tmp_path, monkeypatch):
     """The comparison can fail: read off the wrong rows, the term moves far from the separate forwards'.
     The chosen rows themselves (own image as "partner") cancel to exactly log 2; the partner's chosen rows
     (partner image, but the partner's answer) give another value."""
-    adapter, _ = load_model("tiny-llava", device="cpu")
-    trainer = pair_trainer(adapter, tmp_path, weight=1.0, pairs_per_batch=PAIRS, beta=1.0)
+    backend, _ = load_model("tiny-llava", device="cpu")
+    trainer = pair_trainer(backend, tmp_path, weight=1.0, pairs_per_batch=PAIRS, beta=1.0)
     batch = collate(trainer, pair_examples(PAIRS))
     rows = 2 * PAIRS
     with torch.no_grad():

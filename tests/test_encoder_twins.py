@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from bench.twin_inputs import blocky_image, question_rows
 from unconfuse.eval.models import Query, load_model
 from unconfuse.eval.prompts import load_prompts
-from unconfuse.eval.world import WorldConfig, prepare, synthesize
+from unconfuse.eval.world import prepare
+from unconfuse.recipes import run_recipe
 from unconfuse.recipes.clip_hardneg import hf_clip_encoder, lora_targets, open_clip_encoder
-from unconfuse.train.run import run_recipe
-
-from .twin_inputs import blocky_image, question_rows
 
 REPO = Path(__file__).resolve().parents[1]
 # recipe runs: BiomedCLIP's in the fast lane, the others slow (the last two also train in test_clip_hardneg.py)
@@ -62,9 +61,9 @@ def _is_vision(key: str) -> bool:
 @pytest.fixture(scope="module", params=TWINS)
 def twin(request):
     prepare(models=[request.param])
-    adapter, spec = load_model(request.param, device="cpu")
+    backend, spec = load_model(request.param, device="cpu")
     assert spec.is_encoder
-    return request.param, adapter, spec
+    return request.param, backend, spec
 
 
 def _queries(swap=False):
@@ -76,17 +75,17 @@ def _queries(swap=False):
 
 
 def test_twin_images_move_the_scores_and_batching_changes_nothing(twin):
-    name, adapter, _ = twin
-    adapter.clear_cache()
+    name, backend, _ = twin
+    backend.clear_cache()
     queries, texts = _queries()
-    together = adapter.similarities(queries, texts)
+    together = backend.similarities(queries, texts)
     alone = []
     for query, row in zip(queries, texts):
-        adapter.clear_cache()
-        alone += adapter.similarities([query], [row])
+        backend.clear_cache()
+        alone += backend.similarities([query], [row])
     assert np.allclose(together, alone, atol=PARITY, rtol=0)
-    adapter.clear_cache()
-    swapped = adapter.similarities(*_queries(swap=True))
+    backend.clear_cache()
+    swapped = backend.similarities(*_queries(swap=True))
     moved = np.abs(np.array(swapped) - np.array(together))
     assert moved.max() >= SWAP, (name, moved)
     # and the options' order can change with the image: the margin between them moves too
@@ -95,8 +94,8 @@ def test_twin_images_move_the_scores_and_batching_changes_nothing(twin):
 
 
 def test_lora_targets_are_the_vision_towers_linear_layers(twin):
-    name, adapter, spec = twin
-    encoder = (open_clip_encoder if spec.family == "open-clip" else hf_clip_encoder)(adapter, spec)
+    name, backend, spec = twin
+    encoder = (open_clip_encoder if spec.family == "open-clip" else hf_clip_encoder)(backend, spec)
     assert sorted(lora_targets(encoder, None)) == sorted(LORA_TARGETS[name])
 
 
@@ -137,30 +136,29 @@ def test_pmc_clip_twin_has_vit_l_14s_config_keys():
 
 def test_siglip_twin_has_the_real_processor_classes():
     prepare(models=["tiny-siglip"])
-    adapter, _ = load_model("tiny-siglip", device="cpu")
-    processor = adapter.processor
-    assert [type(x).__name__ for x in (adapter.model, processor, processor.tokenizer, processor.image_processor)] == [
+    backend, _ = load_model("tiny-siglip", device="cpu")
+    processor = backend.processor
+    assert [type(x).__name__ for x in (backend.model, processor, processor.tokenizer, processor.image_processor)] == [
         "SiglipModel", "SiglipProcessor", "SiglipTokenizer", "SiglipImageProcessor"]
-    ids = processor(text=["Left.", "Which side is the lesion on?"], padding=adapter.text_padding,
+    ids = processor(text=["Left.", "Which side is the lesion on?"], padding=backend.text_padding,
                     return_tensors="pt")["input_ids"]
     assert ids.shape == (2, 64) and (ids[:, -1] == processor.tokenizer.pad_token_id).all()
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthesize(WorldConfig(pairs=16, bases_per_source=8, corpus_size=10, image_size=32),
-                      tmp_path_factory.mktemp("w") / "world")
+def world(world_of):
+    return world_of(16)
 
 
 @pytest.mark.parametrize("trainable", ["lora", "locked_text"])
 @pytest.mark.parametrize("name", [TWINS[0], *(pytest.param(name, marks=pytest.mark.slow) for name in TWINS[1:])])
-def test_clip_hardneg_trains_every_twin(name, trainable, world, tmp_path, latest_checkpoint_wins):
+def test_clip_hardneg_trains_every_twin(name, trainable, world, tmp_path):
     """Two steps; the best checkpoint (step 2) holds exactly the trained change and loads as `unconfuse eval` loads it."""
     out = tmp_path / "run"
     results = run_recipe("clip_hardneg", str(REPO / "configs" / "clip_hardneg" / "tiny.yaml"), [
         f"model={name}", f"trainable={trainable}", f"output_dir={out}", "report_to=none", "train.max_steps=2",
         "train.eval_steps=2", "train.save_steps=2", "train.logging_steps=1", "train.pairs_per_batch=2",
-        "train.warmup_steps=0", "train.learning_rate=0.001", *(f"data.{s}={world.root / s}" for s in ("train", "val", "test"))])
+        "train.warmup_steps=0", "train.learning_rate=0.001", "train.selection=last", *(f"data.{s}={world.root / s}" for s in ("train", "val", "test"))])
     state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert results.steps == 2 and results.best_step == 2 and len(losses) == 2

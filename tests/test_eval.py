@@ -4,11 +4,11 @@ import shutil
 
 import pytest
 
+from unconfuse.cli.main import main
 from unconfuse.eval import runner
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.runner import EvalConfig, run_eval
 from unconfuse.eval.scorer import read_predictions, resolve_answers, score
-from unconfuse.train.commands.cli import main
 
 from .http_stub import StubServer
 
@@ -66,9 +66,9 @@ def test_interrupted_eval_resumes_to_the_same_results(tmp_path, sample_bench, mo
 
     counted = {"pairs": 0}
 
-    def counting(adapter, spec, cfg, prompts, bench, pairs, judge=None):
+    def counting(backend, spec, cfg, prompts, bench, pairs, judge=None):
         counted["pairs"] += len(pairs)
-        return real(adapter, spec, cfg, prompts, bench, pairs, judge)
+        return real(backend, spec, cfg, prompts, bench, pairs, judge)
 
     monkeypatch.setattr(runner, "answer_pairs", counting)
     run_eval(EvalConfig(model=model, mode=mode, benchmark=str(sample_bench), out=str(part), batch_size=2, progress=False))
@@ -184,8 +184,8 @@ def test_rescoring_mc_output_with_the_reference_parser(tmp_path, sample_bench, c
 def test_eval_options_come_from_the_config_fields(tmp_path, monkeypatch, capsys):
     import dataclasses
 
+    from unconfuse.cli.main import build_parser
     from unconfuse.eval.options import config_from_args
-    from unconfuse.train.commands.cli import build_parser
 
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: each help text on one line
     with pytest.raises(SystemExit) as exit_:
@@ -198,7 +198,7 @@ def test_eval_options_come_from_the_config_fields(tmp_path, monkeypatch, capsys)
             assert f"--{f.name.replace('_', '-')}" in usage, f.name
     assert "--quiet" in usage
     required = ["--model", "tiny-llava", "--mode", "greedy", "--benchmark", "b", "--out", str(tmp_path)]
-    for bad in (["--batch-size", "many"], ["--mode", "sing"], ["--parser", "loose"], ["--tr", "x"]):
+    for bad in (["--batch-size", "many"], ["--mode", "sing"], ["--parser", "loose"], ["--judge-margin", "x"]):
         with pytest.raises(SystemExit) as exit_:
             main(["eval", *required, *bad])
         assert exit_.value.code == 2, bad
@@ -206,9 +206,9 @@ def test_eval_options_come_from_the_config_fields(tmp_path, monkeypatch, capsys)
     # defaults are the config's; flags map onto their fields
     args = build_parser().parse_args(["eval", *required])
     assert config_from_args(EvalConfig, args) == EvalConfig("tiny-llava", "greedy", "b", str(tmp_path))
-    args = build_parser().parse_args(["eval", *required, "--batch-size", "3", "--quiet", "--trust-remote-code", "--tr", "2"])
+    args = build_parser().parse_args(["eval", *required, "--batch-size", "3", "--quiet", "--trust-remote-code", "--judge-margin", "2"])
     cfg = config_from_args(EvalConfig, args)
-    assert (cfg.batch_size, cfg.progress, cfg.trust_remote_code, cfg.tr) == (3, False, True, 2.0)
+    assert (cfg.batch_size, cfg.progress, cfg.trust_remote_code, cfg.judge_margin) == (3, False, True, 2.0)
 
 
 def test_judge_requests_retry_transient_failures_only():

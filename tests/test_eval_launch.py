@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from unconfuse.cli.main import main
 from unconfuse.eval import runner
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.launch import accelerate_launch
 from unconfuse.eval.pairs import Benchmark, Pair
 from unconfuse.eval.runner import EvalConfig, assign_chunks, gather_predictions, part_path, run_eval
 from unconfuse.eval.splits import image_key
-from unconfuse.train.commands.cli import main
 
 from .interrupt import assert_same_answers
 from .stopping_eval import STOP_RANK_ENV
@@ -132,22 +132,22 @@ def test_gathering_orders_as_one_process_keeps_lines_and_drops_torn_ones(tmp_pat
 
 
 def test_the_launched_processes_get_the_command_line_the_user_typed(tmp_path, monkeypatch):
+    from unconfuse.cli.eval import EVAL_FLAGS
+    from unconfuse.cli.main import build_parser
     from unconfuse.eval.options import config_from_args, config_to_argv
-    from unconfuse.eval.tools.cli import QUIET
-    from unconfuse.train.commands.cli import build_parser
 
     launched = {}
-    monkeypatch.setattr("unconfuse.eval.tools.cli.accelerate_launch", lambda module, config, argv: launched.update(
+    monkeypatch.setattr("unconfuse.cli.eval.accelerate_launch", lambda module, config, argv: launched.update(
         config=str(config), module=module, argv=argv) or 0)
     typed = ["--model", "tiny-llava", "--mode", "prefix", "--benchmark", "b", "--out", str(tmp_path), "--batch-size", "3",
-             "--quiet", "--trust-remote-code", "--tr", "2.5", "--device", "cpu", "--force"]
+             "--quiet", "--trust-remote-code", "--judge-margin", "2.5", "--device", "cpu", "--force"]
     assert main(["eval", *typed, "--launch", DDP]) == 0
-    assert launched["config"] == DDP and launched["module"] == "unconfuse.eval.tools.cli"
+    assert launched["config"] == DDP and launched["module"] == "unconfuse.cli.eval"
     cfg = config_from_args(EvalConfig, build_parser().parse_args(["eval", *typed]))
-    assert launched["argv"] == ["eval", *config_to_argv(cfg, flags={"progress": QUIET})]
+    assert launched["argv"] == ["eval", *config_to_argv(cfg, flags=EVAL_FLAGS)]
     assert config_from_args(EvalConfig, build_parser().parse_args(launched["argv"])) == cfg
     assert config_from_args(EvalConfig, build_parser().parse_args(
-        ["eval", *config_to_argv(EvalConfig("m", "mc", "b", "o"), flags={"progress": QUIET})])) == EvalConfig("m", "mc", "b", "o")
+        ["eval", *config_to_argv(EvalConfig("m", "mc", "b", "o"), flags=EVAL_FLAGS)])) == EvalConfig("m", "mc", "b", "o")
 
 
 def test_a_deepspeed_or_missing_launch_config_exits_2(tmp_path, sample_bench, capsys):
@@ -168,7 +168,7 @@ def test_a_deepspeed_or_missing_launch_config_exits_2(tmp_path, sample_bench, ca
 def test_two_processes_write_what_one_process_writes(tmp_path, sample_bench, model, mode, batch_size):
     one_process_run(model, mode, sample_bench, tmp_path / "one", batch_size)
     two = tmp_path / "two"
-    done = subprocess.run([sys.executable, "-m", "unconfuse.train.commands.cli",
+    done = subprocess.run([sys.executable, "-m", "unconfuse.cli",
                            *eval_args(model, mode, sample_bench, two, batch_size), "--launch", DDP],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -185,7 +185,7 @@ def test_a_killed_launch_loses_one_batch_and_resumes_in_one_process(tmp_path, sa
     one_process_run("tiny-llava", "greedy", sample_bench, tmp_path / "one", 1)
     out = tmp_path / "killed"
     monkeypatch.setenv(STOP_RANK_ENV, "1")
-    assert accelerate_launch("unconfuse.tests.stopping_eval", DDP, eval_args("tiny-llava", "greedy", sample_bench, out, 1)) != 0
+    assert accelerate_launch("tests.stopping_eval", DDP, eval_args("tiny-llava", "greedy", sample_bench, out, 1)) != 0
     monkeypatch.delenv(STOP_RANK_ENV)
     # process 1 (batches s002, s003, s004) answered s002, then died writing s003; process 0 was stopped wherever it was
     *whole, torn = part_path(out, 1).read_text().split("\n")
@@ -197,9 +197,9 @@ def test_a_killed_launch_loses_one_batch_and_resumes_in_one_process(tmp_path, sa
     counted = {"pairs": 0}
     real = runner.answer_pairs
 
-    def counting(adapter, spec, cfg, prompts, bench, pairs, judge=None):
+    def counting(backend, spec, cfg, prompts, bench, pairs, judge=None):
         counted["pairs"] += len(pairs)
-        return real(adapter, spec, cfg, prompts, bench, pairs, judge)
+        return real(backend, spec, cfg, prompts, bench, pairs, judge)
 
     monkeypatch.setattr(runner, "answer_pairs", counting)
     one_process_run("tiny-llava", "greedy", sample_bench, out, 1)  # another process count resumes it
@@ -227,7 +227,7 @@ def test_a_launch_resumes_from_what_every_earlier_process_wrote(tmp_path, sample
     alone = tmp_path / "resumed-alone"
     shutil.copytree(out, alone)
     one_process_run("tiny-clip", "clip", sample_bench, alone, 1)
-    done = subprocess.run([sys.executable, "-m", "unconfuse.train.commands.cli",
+    done = subprocess.run([sys.executable, "-m", "unconfuse.cli",
                            *eval_args("tiny-clip", "clip", sample_bench, out, 1), "--launch", DDP],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from unconfuse.cli.main import main
 from unconfuse.eval import runner
 from unconfuse.eval.images import check_images
 from unconfuse.eval.pairs import Benchmark, Pair
 from unconfuse.eval.runner import EvalConfig, run_eval
 from unconfuse.eval.scorer import PredictionsError, read_predictions
-from unconfuse.train.commands.cli import main
 
 
 def _noise(path: Path, seed: int = 0, size: int = 64, fmt: str | None = None) -> np.ndarray:
@@ -127,7 +127,7 @@ def _leak_folders(tmp_path):
 
 
 def test_reencoded_copy_of_a_training_image_is_a_leak(tmp_path):
-    from unconfuse.train.run import LeakageError, check_leakage
+    from unconfuse.eval.leakage import LeakageError, check_leakage
 
     train, test = _leak_folders(tmp_path)
     pixels = np.asarray(Image.open(train / "t0.png"))
@@ -152,7 +152,7 @@ def _text_chunk():
 
 
 def test_near_duplicates_are_reported_not_fatal(tmp_path):
-    from unconfuse.train.run import check_leakage
+    from unconfuse.eval.leakage import check_leakage
 
     train, test = _leak_folders(tmp_path)
     # a slightly brighter copy of a training image: other pixels, the same perceptual hash
@@ -337,7 +337,7 @@ def _checkpoint(root: Path, step: int, state: str | None = '{"global_step": 1}',
 
 
 def test_latest_skips_checkpoints_a_killed_save_left_behind(tmp_path, capsys):
-    from unconfuse.train.run import train
+    from unconfuse.train.lifecycle import fit
 
     root = tmp_path / "run" / "checkpoints"
     _checkpoint(root, 2, weights="adapter_model.safetensors")
@@ -356,13 +356,13 @@ def test_latest_skips_checkpoints_a_killed_save_left_behind(tmp_path, capsys):
                               train=lambda **kw: calls.append(kw),
                               accelerator=SimpleNamespace(wait_for_everyone=lambda: None))
     cfg = SimpleNamespace(resume_from_checkpoint="auto", train=SimpleNamespace(learning_rate=1e-4, max_steps=20))
-    train(SimpleNamespace(cfg=cfg, dir=tmp_path / "run", is_main=True), trainer)
+    fit(SimpleNamespace(cfg=cfg, dir=tmp_path / "run", is_main=True), trainer)
     assert calls == [{"resume_from_checkpoint": str(good)}]
     err = capsys.readouterr().err
     assert all(f"skipping {root / f'checkpoint-{n}'}" in err for n in (12, 14, 16, 18))
 
     shutil.rmtree(root)
     _checkpoint(root, 4, state=None)  # nothing complete: train from the start, and say so
-    train(SimpleNamespace(cfg=cfg, dir=tmp_path / "run", is_main=True), trainer)
+    fit(SimpleNamespace(cfg=cfg, dir=tmp_path / "run", is_main=True), trainer)
     assert calls[-1] == {"resume_from_checkpoint": None}
     assert "no complete checkpoint" in capsys.readouterr().err

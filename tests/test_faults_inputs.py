@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from unconfuse.cli.main import main
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.io import atomic_folder, atomic_write_json
 from unconfuse.eval.pairs import BenchmarkError
-from unconfuse.eval.world import WorldConfig, synthesize
-from unconfuse.train.commands.cli import main
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthesize(WorldConfig(pairs=30, bases_per_source=8, corpus_size=10, image_size=32),
-                      tmp_path_factory.mktemp("w") / "world")
 
 
 def train(world, out: Path, *extra: str, data: Path | None = None) -> list[str]:

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from unconfuse.cli.main import main
 from unconfuse.eval import models
 from unconfuse.eval.benchmarks import BenchmarkError, load_benchmark
 from unconfuse.eval.models import ModelLoadError, resolve_model
 from unconfuse.eval.pairs import Pair
 from unconfuse.eval.scorer import compare, render_report, score, score_table
-from unconfuse.eval.world import WorldConfig, synthesize
 from unconfuse.train.callbacks import NonFiniteError, NonFiniteGuard
-from unconfuse.train.commands.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 NAN, INF = float("nan"), float("inf")
@@ -29,12 +28,6 @@ def one_error_line(capsys) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Non-finite training
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthesize(WorldConfig(pairs=30, bases_per_source=8, corpus_size=10, image_size=32),
-                      tmp_path_factory.mktemp("w") / "world")
 
 
 def diverging(recipe: str, world, out: Path | None, learning_rate: str) -> list[str]:
@@ -93,6 +86,7 @@ def test_non_finite_gradient_stops_before_the_optimizer_step(tmp_path):
 
     for step, complete in ((3, True), (4, False)):  # checkpoint-4 was cut off mid-save: no trainer_state.json
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
         if complete:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     model = torch.nn.Linear(2, 2)
@@ -115,7 +109,7 @@ def test_non_finite_gradient_stops_before_the_optimizer_step(tmp_path):
 
 
 class NanScores:
-    """An adapter whose scores for the first image of every pair are NaN or infinite."""
+    """A backend whose scores for the first image of every pair are NaN or infinite."""
 
     def _scores(self, queries):
         bad = [(NAN, 0.0), (0.0, INF), (-INF, -INF), (NAN, NAN)]

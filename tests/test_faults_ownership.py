@@ -8,18 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from unconfuse.eval.world import WorldConfig, synthesize
-from unconfuse.train.commands.cli import main
+from unconfuse.cli.main import main
 
 from .interrupt import assert_same_answers
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthesize(WorldConfig(pairs=30, bases_per_source=8, corpus_size=10, image_size=32),
-                      tmp_path_factory.mktemp("w") / "world")
 
 
 def _eval(bench, out, model="tiny-clip", *extra):
@@ -29,7 +22,7 @@ def _eval(bench, out, model="tiny-clip", *extra):
 def test_a_second_writer_is_refused_naming_the_holder(world, tmp_path, capsys):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from unconfuse.eval.io import owned_folder\n"
+        "import sys, time; from unconfuse.eval.folders import owned_folder\n"
         f"with owned_folder({str(out)!r}, {{'command': 'eval'}}):\n"
         "    print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
     try:

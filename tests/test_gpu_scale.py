@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from unconfuse.bench import gpu_scale
+from bench import gpu_scale
 
 
 @pytest.mark.slow

@@ -7,21 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from unconfuse.cli import interpolate as interp
 from unconfuse.eval.benchmarks import load_benchmark
+from unconfuse.eval.evaluation import predict
 from unconfuse.eval.prompts import load_prompts
 from unconfuse.eval.retention import answer_encoder, answer_mllm, load_retention
-from unconfuse.eval.world import WorldConfig, synthesize
-from unconfuse.train.callbacks import predict
-from unconfuse.train.commands import interpolate as interp
 from unconfuse.train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthesize(WorldConfig(pairs=30, bases_per_source=8, corpus_size=10, image_size=32),
-                      tmp_path_factory.mktemp("w") / "world")
 
 
 def _train(recipe: str, world, out: Path, model: str, steps: int = 3):
@@ -31,7 +24,7 @@ def _train(recipe: str, world, out: Path, model: str, steps: int = 3):
     overrides = [f"output_dir={out}", "report_to=none", f"model={model}", f"data.train={world.root / 'train'}",
                  f"data.val={world.root / 'val'}", f"data.test={world.root / 'test'}", f"train.max_steps={steps}",
                  "train.pairs_per_batch=2", "train.warmup_steps=0", f"train.eval_steps={steps}",
-                 f"train.save_steps={steps}", "train.learning_rate=1e-2"]
+                 f"train.save_steps={steps}", "train.learning_rate=1e-2", "train.selection=last"]
     if recipe != "clip_hardneg":
         overrides += ["val_mode=greedy", "test_modes=[greedy]", "lora.dropout=0"]
     return module.main(load_config(module.CONFIG_CLASS, None, overrides))
@@ -43,8 +36,7 @@ def _predictions(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("recipe, model, weights", [("clip_hardneg", "tiny-clip", interp.EncoderWeights),
                                                     ("mllm_sft", "tiny-llava", interp.AdapterWeights)])
-def test_alpha_0_and_1_reproduce_the_base_and_the_run_exactly(recipe, model, weights, world, tmp_path,
-                                                              latest_checkpoint_wins):
+def test_alpha_0_and_1_reproduce_the_base_and_the_run_exactly(recipe, model, weights, world, tmp_path):
     from unconfuse.recipes import recipe_module
 
     run = _train(recipe, world, tmp_path / "run", model)
@@ -56,11 +48,11 @@ def test_alpha_0_and_1_reproduce_the_base_and_the_run_exactly(recipe, model, wei
 
     def retain(rset):
         if recipe == "clip_hardneg":
-            return answer_encoder(blend.adapter, rset, load_prompts().template("clip", blend.spec.clip_prompt))
-        return answer_mllm(blend.adapter, rset, cfg.data.retention_mode, batch=2 * cfg.val_batch_pairs)
+            return answer_encoder(blend.backend, rset, load_prompts().template("clip", blend.spec.clip_prompt))
+        return answer_mllm(blend.backend, rset, cfg.data.retention_mode, batch=2 * cfg.val_batch_pairs)
 
     def score(mode):
-        return predict(blend.adapter, blend.spec, mode, test, load_prompts(), cfg.val_batch_pairs), None
+        return predict(blend.backend, blend.spec, mode, test, load_prompts(), cfg.val_batch_pairs), None
 
     sides = {alpha: interp.score_test_side(blend, alpha, retention, [run.mode], score, retain) for alpha in (0.0, 1.0, 0.5)}
     for alpha, stage in ((0.0, "base"), (1.0, "test")):
@@ -70,15 +62,14 @@ def test_alpha_0_and_1_reproduce_the_base_and_the_run_exactly(recipe, model, wei
     assert sides[0.5][1][run.mode][0] != sides[1.0][1][run.mode][0]  # the blend is another model: the check has teeth
 
 
-def test_the_alpha_is_chosen_on_the_validation_side_and_the_test_scored_once(world, tmp_path, monkeypatch,
-                                                                            latest_checkpoint_wins):
+def test_the_alpha_is_chosen_on_the_validation_side_and_the_test_scored_once(world, tmp_path, monkeypatch):
     _train("clip_hardneg", world, tmp_path / "run", "tiny-clip")
     scored = []
     real_predict = interp.predict
 
-    def recording(adapter, spec, mode, bench, prompts, batch):
+    def recording(backend, spec, mode, bench, prompts, batch):
         scored.append(Path(bench.name).name)
-        return real_predict(adapter, spec, mode, bench, prompts, batch)
+        return real_predict(backend, spec, mode, bench, prompts, batch)
 
     monkeypatch.setattr(interp, "predict", recording)
     out = interp.interpolate(tmp_path / "run", [0.0, 0.5, 1.0], tmp_path / "wise",
@@ -107,6 +98,6 @@ def test_alphas_are_checked_and_a_folder_that_is_no_run_is_one_line(tmp_path):
     assert interp.parse_alphas("1,0.5") == [0.0, 0.5, 1.0]
     with pytest.raises(ConfigError, match="between 0 and 1"):
         interp.parse_alphas("0,1.5")
-    done = subprocess.run([sys.executable, "-m", "unconfuse.train.commands.cli", "interpolate", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "unconfuse.cli", "interpolate", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "no results.json" in done.stderr

@@ -1,12 +1,12 @@
-"""The demo's job runner (train/commands/jobs.py): dependency order, the longest chain first, prefixed
+"""The demo's job runner (cli/jobs.py): dependency order, the longest chain first, prefixed
 output lines, failures named, and (slow) jobs side by side in spawned one-thread workers."""
 import os
 import time
 
 import pytest
 
-from unconfuse.tests import jobs_work
-from unconfuse.train.commands.jobs import Job, JobFailed, run_jobs
+from tests import jobs_work
+from unconfuse.cli.jobs import Job, JobFailed, run_jobs
 
 
 def test_jobs_run_after_what_they_wait_on_longest_chain_first(tmp_path, capsys):

@@ -5,14 +5,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = {"eval": "unconfuse.eval", "train": "unconfuse.train", "recipes": "unconfuse.recipes"}
-# the eval core: data model, images, benchmark arguments, scorer, prompts, adapters, runner, launcher, checkpoint conversion
+PACKAGES = {"eval": "unconfuse.eval", "train": "unconfuse.train", "recipes": "unconfuse.recipes", "cli": "unconfuse.cli"}
+# the eval core: data model, images, benchmark arguments, scorer, prompts, model backends, runner, launcher, checkpoint conversion
 # (convert: the CLI in eval/tools and the tiny twins in eval/world both use it)
 CORE = ("unconfuse.eval.home", "unconfuse.eval.io", "unconfuse.eval.pairs", "unconfuse.eval.benchmarks",
         "unconfuse.eval.images", "unconfuse.eval.scorer", "unconfuse.eval.prompts", "unconfuse.eval.models",
         "unconfuse.eval.runner", "unconfuse.eval.runs", "unconfuse.eval.judge", "unconfuse.eval.download",
         "unconfuse.eval.splits", "unconfuse.eval.http", "unconfuse.eval.options", "unconfuse.eval.convert",
-        "unconfuse.eval.launch")
+        "unconfuse.eval.launch", "unconfuse.eval.stats", "unconfuse.eval.folders", "unconfuse.eval.leakage",
+        "unconfuse.eval.tracking", "unconfuse.eval.evaluation", "unconfuse.eval.retention")
 
 
 def module_graph() -> dict[str, set[str]]:
@@ -73,34 +74,62 @@ def test_the_cycle_check_has_teeth(tmp_path, monkeypatch):
 
 
 def test_layers_point_downward():
-    """commands -> recipes -> train -> eval tools -> eval world -> eval core, never upward."""
+    """cli -> recipes -> train -> eval tools -> eval world -> eval core, never upward."""
     graph = module_graph()
 
     def imports(prefixes, forbidden):
         return sorted(f"{m} -> {t}" for m, targets in graph.items() if m.startswith(prefixes)
                       for t in targets if t.startswith(forbidden))
 
-    assert not imports(("unconfuse.eval",), ("unconfuse.train", "unconfuse.recipes"))
+    assert not imports(("unconfuse.eval",), ("unconfuse.train", "unconfuse.recipes", "unconfuse.cli"))
     assert not imports(CORE, ("unconfuse.eval.world", "unconfuse.eval.tools"))
     assert not imports(("unconfuse.eval.world",), ("unconfuse.eval.tools",))
-    assert not imports(("unconfuse.recipes", "unconfuse.train.run", "unconfuse.train.mllm", "unconfuse.train.data",
-                        "unconfuse.train.losses", "unconfuse.train.callbacks", "unconfuse.train.config"),
-                       ("unconfuse.train.commands",))
-    shared = [m for m in graph if m.startswith("unconfuse.train.") and not m.startswith("unconfuse.train.commands")]
-    assert not imports(tuple(shared), ("unconfuse.recipes.clip_hardneg", "unconfuse.recipes.mllm"))
+    assert not imports(("unconfuse.train",), ("unconfuse.recipes", "unconfuse.cli"))
+    assert not imports(("unconfuse.recipes",), ("unconfuse.cli",))
+
+
+def test_the_layer_check_has_teeth(monkeypatch):
+    graph = module_graph()
+    graph["unconfuse.train.lifecycle"] = graph["unconfuse.train.lifecycle"] | {"unconfuse.recipes"}
+    monkeypatch.setattr(sys.modules[__name__], "module_graph", lambda: graph)
+    try:
+        test_layers_point_downward()
+    except AssertionError:
+        return
+    raise AssertionError("train importing recipes went unnoticed")
+
+
+def in_a_fresh_interpreter(code: str) -> None:
+    """Run ``code`` in a new Python; it exits 0 or the test fails with what it printed."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_core_loads_nothing_of_the_world_and_no_torch_for_scoring():
     code = ("import sys, unconfuse.eval.scorer, unconfuse.eval.pairs, unconfuse.eval.benchmarks, unconfuse.eval.runs; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "import unconfuse.eval.models, unconfuse.eval.runner; "
-            "bad += [m for m in sys.modules if m.startswith(('unconfuse.eval.world', 'unconfuse.eval.tools', 'unconfuse.train'))]; "
+            "bad += [m for m in sys.modules if m.startswith(('unconfuse.eval.world', 'unconfuse.eval.tools', 'unconfuse.train', "
+            "'unconfuse.recipes', 'unconfuse.cli'))]; "
             "print(bad); sys.exit(bool(bad))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    in_a_fresh_interpreter(code)
 
 
 def test_no_top_level_train_or_eval_modules_are_installed():
     code = "import importlib.util as u; print(u.find_spec('train'), u.find_spec('eval'))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert result.stdout.strip() == "None None"
+
+
+def test_importing_unconfuse_has_no_side_effects():
+    """The packages a notebook imports load no torch, and leave the warning filters and the environment as they were."""
+    code = ("import os, sys, warnings, numpy; "  # numpy adds its own filters on import
+            "filters, env = list(warnings.filters), dict(os.environ); "
+            "import unconfuse.eval, unconfuse.train, unconfuse.recipes, unconfuse.cli; "
+            "from unconfuse.eval import load_benchmark, load_model, evaluate, compare; "
+            "from unconfuse.recipes import run_recipe, RECIPES; "
+            "bad = [m for m in ('torch', 'transformers', 'trl') if m in sys.modules]; "
+            "bad += ['warnings'] if warnings.filters != filters else []; "
+            "bad += [k for k in set(os.environ) ^ set(env)] + [k for k in env if os.environ.get(k) != env[k]]; "
+            "print(bad); sys.exit(bool(bad))")
+    in_a_fresh_interpreter(code)

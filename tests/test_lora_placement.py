@@ -27,8 +27,8 @@ def linears(model, prefix: str, exclude: str | None = None) -> list[str]:
 @pytest.mark.parametrize("twin", PARTS)
 def test_adapters_and_full_training_land_on_each_part(twin):
     lm, projector, vision, n_projector, n_vision = PARTS[twin]
-    adapter, _ = load_model(twin, device="cpu")
-    model = adapter.model
+    backend, _ = load_model(twin, device="cpu")
+    model = backend.model
     assert len(linears(model, projector)) == n_projector
     assert len(linears(model, vision, exclude=projector)) == n_vision
     lm_layers = [n for n in linears(model, lm) if n.rpartition(".")[2].endswith("_proj")]
@@ -36,7 +36,7 @@ def test_adapters_and_full_training_land_on_each_part(twin):
                 "vision": linears(model, vision, exclude=projector)}
     placement = lora_placement(model, MllmLora(projector="lora", vision="lora"))
     assert placement.lora == expected and placement.full == []
-    peft_model = attach_lora(adapter, MllmLora(projector="lora", vision="lora"), seed=0)
+    peft_model = attach_lora(backend, MllmLora(projector="lora", vision="lora"), seed=0)
     adapted = {n.removeprefix("base_model.model.").removesuffix(".lora_A.default")
                for n, m in peft_model.named_modules() if n.endswith(".lora_A.default")}
     assert adapted == {name for names in expected.values() for name in names}
@@ -47,8 +47,8 @@ def test_adapters_and_full_training_land_on_each_part(twin):
 @pytest.mark.parametrize("twin", PARTS)
 def test_full_parts_train_every_parameter_of_the_part(twin):
     lm, projector, vision, _, _ = PARTS[twin]
-    adapter, _ = load_model(twin, device="cpu")
-    peft_model = attach_lora(adapter, MllmLora(projector="full", vision="full"), seed=0)
+    backend, _ = load_model(twin, device="cpu")
+    peft_model = attach_lora(backend, MllmLora(projector="full", vision="full"), seed=0)
     params = dict(peft_model.named_parameters())
     tower = [n for n in params if f".{vision}." in n and ".modules_to_save." in n]
     assert tower and all(params[n].requires_grad for n in tower)
@@ -60,20 +60,20 @@ def test_full_parts_train_every_parameter_of_the_part(twin):
 
 
 def test_gemma3_projector_takes_full_training_but_not_lora():
-    adapter, _ = load_model("tiny-gemma3", device="cpu")
+    backend, _ = load_model("tiny-gemma3", device="cpu")
     with pytest.raises(ConfigError, match=r"lora.projector: lora cannot apply to gemma3: model.multi_modal_projector "
                                           r"has no linear layer"):
-        lora_placement(adapter.model, MllmLora(projector="lora"))
-    placement = lora_placement(adapter.model, MllmLora(projector="full", vision="lora"))
+        lora_placement(backend.model, MllmLora(projector="lora"))
+    placement = lora_placement(backend.model, MllmLora(projector="full", vision="lora"))
     assert placement.full == ["model.multi_modal_projector"] and len(placement.lora["vision"]) == 12
     assert len(placement.lora["language model"]) == 14  # 2 layers x q, k, v, o, gate, up, down
 
 
 def test_settings_an_architecture_cannot_take_are_errors():
-    adapter, _ = load_model("tiny-qwen2-vl", device="cpu")
+    backend, _ = load_model("tiny-qwen2-vl", device="cpu")
     with pytest.raises(ConfigError, match=r"lora.vision: full also trains qwen2_vl's projector \(model.visual.merger"):
-        lora_placement(adapter.model, MllmLora(projector="none", vision="full"))
-    assert lora_placement(adapter.model, MllmLora(projector="full", vision="full")).full == ["model.visual"]
+        lora_placement(backend.model, MllmLora(projector="none", vision="full"))
+    assert lora_placement(backend.model, MllmLora(projector="full", vision="full")).full == ["model.visual"]
 
     class NoProjector(torch.nn.Module):  # a language model alone: no projector to adapt
         def __init__(self):
@@ -93,10 +93,10 @@ def test_llava_next_image_newline_stays_with_the_frozen_language_model():
     training unfreezes it with the language model (mm_language_model), not with the projector (mm_mlp_adapter);
     here the language model trains through LoRA only, so it stays frozen whatever the projector and tower do
     (peft's modules_to_save takes modules, so a trained raw parameter would not be saved either)."""
-    adapter, _ = load_model("tiny-llava-next", device="cpu")
+    backend, _ = load_model("tiny-llava-next", device="cpu")
     settings = MllmLora(projector="full", vision="full")
-    assert lora_placement(adapter.model, settings).full == ["model.multi_modal_projector", "model.vision_tower"]
-    peft_model = attach_lora(adapter, settings, seed=0)
+    assert lora_placement(backend.model, settings).full == ["model.multi_modal_projector", "model.vision_tower"]
+    peft_model = attach_lora(backend, settings, seed=0)
     newline = {n: p for n, p in peft_model.named_parameters() if "image_newline" in n}
     assert list(newline) == ["base_model.model.model.image_newline"]
     assert not any(p.requires_grad for p in newline.values())
@@ -106,8 +106,8 @@ def test_llava_next_image_newline_stays_with_the_frozen_language_model():
                                        ("mlp", {"gate_proj", "up_proj", "down_proj"})])
 @pytest.mark.parametrize("twin", ["tiny-llava", "tiny-qwen2.5-vl", "tiny-gemma3"])
 def test_lora_lm_places_adapters_on_the_attention_or_the_mlp_only(twin, lm, names):
-    adapter, _ = load_model(twin, device="cpu")
-    everything = lora_placement(adapter.model, MllmLora()).lora["language model"]
-    chosen = lora_placement(adapter.model, MllmLora(lm=lm)).lora["language model"]
+    backend, _ = load_model(twin, device="cpu")
+    everything = lora_placement(backend.model, MllmLora()).lora["language model"]
+    chosen = lora_placement(backend.model, MllmLora(lm=lm)).lora["language model"]
     assert chosen and {n.rpartition(".")[2] for n in chosen} == names
     assert set(chosen) == {n for n in everything if n.rpartition(".")[2] in names}

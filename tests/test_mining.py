@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from unconfuse.cli.main import main
+from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.images import load_image
 from unconfuse.eval.models import load_model
-from unconfuse.eval.benchmarks import load_benchmark
-from unconfuse.eval.world import default_world, prepare
-from unconfuse.train.commands.cli import main
 from unconfuse.eval.tools.mining import MiningConfig, candidate_pairs, load_corpus, mine, parse_question, select_pairs
+from unconfuse.eval.world import default_world, prepare
 
 from .http_stub import StubServer
 
@@ -27,8 +27,8 @@ def corpus():
 
 
 def _embed(model, paths):
-    adapter, _ = load_model(model)
-    return np.concatenate([adapter.encode_images([load_image(p) for p in paths[i:i + 64]]).numpy()
+    backend, _ = load_model(model)
+    return np.concatenate([backend.encode_images([load_image(p) for p in paths[i:i + 64]]).numpy()
                            for i in range(0, len(paths), 64)])
 
 
@@ -235,7 +235,7 @@ def test_make_questions_through_an_openai_compatible_stub(corpus, tmp_path, monk
 def test_vectorised_hamming_equals_imagehash():
     import imagehash
 
-    from unconfuse.eval.tools.mining import min_hamming
+    from unconfuse.eval.leakage import min_hamming
 
     rng = np.random.default_rng(0)
     hashes = [imagehash.phash(Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8))) for _ in range(9)]
@@ -246,8 +246,8 @@ def test_vectorised_hamming_equals_imagehash():
 
 
 def test_mine_options_come_from_the_config_fields():
+    from unconfuse.cli.main import build_parser
     from unconfuse.eval.options import config_from_args
-    from unconfuse.train.commands.cli import build_parser
 
     args = build_parser().parse_args(["mine", "--corpus", "c", "--out", "o"])
     assert config_from_args(MiningConfig, args, exclude=args.exclude) == MiningConfig("c", "o")

@@ -9,8 +9,7 @@ import pytest
 import torch.utils.data  # noqa: F401  imported before the fork below, so that the child need not import it
 from PIL import Image
 
-from unconfuse.eval.tools.mining import (EmbeddingCache, MiningError, candidate_pairs, resolve_search,
-                                         sampled_recall)
+from unconfuse.eval.tools.mining import EmbeddingCache, MiningError, candidate_pairs, resolve_search, sampled_recall
 
 
 class PixelEncoder:
@@ -76,16 +75,6 @@ def test_decoding_workers_give_the_embeddings_of_the_main_process(tmp_path):
     assert results[0][1] == results[1][1] and list(results[1][1]) == [str(tmp_path / "img4.png")]
     with pytest.raises(MiningError, match="img4.png"):  # without a record of unreadable images, one is an error
         EmbeddingCache(tmp_path / "strict", "m").embed(PixelEncoder(), hashes, paths, 2, num_workers=2)
-
-
-def test_npz_chunks_of_earlier_versions_become_shards(tmp_path):
-    folder = tmp_path / "m"
-    folder.mkdir()
-    vectors = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
-    np.savez(folder / "chunk-123.npz", hashes=np.array(["a", "b", "c"]), vectors=vectors)
-    cache = EmbeddingCache(tmp_path, "m")
-    assert not list(folder.glob("chunk-*")) and [p.name for p in folder.glob("*.hashes.npy")] == ["shard-123-npz.hashes.npy"]
-    assert np.array_equal(cache.matrix(["c", "x", "a"]), np.stack([vectors[2], np.zeros(5), vectors[0]]))
 
 
 def planted(n, dim, pairs, seed=0):

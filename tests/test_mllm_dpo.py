@@ -6,19 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from unconfuse.eval.world import WorldConfig, synthesize
+from bench.dpo_reference import partner_pixels  # the old way's image swap, the reference of the batched term
 from unconfuse.recipes import mllm_dpo
 from unconfuse.recipes.mllm_dpo import MllmDpoConfig, PreferenceSettings
 from unconfuse.train.config import TrainSettings
 from unconfuse.train.mllm import MllmData
-
-from .dpo_reference import partner_pixels  # the old way's image swap, the reference of the batched term
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthesize(WorldConfig(pairs=30, bases_per_source=8, corpus_size=10, image_size=32),
-                      tmp_path_factory.mktemp("w") / "world")
 
 
 def config(world, out, model, weight):
@@ -60,8 +52,8 @@ def test_same_canvas_pads_without_scaling():
 def test_image_tokens_vary_with_size_only_for_dynamic_resolution(model, varies):
     from unconfuse.eval.models import load_model
 
-    adapter, _ = load_model(model, device="cpu")
-    assert mllm_dpo.image_tokens_vary(adapter.processor) is varies
+    backend, _ = load_model(model, device="cpu")
+    assert mllm_dpo.image_tokens_vary(backend.processor) is varies
 
 
 @pytest.mark.slow
@@ -122,8 +114,8 @@ def test_llava_next_partner_swap_gives_the_logits_of_the_swapped_images():
 
     from unconfuse.eval.models import load_model
 
-    adapter, _ = load_model("tiny-llava-next", device="cpu")
-    assert mllm_dpo.image_tokens_vary(adapter.processor)  # so mllm_dpo puts each pair on one canvas
+    backend, _ = load_model("tiny-llava-next", device="cpu")
+    assert mllm_dpo.image_tokens_vary(backend.processor)  # so mllm_dpo puts each pair on one canvas
     rng = np.random.default_rng(0)
 
     def image(width, height):
@@ -132,22 +124,22 @@ def test_llava_next_partner_swap_gives_the_logits_of_the_swapped_images():
     pairs = [mllm_dpo.same_canvas(image(112, 84), image(100, 60)), mllm_dpo.same_canvas(image(64, 96), image(40, 80))]
     images = [im for pair in pairs for im in pair]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which side is the lesion on?"}]}]
-    text = adapter.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = backend.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def batch(batch_images):
-        return adapter.processor(text=[text] * len(batch_images), images=[[im] for im in batch_images],
+        return backend.processor(text=[text] * len(batch_images), images=[[im] for im in batch_images],
                                  return_tensors="pt", padding=True)
 
     inputs, expected = batch(images), batch([images[i ^ 1] for i in range(4)])
     assert inputs["image_sizes"].tolist() == [[84, 112]] * 2 + [[96, 64]] * 2 and inputs["pixel_values"].shape[1] == 5
-    tokens = (inputs["input_ids"] == adapter.image_token_id).sum(-1).tolist()
+    tokens = (inputs["input_ids"] == backend.image_token_id).sum(-1).tolist()
     assert tokens == [70, 70, 46, 46] and torch.equal(inputs["input_ids"], expected["input_ids"])
     partner = partner_pixels(inputs, 4)
     text_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     with torch.no_grad():
-        swapped = adapter.model(**text_inputs, **partner).logits
-        reference = adapter.model(**expected).logits
-        own = adapter.model(**inputs).logits
+        swapped = backend.model(**text_inputs, **partner).logits
+        reference = backend.model(**expected).logits
+        own = backend.model(**inputs).logits
     real = inputs["attention_mask"].bool()
     assert (swapped - reference)[real].abs().max() < 1e-5
     assert (swapped - own)[real].abs().max() > 1e-3  # the swap changed what each row sees

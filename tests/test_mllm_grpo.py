@@ -7,18 +7,11 @@ import pytest
 
 from unconfuse.eval.runs import read_run_results
 from unconfuse.eval.scorer import parse_strict
-from unconfuse.eval.world import WorldConfig, synthesize
 from unconfuse.recipes import mllm_grpo
 from unconfuse.recipes.mllm_grpo import GrpoSettings, MllmGrpoConfig, pair_rewards
 from unconfuse.train.config import TrainSettings
 from unconfuse.train.data import PairRepeatSampler
 from unconfuse.train.mllm import MllmData, MllmLora
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthesize(WorldConfig(pairs=30, bases_per_source=8, corpus_size=10, image_size=32),
-                      tmp_path_factory.mktemp("w") / "world")
 
 
 def config(world, out, model="tiny-llava", **grpo):
@@ -91,11 +84,11 @@ def test_letter_rollouts_sample_only_the_tokens_greedy_mode_compares(world, mode
     from unconfuse.eval.models import load_model
     from unconfuse.eval.prompts import load_prompts
 
-    adapter, _ = load_model(model, device="cpu")
+    backend, _ = load_model(model, device="cpu")
     example = mllm_grpo.rollout_prompts(load_benchmark(str(world.root / "train")), load_prompts(), MllmData(), 0)[0]
-    suppressed = set(mllm_grpo.letters_only(adapter, example)["suppress_tokens"])
-    allowed = sorted(set(range(adapter.model.get_output_embeddings().weight.shape[0])) - suppressed)
-    assert [parse_strict(adapter.tokenizer.decode([i])) for i in allowed] == ["A", "B"]  # what the reward reads
+    suppressed = set(mllm_grpo.letters_only(backend, example)["suppress_tokens"])
+    allowed = sorted(set(range(backend.model.get_output_embeddings().weight.shape[0])) - suppressed)
+    assert [parse_strict(backend.tokenizer.decode([i])) for i in allowed] == ["A", "B"]  # what the reward reads
 
 
 def test_two_steps_on_tiny_llava_with_whole_pairs_in_every_reward_batch(world, tmp_path, monkeypatch):
@@ -143,7 +136,7 @@ def test_two_steps_on_every_twin(world, tmp_path, twin, rollouts):
     assert logs[0]["completions/max_length"] <= (1 if rollouts == "letters" else 3)
 
 
-def test_grpo_from_an_sft_run_starts_at_its_validation_numbers(world, tmp_path, latest_checkpoint_wins):
+def test_grpo_from_an_sft_run_starts_at_its_validation_numbers(world, tmp_path):
     """init_adapters: grpo warm-started from an sft run validates at step 0 exactly where sft's selected adapters did
     (the same weights on the same val pairs), and its run fingerprint names the adapters it started from."""
     from unconfuse.recipes import mllm_sft
@@ -154,7 +147,7 @@ def test_grpo_from_an_sft_run_starts_at_its_validation_numbers(world, tmp_path, 
                             data=MllmData(train=str(world.root / "train"), val=str(world.root / "val"),
                                           test=str(world.root / "test"), retention="none"),
                             train=TrainSettings(max_steps=3, pairs_per_batch=2, learning_rate=1e-2, warmup_steps=0,
-                                                eval_steps=3, save_steps=3, logging_steps=1))
+                                                eval_steps=3, save_steps=3, logging_steps=1, selection="last"))
     sft = mllm_sft.main(sft_cfg)
     cfg = config(world, tmp_path / "grpo")
     cfg.init_adapters = str(tmp_path / "sft")

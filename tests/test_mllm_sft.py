@@ -5,24 +5,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.models import load_model
+from unconfuse.eval.models.hf_vlm import merge_adapters
 from unconfuse.eval.prompts import load_prompts
-from unconfuse.eval.world import WorldConfig, synthesize
 from unconfuse.recipes import mllm_sft
 from unconfuse.recipes.mllm_sft import MllmSftConfig, sft_examples
-from unconfuse.eval.benchmarks import load_benchmark
-from unconfuse.train.config import TrainSettings
-from unconfuse.eval.models.hf_vlm import merge_adapters
-from unconfuse.train.config import ConfigError
+from unconfuse.train.config import ConfigError, TrainSettings
 from unconfuse.train.mllm import AnchoredToBase, MllmData, MllmLora, attach_lora, with_eval_bos
 
-from .interrupt import killed_at_step
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthesize(WorldConfig(pairs=30, bases_per_source=8, corpus_size=10, image_size=32),
-                      tmp_path_factory.mktemp("w") / "world")
+from .interrupt import KilledAfterStep
 
 
 def config(world, out, model="tiny-llava", **train):
@@ -56,8 +48,8 @@ def test_the_model_loads_in_the_runs_dtype(world, tmp_path, bf16, dtype):
 
     from unconfuse.train.mllm import load_mllm
 
-    adapter, spec = load_mllm(SimpleNamespace(cfg=config(world, tmp_path, bf16=bf16), is_main=True), "mllm_sft")
-    assert {p.dtype for p in adapter.model.parameters()} == {dtype} and spec.dtype == ("bfloat16" if bf16 else "auto")
+    backend, spec = load_mllm(SimpleNamespace(cfg=config(world, tmp_path, bf16=bf16), is_main=True), "mllm_sft")
+    assert {p.dtype for p in backend.model.parameters()} == {dtype} and spec.dtype == ("bfloat16" if bf16 else "auto")
 
 
 def anchored_sft_trainer(world, tmp_path, lora: MllmLora, anchor_weight: float):
@@ -67,11 +59,11 @@ def anchored_sft_trainer(world, tmp_path, lora: MllmLora, anchor_weight: float):
     class AnchoredSFTTrainer(AnchoredToBase, SFTTrainer):
         pass
 
-    adapter, _ = load_model("tiny-llava", device="cpu")
-    model = attach_lora(adapter, lora, seed=0)
+    backend, _ = load_model("tiny-llava", device="cpu")
+    model = attach_lora(backend, lora, seed=0)
     examples = sft_examples(load_benchmark(str(world.root / "train")), load_prompts(), MllmData(), seed=0)[:4]
     args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, max_length=None, report_to=[], use_cpu=True)
-    trainer = AnchoredSFTTrainer(model=model, args=args, processing_class=with_eval_bos(adapter.processor),
+    trainer = AnchoredSFTTrainer(model=model, args=args, processing_class=with_eval_bos(backend.processor),
                                  train_dataset=Dataset.from_list(examples), anchor_weight=anchor_weight)
     return trainer, trainer.data_collator(examples)
 
@@ -106,21 +98,21 @@ def test_an_anchor_with_nothing_trained_in_full_is_an_error(world, tmp_path):
 def test_only_the_assistant_reply_carries_loss(world, model):
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    adapter, _ = load_model(model, device="cpu")
+    backend, _ = load_model(model, device="cpu")
     examples = sft_examples(load_benchmark(str(world.root / "train")), load_prompts(), MllmData(), seed=0)[:4]
-    batch = DataCollatorForVisionLanguageModeling(adapter.processor, assistant_only_loss=True, max_length=None)(examples)
-    image_id = adapter.image_token_id
+    batch = DataCollatorForVisionLanguageModeling(backend.processor, assistant_only_loss=True, max_length=None)(examples)
+    image_id = backend.image_token_id
     for row in range(4):
         ids, labels = batch["input_ids"][row], batch["labels"][row]
         trained = ids[labels != -100]
         assert (ids == image_id).any() and not (trained == image_id).any()
-        text = adapter.tokenizer.decode(trained)
+        text = backend.tokenizer.decode(trained)
         assert text.strip().startswith(examples[row]["messages"][1]["content"])  # the letter (+ end of turn)
         assert "Question" not in text and len(trained) <= 4
 
 
-def test_two_steps_train_only_the_adapters_and_merge(world, tmp_path, latest_checkpoint_wins):
-    results = mllm_sft.main(config(world, tmp_path / "run"))
+def test_two_steps_train_only_the_adapters_and_merge(world, tmp_path):
+    results = mllm_sft.main(config(world, tmp_path / "run", selection="last"))
     assert results.steps == 2 and results.mode == "greedy" and set(results.other_modes) == {"prefix"}
     state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
@@ -140,7 +132,7 @@ def test_two_steps_train_only_the_adapters_and_merge(world, tmp_path, latest_che
 
 @pytest.mark.slow
 def test_merge_command_writes_a_model_that_eval_loads(world, tmp_path, capsys):
-    from unconfuse.train.commands.cli import main
+    from unconfuse.cli.main import main
 
     mllm_sft.main(config(world, tmp_path / "run"))
     assert main(["merge", str(tmp_path / "run" / "checkpoints" / "best"), "--out", str(tmp_path / "merged")]) == 0
@@ -152,10 +144,10 @@ def test_merge_command_writes_a_model_that_eval_loads(world, tmp_path, capsys):
 
 
 @pytest.mark.slow  # fast lane: clip_hardneg's resume test covers the lifecycle
-def test_killed_and_resumed_sft_ends_like_an_uninterrupted_one(world, tmp_path, monkeypatch):
+def test_killed_and_resumed_sft_ends_like_an_uninterrupted_one(world, tmp_path):
     full = mllm_sft.main(config(world, tmp_path / "full", max_steps=6, save_steps=2, eval_steps=2))
-    with killed_at_step(monkeypatch, 5):
-        mllm_sft.main(config(world, tmp_path / "part", max_steps=6, save_steps=2, eval_steps=2))
+    with pytest.raises(KeyboardInterrupt):
+        mllm_sft.main(config(world, tmp_path / "part", max_steps=6, save_steps=2, eval_steps=2), callbacks=[KilledAfterStep(5)])
     cfg = config(world, tmp_path / "part", max_steps=6, save_steps=2, eval_steps=2)
     cfg.resume_from_checkpoint = "latest"  # LoRA adapters, optimizer and RNG state from checkpoint-4
     resumed = mllm_sft.main(cfg)
@@ -176,7 +168,7 @@ def launch_sft(world, launch: str, out: Path, *extra: str) -> str:
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "unconfuse.train.commands.cli", "train", "mllm_sft", "--config", str(repo / "configs/mllm_sft/tiny.yaml"),
+    cmd = [sys.executable, "-m", "unconfuse.cli", "train", "mllm_sft", "--config", str(repo / "configs/mllm_sft/tiny.yaml"),
            "--launch", str(repo / "configs/accelerate" / f"{launch}.yaml"), "model=tiny-llava", f"output_dir={out}", "report_to=none",
            "train.eval_steps=2", "train.save_steps=2", "train.logging_steps=1", "train.pairs_per_batch=2",
            "test_modes=[greedy]", "lora.vision=none", "lora.projector=none", "lora.anchor_weight=0", f"data.train={world.root / 'train'}",
@@ -246,7 +238,7 @@ def test_lora_under_deepspeed_zero3(world, tmp_path):
     first); base, validation and test scoring run on gathered weights, each process its share; the run
     resumes with the uninterrupted run's losses; its best adapters load in ``unconfuse eval`` and score
     what the run's final test scored (they were loaded into the trained model in place)."""
-    from unconfuse.train.commands.cli import main
+    from unconfuse.cli.main import main
 
     stdout = launch_sft(world, "zero3", tmp_path / "full", "train.max_steps=4", "train.learning_rate=0.03", "train.warmup_steps=0")
     assert "partitioned across processes as they loaded" in stdout
@@ -288,12 +280,12 @@ def test_sft_puts_the_first_reply_token_on_the_letters(world, tmp_path):
         "train.learning_rate=1e-3"])  # the mechanism in 50 steps; the shipped 3e-4 needs more steps to show it
     mllm_sft.main(cfg)
 
-    adapter, _ = load_model(cfg.model, device="cpu")
-    model = PeftModel.from_pretrained(adapter.model, str(tmp_path / "run" / "checkpoints" / "checkpoint-50")).eval()
+    backend, _ = load_model(cfg.model, device="cpu")
+    model = PeftModel.from_pretrained(backend.model, str(tmp_path / "run" / "checkpoints" / "checkpoint-50")).eval()
     examples = sft_examples(load_benchmark(cfg.data.train), load_prompts(), cfg.data, cfg.train.seed)[:16]
-    batch = DataCollatorForVisionLanguageModeling(with_eval_bos(adapter.processor), assistant_only_loss=True,
+    batch = DataCollatorForVisionLanguageModeling(with_eval_bos(backend.processor), assistant_only_loss=True,
                                                   max_length=None)(examples)
-    letters = adapter.letter_token_ids(("A", "B"), Query("train-0", examples[0]["images"][0], examples[0]["messages"][0]["content"]))
+    letters = backend.letter_token_ids(("A", "B"), Query("train-0", examples[0]["images"][0], examples[0]["messages"][0]["content"]))
     with torch.no_grad():
         logits = model(**batch).logits
     first = [int((row != -100).nonzero()[0]) for row in batch["labels"]]  # the first reply token of each row

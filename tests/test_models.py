@@ -1,4 +1,4 @@
-"""Adapters on tiny models built from config: the efficient paths must equal the plain ones."""
+"""Backends on tiny models built from config: the efficient paths must equal the plain ones."""
 import time
 
 import numpy as np
@@ -16,8 +16,8 @@ def _images(n, size=48, seed=0):
 
 @pytest.fixture(scope="module", params=["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-gemma3"])
 def vlm(request):
-    adapter, _ = load_model(request.param, device="cpu")
-    return adapter
+    backend, _ = load_model(request.param, device="cpu")
+    return backend
 
 
 def _queries():
@@ -27,15 +27,15 @@ def _queries():
             Query("im0", imgs[0], "Which side is the lesion on?", ("left", "right upper lobe"))]
 
 
-def _full_forward_logprobs(adapter, query, ids):
+def _full_forward_logprobs(backend, query, ids):
     """The reference way: one full forward of prompt + continuation with the pixels, per option."""
-    inputs = adapter._inputs([query])
+    inputs = backend._inputs([query])
     full = torch.cat([inputs["input_ids"], torch.tensor([ids])], dim=1)
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     if "mm_token_type_ids" in extra:
         extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros(1, len(ids), dtype=torch.long)], 1)
     with torch.no_grad():
-        logits = adapter.model(input_ids=full, attention_mask=torch.ones_like(full), **extra).logits[0]
+        logits = backend.model(input_ids=full, attention_mask=torch.ones_like(full), **extra).logits[0]
     logprobs = torch.log_softmax(logits.float(), -1)
     start = inputs["input_ids"].shape[1]
     return torch.stack([logprobs[start - 1 + t, tok] for t, tok in enumerate(ids)]).mean().item()
@@ -85,15 +85,15 @@ def test_letter_tokens_are_the_replies_first_tokens(vlm):
 
 @pytest.mark.parametrize("preset", ["tiny-clip", "tiny-hf-clip"])
 def test_clip_similarities_are_cosines_and_images_encode_once(preset):
-    adapter, spec = load_model(preset, device="cpu")
+    backend, spec = load_model(preset, device="cpu")
     assert spec.family in ("open-clip", "hf-clip")
     imgs = _images(2)
     queries = [Query("a", imgs[0], "q"), Query("b", imgs[1], "q"), Query("a", imgs[0], "q2")]
     texts = [("chest x-ray", "brain mri"), ("chest x-ray", "brain mri"), ("left", "right")]
-    sims = adapter.similarities(queries, texts)
-    assert adapter.image_encoder_calls == 2
-    img = torch.nn.functional.normalize(adapter._encode_images([imgs[0]]).float(), dim=-1)
-    txt = torch.nn.functional.normalize(adapter._encode_texts(["left", "right"]).float(), dim=-1)
+    sims = backend.similarities(queries, texts)
+    assert backend.image_encoder_calls == 2
+    img = torch.nn.functional.normalize(backend._encode_images([imgs[0]]).float(), dim=-1)
+    txt = torch.nn.functional.normalize(backend._encode_texts(["left", "right"]).float(), dim=-1)
     assert sims[2] == pytest.approx((img @ txt.T)[0].tolist(), abs=1e-5)
     assert all(-1 <= s <= 1 for row in sims for s in row)
 

@@ -29,13 +29,13 @@ def world_test():
 def test_answers_outside_the_band_do_not_depend_on_the_batch_size(world_test, twin, dtype):
     bench, pairs = world_test
     torch.manual_seed(0)
-    adapter, spec = load_model(replace(resolve_model(twin), dtype=dtype))
+    backend, spec = load_model(replace(resolve_model(twin), dtype=dtype))
     band = NOISE_BANDS[dtype]
     largest = 0.0
     for mode in ("greedy", "prefix"):
         cfg = EvalConfig(model=twin, mode=mode, benchmark="", out="")
-        one_by_one = [r for p in pairs for r in answer_pairs(adapter, spec, cfg, load_prompts(), bench, [p])]
-        batched = answer_pairs(adapter, spec, cfg, load_prompts(), bench, pairs)  # 16 pairs: 32 images, padded
+        one_by_one = [r for p in pairs for r in answer_pairs(backend, spec, cfg, load_prompts(), bench, [p])]
+        batched = answer_pairs(backend, spec, cfg, load_prompts(), bench, pairs)  # 16 pairs: 32 images, padded
         for alone, together in zip(one_by_one, batched):
             assert together["dtype"] == dtype
             assert together["margin"] == pytest.approx(together["scores"]["A"] - together["scores"]["B"], abs=0)

@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from unconfuse.cli.plan import GPU_SIZES_GB, format_plan, make_plan, read_launch
 from unconfuse.eval.models import load_model
-from unconfuse.eval.models.architecture import ArchitectureError, architecture_of, empty_model, parameter_count, real_presets
-from unconfuse.train.commands.plan import GPU_SIZES_GB, format_plan, make_plan, read_launch
+from unconfuse.eval.models.architecture import (
+    ArchitectureError,
+    architecture_of,
+    empty_model,
+    parameter_count,
+    real_presets,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_PRESETS = ["biomedclip", "clip-vit-b-16", "dinov2-base", "llava-1.5-7b", "llava-med-v1.5", "llava-v1.6-mistral-7b",
@@ -123,7 +129,7 @@ def test_every_real_config_has_a_plan(config):
 
 
 def test_the_plan_command_prints_and_refuses_in_one_line(capsys, monkeypatch):
-    from unconfuse.train.commands.cli import main
+    from unconfuse.cli.main import main
 
     monkeypatch.chdir(REPO)
     assert main(["plan", "mllm_sft", "--config", "configs/mllm_sft/qwen2_5_vl.yaml", "--gpu-memory", "80GB"]) == 0

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from unconfuse.eval.world import WorldConfig, synthesize
-
 from .interrupt import assert_same_answers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,13 +20,12 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_T
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthesize(WorldConfig(pairs=42, bases_per_source=8, corpus_size=10, image_size=32),
-                      tmp_path_factory.mktemp("w") / "world")
+def world(world_of):
+    return world_of(42)
 
 
 def train_command(world, out: Path, *launch: str, steps: int = 24) -> list[str]:
-    return [sys.executable, "-m", "unconfuse.train.commands.cli", "train", "clip_hardneg", *launch, "--output-dir", str(out),
+    return [sys.executable, "-m", "unconfuse.cli", "train", "clip_hardneg", *launch, "--output-dir", str(out),
             "model=tiny-clip", f"data.train={world.root / 'train'}", f"data.val={world.root / 'val'}",
             f"data.test={world.root / 'test'}", "data.replay=auto", f"train.max_steps={steps}", "train.pairs_per_batch=4",
             "train.learning_rate=1e-3", "train.warmup_steps=0", "train.eval_steps=8", "train.save_steps=100",
@@ -126,7 +123,7 @@ def test_sigterm_to_a_launched_run_stops_every_process_at_one_step(world, tmp_pa
 SIGINT_DURING_EVAL = """
 import os, signal, sys
 from unconfuse.eval import runner
-from unconfuse.eval.tools.cli import main
+from unconfuse.cli.eval import main
 
 real, calls = runner.answer_pairs, []
 
@@ -155,7 +152,7 @@ def test_ctrl_c_during_eval_keeps_the_batch_and_the_rerun_completes(world, tmp_p
     assert len((tmp_path / "part" / "predictions.jsonl").read_text().splitlines()) == 16  # two batches of 4 pairs
     assert not (tmp_path / "part" / "results.json").exists()
     for out in ("part", "full"):
-        done = run([sys.executable, "-m", "unconfuse.eval.tools.cli", *args, "--out", str(tmp_path / out)])
+        done = run([sys.executable, "-m", "unconfuse.cli.eval", *args, "--out", str(tmp_path / out)])
         assert done.returncode == 0, done.stderr[-3000:]
     assert_same_answers(tmp_path / "part" / "predictions.jsonl", tmp_path / "full" / "predictions.jsonl")
 
@@ -165,7 +162,7 @@ def test_a_preempted_study_task_requeues_and_collect_equals_the_uninterrupted_st
     """configs/slurm/array.sbatch with a stand-in scontrol: SIGTERM to the batch script (what --signal=B:TERM sends
     ahead of the time limit) mid-fold reaches the run, which saves and exits 143; the script requeues its task;
     the requeued task resumes; `study collect` then equals the study whose tasks ran uninterrupted."""
-    from unconfuse.train.commands.cli import main
+    from unconfuse.cli.main import main
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -179,7 +176,7 @@ def test_a_preempted_study_task_requeues_and_collect_equals_the_uninterrupted_st
                  "strategies": [{"name": "hardneg", "recipe": "clip_hardneg", "config": str(REPO / "configs/clip_hardneg/tiny.yaml")}]}
         studies[name] = tmp_path / f"{name}.yaml"
         studies[name].write_text(json.dumps(study))
-        plan = subprocess.run([sys.executable, "-m", "unconfuse.train.commands.cli", "study", "plan", str(studies[name])],
+        plan = subprocess.run([sys.executable, "-m", "unconfuse.cli", "study", "plan", str(studies[name])],
                               cwd=REPO, env=ENV, capture_output=True, text=True, check=True).stdout
         (tmp_path / f"{name}.txt").write_text(plan)
 

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from unconfuse.cli.main import main
 from unconfuse.eval.runs import read_run_results, read_scored
 from unconfuse.eval.tools.compare import run_compare
-from unconfuse.eval.world import WorldConfig, synthesize
-from unconfuse.recipes import RECIPES
-from unconfuse.train.commands.cli import main
-from unconfuse.train.run import run_recipe
+from unconfuse.recipes import RECIPES, run_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RANDOM_TWIN = {"tiny-clip-base": "tiny-clip", "tiny-llava-base": "tiny-llava"}  # pretrained base -> random twin
@@ -24,12 +22,6 @@ GOLDEN_LOSSES = {  # recipe -> losses logged at steps 1 and 2
     "mllm_dpo": (1.3863, 1.4099),  # step 1: policy == reference, so DPO and the image-contrast term are log 2 each
     "mllm_grpo": (0.0, 0.0),  # on-policy, beta 0: the surrogate is -mean(advantage), 0 (centred per image); see test_mllm_grpo
 }
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthesize(WorldConfig(pairs=30, bases_per_source=8, corpus_size=10, image_size=32),
-                      tmp_path_factory.mktemp("w") / "world")
 
 
 def two_steps(recipe: str, world, out: Path) -> list[str]:

@@ -10,18 +10,23 @@ from PIL import Image
 
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.pairs import BenchmarkError
-from unconfuse.eval.world import WorldConfig, synthesize
 from unconfuse.train.config import ConfigError
 from unconfuse.train.data import PairBatchSampler, PairRepeatSampler
 from unconfuse.train.losses import clip_hardneg_loss, multi_positive_clip_loss
-from unconfuse.train.replay import (caption_items, check_fraction, load_replay, question_items, replay_per_batch,
-                                    resolve_replay, wrong_option)
+from unconfuse.train.replay import (
+    caption_items,
+    check_fraction,
+    load_replay,
+    question_items,
+    replay_per_batch,
+    resolve_replay,
+    wrong_option,
+)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthesize(WorldConfig(pairs=42, bases_per_source=8, corpus_size=10, image_size=32),
-                      tmp_path_factory.mktemp("w") / "world")
+def world(world_of):
+    return world_of(42)
 
 
 def test_world_replay_is_corpus_images_with_captions_and_the_retention_questions(world):
@@ -140,8 +145,8 @@ def test_replay_items_reach_the_encoder_loss_as_their_own_contrastive_problem():
 
 
 def test_replay_image_that_retention_asks_about_is_a_leak(world, tmp_path):
+    from unconfuse.eval.leakage import LeakageError, check_leakage
     from unconfuse.eval.retention import load_retention
-    from unconfuse.train.run import LeakageError, check_leakage
 
     retention = load_retention(str(world.root / "retention" / "test.jsonl"))
     leaked = retention.items[0]

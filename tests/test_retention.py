@@ -8,20 +8,14 @@ import pytest
 
 from unconfuse.eval.benchmarks import BenchmarkError
 from unconfuse.eval.models import load_model
-from unconfuse.eval.retention import (answer_encoder, answer_mllm, load_retention, metrics_of, retention_block)
-from unconfuse.eval.world import WorldConfig, synthesize
+from unconfuse.eval.retention import answer_encoder, answer_mllm, load_retention, metrics_of, retention_block
+from unconfuse.eval.world import synthesize
 from unconfuse.recipes import clip_hardneg, mllm_sft
 from unconfuse.recipes.clip_hardneg import ClipData, ClipHardNegConfig
 from unconfuse.recipes.mllm_sft import MllmSftConfig
 from unconfuse.train.callbacks import ValidationState
 from unconfuse.train.config import ConfigError, TrainSettings
 from unconfuse.train.mllm import MllmData, MllmLora
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthesize(WorldConfig(pairs=30, bases_per_source=8, corpus_size=10, image_size=32),
-                      tmp_path_factory.mktemp("w") / "world")
 
 
 def test_the_worlds_retention_questions(world):
@@ -44,14 +38,14 @@ def test_the_worlds_retention_questions(world):
 def test_retention_answers_move_with_the_image(world):
     """A random model's answers are not constant: another image changes the scores (the check has teeth)."""
     rset = load_retention(world.root / "retention" / "test.jsonl")
-    adapter, _ = load_model("tiny-llava", device="cpu")
+    backend, _ = load_model("tiny-llava", device="cpu")
     items = rset.questions[:8]
     for mode in ("greedy", "prefix"):
-        records = answer_mllm(adapter, rset, mode, items)
+        records = answer_mllm(backend, rset, mode, items)
         assert [r["id"] for r in records] == [i.id for i in items]
         assert all(len(r["scores"]) == 4 and r["correct"] == (r["answer"] == i.answer) for r, i in zip(records, items))
         swapped = [type(i)(i.id, items[-1 - k].image, i.question, i.options, i.answer) for k, i in enumerate(items)]
-        other = answer_mllm(adapter, rset, mode, swapped)
+        other = answer_mllm(backend, rset, mode, swapped)
         assert any(a["scores"] != b["scores"] for a, b in zip(records, other))
     encoder, _ = load_model("tiny-clip", device="cpu")
     records = answer_encoder(encoder, rset)
@@ -160,7 +154,7 @@ def test_validation_state_respects_the_floor():
 
 
 def test_selection_with_a_floor_needs_validation_side_retention(world, tmp_path):
-    from unconfuse.train.run import retention_sets
+    from unconfuse.train.lifecycle import retention_sets
 
     cfg = sft_config(world, tmp_path / "x", selection="set_accuracy_with_retention_floor")
     cfg.data.val_retention = "none"

@@ -6,8 +6,15 @@ import pytest
 
 from unconfuse.eval import scorer
 from unconfuse.eval.pairs import Pair, load_upstream_json
-from unconfuse.eval.scorer import (PredictionsError, compare, parse_reference, parse_strict, read_predictions,
-                                   resolve_answers, score)
+from unconfuse.eval.scorer import (
+    PredictionsError,
+    compare,
+    parse_reference,
+    parse_strict,
+    read_predictions,
+    resolve_answers,
+    score,
+)
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -174,7 +181,7 @@ def test_predictions_file_is_validated_and_raw_is_parsed(tmp_path):
 
 
 def test_score_command_writes_results_and_report(tmp_path, mediconfusion_dir, capsys):
-    from unconfuse.train.commands.cli import main
+    from unconfuse.cli.main import main
 
     pairs = load_upstream_json(mediconfusion_dir / "dataset.json")
     lines = [json.dumps({"pair_id": p.id, "image": s, "raw": "A" if s == 1 else "(B)"}) for p in pairs for s in (1, 2)]

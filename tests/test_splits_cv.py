@@ -4,11 +4,11 @@ from collections import Counter
 
 import pytest
 
+from unconfuse.cli.main import main
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.runner import EvalConfig, run_eval
 from unconfuse.eval.scorer import read_predictions, resolve_answers, score
 from unconfuse.eval.splits import grouped_folds, image_components, image_key
-from unconfuse.train.commands.cli import main
 
 
 def _images(bench, pairs):

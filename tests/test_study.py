@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from unconfuse.cli.main import main
+from unconfuse.cli.study import StudyError, load_study, plan_lines
 from unconfuse.eval.scorer import read_predictions
-from unconfuse.train.commands.cli import main
-from unconfuse.train.commands.study import StudyError, load_study, plan_lines
 
 REPO = Path(__file__).resolve().parents[1]
-UNCONFUSE = [sys.executable, "-m", "unconfuse.train.commands.cli"]
+UNCONFUSE = [sys.executable, "-m", "unconfuse.cli"]
 CV_ARGS = ["cv", "clip_hardneg", "--config", str(REPO / "configs/clip_hardneg/tiny.yaml"), "--folds", "2",
            "--benchmark", "world:test"]
 # short runs; retention (its own tests) left out to keep these multi-process tests cheap
@@ -78,7 +78,7 @@ def test_bad_study_files_are_one_line_errors(tmp_path, capsys, change, message):
 def test_a_strategy_starts_each_fold_and_seed_from_the_same_fold_and_seed_of_another(tmp_path):
     """init_from: the plan lists the warm-started strategy after its source and points each seed's cv at the source's
     cv of that seed; the cv hands fold k that cv's fold k (a run folder: its own fold's adapters, never another's)."""
-    from unconfuse.train.commands.cv import fold_init
+    from unconfuse.cli.cv import fold_init
 
     sft = {"name": "sft", "recipe": "mllm_sft", "config": str(REPO / "configs/mllm_sft/tiny.yaml")}
     grpo = {"name": "grpo", "recipe": "mllm_grpo", "config": str(REPO / "configs/mllm_grpo/tiny.yaml"), "init_from": "sft"}

@@ -60,7 +60,7 @@ def test_every_shipped_yaml_opens_with_its_command_and_loads():
             load_config(RECIPE_CONFIGS[recipe], path)
             assert all(not line.rstrip().endswith("}") for line in path.read_text().splitlines()), f"{path}: one key per line"
         elif recipe == "studies":  # its configs and overrides check out (paths are from the repository)
-            from unconfuse.train.commands.study import load_study
+            from unconfuse.cli.study import load_study
 
             with contextlib.chdir(CONFIGS.parent):
                 assert first.startswith(f"# unconfuse study plan configs/studies/{path.name}") and load_study(path).strategies
@@ -83,7 +83,7 @@ def test_every_config_field_documents_itself(recipe, capsys):
     import dataclasses
     import typing
 
-    from unconfuse.train.commands.cli import main
+    from unconfuse.cli.main import main
 
     def keys(cls, prefix=""):
         for f in dataclasses.fields(cls):
@@ -107,7 +107,7 @@ def test_every_config_field_documents_itself(recipe, capsys):
 def test_real_model_configs_use_real_held_out_data_and_toy_data_is_refused(tmp_path):
     from unconfuse.eval.models import find_preset
     from unconfuse.recipes.clip_hardneg import ClipHardNegConfig
-    from unconfuse.train.run import check_toy_data
+    from unconfuse.train.lifecycle import check_toy_data
 
     for recipe, cls in RECIPE_CONFIGS.items():
         for path in sorted((CONFIGS / recipe).glob("*.yaml")):
@@ -130,7 +130,7 @@ def test_real_model_configs_use_real_held_out_data_and_toy_data_is_refused(tmp_p
 
 
 def test_train_help_without_a_recipe_lists_recipes_and_launch(capsys):
-    from unconfuse.train.commands.cli import main
+    from unconfuse.cli.main import main
 
     assert main(["train", "--help"]) == 0
     printed = capsys.readouterr().out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from unconfuse.bench import train_overhead
+from bench import train_overhead
 
 
 @pytest.mark.slow

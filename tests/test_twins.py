@@ -1,14 +1,13 @@
 """Tiny twins of the real MLLM families (random weights, built offline with the real transformers model
-and processor classes and chat templates): eval's batched, cached, prefix-sharing adapter must give what a
+and processor classes and chat templates): eval's batched, cached, prefix-sharing backend must give what a
 naive forward of one prompt and one image gives, images must matter, and prompts carry one BOS."""
 import numpy as np
 import pytest
 import torch
 
+from bench.twin_inputs import question_rows
 from unconfuse.eval.models import Query, load_model
 from unconfuse.eval.prompts import load_prompts
-
-from .twin_inputs import question_rows
 
 TWINS = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-gemma3", "tiny-llava-next", "tiny-llava-med"]
 TOL = 1e-4  # parity (measured: <= 1e-6 on CPU float32)
@@ -21,9 +20,9 @@ def twin(request):
     from unconfuse.eval.world import prepare
 
     prepare(models=[request.param])
-    adapter, spec = load_model(request.param, device="cpu")
+    backend, spec = load_model(request.param, device="cpu")
     assert spec.family == "hf-vlm"
-    return adapter
+    return backend
 
 
 @pytest.fixture()
@@ -49,16 +48,16 @@ def _messages(query, reply=None):
     return messages
 
 
-def _naive_inputs(adapter, query):
+def _naive_inputs(backend, query):
     """One prompt and one image through the processor's own chat-template tokenization."""
-    return adapter.processor.apply_chat_template(_messages(query), add_generation_prompt=True, tokenize=True,
+    return backend.processor.apply_chat_template(_messages(query), add_generation_prompt=True, tokenize=True,
                                                  return_dict=True, return_tensors="pt")
 
 
 @torch.no_grad()
-def _naive_logprobs(adapter, query, continuation=()):
+def _naive_logprobs(backend, query, continuation=()):
     """Log-probabilities after the prompt (row 0) and after each continuation prefix: one full forward."""
-    inputs = dict(_naive_inputs(adapter, query))
+    inputs = dict(_naive_inputs(backend, query))
     n = inputs["input_ids"].shape[1]
     if continuation:
         extra = torch.tensor([list(continuation)])
@@ -67,7 +66,7 @@ def _naive_logprobs(adapter, query, continuation=()):
                 fill = extra if key == "input_ids" else (torch.ones_like(extra) if key == "attention_mask"
                                                          else torch.zeros_like(extra))
                 inputs[key] = torch.cat([inputs[key], fill], dim=1)
-    logits = adapter.model(**inputs).logits[0, n - 1:]
+    logits = backend.model(**inputs).logits[0, n - 1:]
     return torch.log_softmax(logits.float(), -1)
 
 

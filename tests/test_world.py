@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from unconfuse.eval.images import check_images
+from unconfuse.cli.main import main
 from unconfuse.eval.benchmarks import load_benchmark
+from unconfuse.eval.images import check_images
 from unconfuse.eval.world import SPLITS, WorldConfig, WorldError, synthesize, verify_world
-from unconfuse.train.commands.cli import main
 
 SMALL = dict(pairs=42, bases_per_source=8, corpus_size=60, image_size=48)
 
@@ -117,8 +117,8 @@ def test_synth_command_writes_the_contracted_files(tmp_path, capsys):
 
 
 def test_synth_options_default_to_the_default_world():
+    from unconfuse.cli.main import build_parser
     from unconfuse.eval.options import config_from_args
-    from unconfuse.train.commands.cli import build_parser
 
     args = build_parser().parse_args(["data", "synth", "--out", "w"])
     assert config_from_args(WorldConfig, args) == WorldConfig()

@@ -11,48 +11,10 @@ from typing import Any, Callable
 from transformers import TrainerCallback
 
 from unconfuse.eval.io import atomic_write_text
-from unconfuse.eval.pairs import Benchmark
-from unconfuse.eval.runner import EvalConfig, answer_pairs
-from unconfuse.eval.scorer import fmt, score_predictions
+from unconfuse.eval.scorer import fmt
+from unconfuse.train.checkpoints import checkpoint_complete, numbered_checkpoints
 
 VAL_KEYS = ("set_accuracy", "confusion", "individual_accuracy", "invalid")
-
-
-def predict(adapter, spec, mode: str, bench: Benchmark, prompts, batch_pairs: int = 16, parser: str = "strict"):
-    """Prediction records for every pair of ``bench`` (the same code path as ``unconfuse eval``).
-
-    Under a multi-process launch each process scores its contiguous share of the pairs and every
-    process gets all records back in pair order (accelerate's gather_object): N processes score each
-    pair once, not N times."""
-    cfg = EvalConfig(model=spec.name, mode=mode, benchmark=bench.name, out="", parser=parser)
-
-    def answer(share):
-        records = []
-        for start in range(0, len(share), batch_pairs):
-            records += answer_pairs(adapter, spec, cfg, prompts, bench, share[start:start + batch_pairs])
-        return records
-
-    return shared_between_processes(bench.pairs, answer)
-
-
-def shared_between_processes(items: list, answer: Callable[[list], list]) -> list:
-    """``answer(items)`` with each process answering its contiguous share and every process getting all the
-    results back in order (one process: a plain call)."""
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
-    state = PartialState()
-    if state.num_processes == 1:
-        return answer(items)
-    with state.split_between_processes(items) as share:
-        return gather_object(answer(share))
-
-
-def score_records(bench: Benchmark, records: list[dict[str, Any]], parser: str = "strict", prompt_version=None,
-                  bootstrap_samples: int = 10_000) -> dict[str, Any]:
-    predictions = {(r["pair_id"], r["image"]): r for r in records}
-    return score_predictions(bench.pairs, predictions, parser, prompt_version=prompt_version,
-                             bootstrap_samples=bootstrap_samples)
 
 
 def better(new: dict[str, float], old: dict[str, float] | None) -> bool:
@@ -67,12 +29,18 @@ def better(new: dict[str, float], old: dict[str, float] | None) -> bool:
     return rank(new) > rank(old)
 
 
+def latest(new: dict[str, float], old: dict[str, float] | None) -> bool:
+    """The newer evaluation wins (``train.selection: last``: the last checkpoint, no selection by score)."""
+    return True
+
+
 @dataclass
 class ValidationState:
     """What the validation loop knows: every evaluation so far, and what follows from it."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
     retention_floor: float | None = None  # rows whose retention fell more than this below step 0's are never best
+    prefer: Callable[[dict[str, Any], dict[str, Any] | None], bool] = better  # whether a row beats the best so far
 
     def eligible(self, row: dict[str, Any]) -> bool:
         if self.retention_floor is None or not self.history:
@@ -83,7 +51,7 @@ class ValidationState:
     def best(self) -> dict[str, Any] | None:
         best = None
         for row in self.history:
-            if self.eligible(row) and better(row, best):
+            if self.eligible(row) and self.prefer(row, best):
                 best = row
         return best
 
@@ -107,17 +75,17 @@ class PairValidationCallback(TrainerCallback):
 
     def __init__(self, run_dir: Path, evaluate: Callable[[], dict[str, Any]], save_best: Callable[[int], None],
                  eval_steps: int, patience: int = 0, is_main: bool = True, log: Callable[[dict], None] | None = None,
-                 retention_floor: float | None = None):
+                 retention_floor: float | None = None, prefer: Callable[[dict, dict | None], bool] = better):
         self.run_dir, self.evaluate, self.save_best = run_dir, evaluate, save_best
         self.eval_steps, self.patience, self.is_main, self.log = eval_steps, patience, is_main, log
         path = run_dir / "val_history.jsonl"
         try:
             history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
         except ValueError as exc:
-            from unconfuse.eval.io import RunDirError
+            from unconfuse.eval.folders import RunDirError
 
             raise RunDirError(f"{path}: unreadable ({exc}); --force starts the run afresh") from None
-        self.state = ValidationState(history, retention_floor)
+        self.state = ValidationState(history, retention_floor, prefer)
         self.keys = VAL_KEYS + (("retention",) if retention_floor is not None else ())
 
     def _run(self, step: int, control) -> None:
@@ -125,7 +93,7 @@ class PairValidationCallback(TrainerCallback):
             return  # already done before a resume
         metrics = self.evaluate()
         row = {"step": step, **{k: metrics[k] for k in self.keys}}
-        improved = self.state.eligible(row) and better(row, self.state.best)
+        improved = self.state.eligible(row) and self.state.prefer(row, self.state.best)
         self.state.history.append(row)
         if improved:
             self.save_best(step)
@@ -191,9 +159,7 @@ class NonFiniteGuard(TrainerCallback):
             self._stop("gradient", state.global_step + 1, args.output_dir)
 
     def _stop(self, what: str, step: int, output_dir: str):
-        done = [p for p in Path(output_dir).glob("checkpoint-*")
-                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
-        last = max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+        last = next((p for p in numbered_checkpoints(Path(output_dir)) if checkpoint_complete(p)), None)  # as resume finds it
         raise NonFiniteError(f"non-finite {what} at step {step}{f' ({self.hint})' if self.hint else ''}; "
                              + (f"last good checkpoint: {last}" if last else "no checkpoint was saved before it"))
 

@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from unconfuse.eval.home import config_dir
+
 T = TypeVar("T")
 
 
@@ -169,11 +171,26 @@ def _merge(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def resolve_config(arg: str | Path) -> Path:
+    """A ``--config`` value as a file: a path that exists, else a name of the shipped configs (``mllm_sft/tiny``,
+    ``.yaml`` optional), looked up as model presets are; else the path as given (its error names it)."""
+    path = Path(arg)
+    if path.exists() or path.is_absolute():
+        return path
+    shipped = config_dir() / (str(arg) if str(arg).endswith((".yaml", ".yml")) else f"{arg}.yaml")
+    if shipped.is_file():
+        return shipped
+    near = sorted(p.relative_to(config_dir()).with_suffix("").as_posix() for p in shipped.parent.glob("*.yaml"))
+    raise ConfigError(f"{arg}: no such file, nor a shipped config" + (f" (shipped here: {', '.join(near)})" if near else ""))
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """The recipe config: defaults of ``cls``, then the YAML file, then the overrides."""
+    """The recipe config: defaults of ``cls``, then the YAML file (a path, or a shipped config's name:
+    ``resolve_config``), then the overrides."""
     data: dict[str, Any] = {}
     overrides = list(overrides or [])
     if path:
+        path = resolve_config(path)
         data = read_yaml(path)
         data = {} if data is None else data  # an empty file sets nothing
         if not isinstance(data, dict):
@@ -214,6 +231,23 @@ def dump_config(config: Any, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+class Settings:
+    """Base of every config section: building one in Python runs the checks a YAML file gets (types, ``Literal``
+    choices, ranges), so ``TrainSettings(max_steps=0)`` is a ConfigError naming ``max_steps`` like ``train.max_steps=0``
+    is. Values are normalised as from YAML (an int where a float is expected becomes a float)."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                continue  # a section: checked when it was built
+            converted = _convert(value, hints[f.name], f.name)
+            _check_range(converted, f.metadata, f.name)
+            if converted is not value:
+                object.__setattr__(self, f.name, converted)
+
+
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, **bounds: Any) -> Any:
     """A documented config field: ``field(default=..., metadata={"help": ..., "min"/"gt": ...})``."""
     metadata = {"help": help, **bounds}
@@ -223,7 +257,7 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any 
 
 
 @dataclass
-class RecipeSettings:
+class RecipeSettings(Settings):
     """The run-level settings every recipe's config has (each config subclasses this and redefines ``model``
     with its own default; its own sections follow these in ``--help`` and config.yaml)."""
 
@@ -242,7 +276,7 @@ class RecipeSettings:
 
 
 @dataclass
-class TrainSettings:
+class TrainSettings(Settings):
     """The training settings every recipe has (``train.*``); a recipe picks its own defaults."""
 
     max_steps: int = setting(100, "optimizer steps to train", min=1)
@@ -260,9 +294,10 @@ class TrainSettings:
                                        "weights, is kept apart and always)", min=1)
     logging_steps: int = setting(10, "training log cadence in steps", min=1)
     patience: int = setting(0, "stop after this many validations without improvement; 0 = never", min=0)
-    selection: Literal["set_accuracy", "set_accuracy_with_retention_floor"] = setting(
-        "set_accuracy", "how the validation loop picks the best checkpoint: set accuracy (ties: lower confusion), or "
-                        "that among checkpoints whose validation-side retention stays within retention_floor of the base's")
+    selection: Literal["set_accuracy", "set_accuracy_with_retention_floor", "last"] = setting(
+        "set_accuracy", "how the validation loop picks the best checkpoint: set accuracy (ties: lower confusion); "
+                        "that among checkpoints whose validation-side retention stays within retention_floor of the "
+                        "base's; or last: the last one validated (no selection, for studies of training length)")
     retention_floor: float = setting(5.0, "with selection set_accuracy_with_retention_floor: the largest retention drop "
                                           "(points, validation side) a selected checkpoint may have", min=0)
     seed: int = setting(0, "seed of the model init, LoRA init, batch order and augmentation")

@@ -2,14 +2,25 @@
 with LoRA placed per part, scoring (with the image cache kept honest), and adapter merging."""
 from __future__ import annotations
 
+import copy
+import json
+import re
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from peft.utils.other import ModulesToSaveWrapper
 
-from unconfuse.train.callbacks import predict, score_records
-from unconfuse.train.config import ConfigError, RecipeSettings, TrainSettings, setting
+from unconfuse.eval.evaluation import predict, score_records, shared_between_processes
+from unconfuse.eval.images import load_image
+from unconfuse.eval.models import load_model, resolve_model
+from unconfuse.eval.retention import answer_mllm
+from unconfuse.train.config import ConfigError, RecipeSettings, Settings, TrainSettings, setting
+from unconfuse.train.distributed import gathered, process_device, whole_weights
 from unconfuse.train.replay import FRACTION_HELP, REPLAY_HELP, question_items, wrong_option
 
 # Where image-text-to-text architectures keep their parts (module-name suffixes): LLaVA, LLaVA-NeXT and
@@ -28,7 +39,7 @@ Part = Literal["none", "lora", "full"]
 
 
 @dataclass
-class MllmData:
+class MllmData(Settings):
     """The pairs and how each image becomes an example."""
 
     train: str = setting("world:train", "training pairs: any benchmark argument (folder, file, hf:<id>, world:<split>)")
@@ -57,7 +68,7 @@ class MllmData:
 
 
 @dataclass
-class MllmLora:
+class MllmLora(Settings):
     """LoRA on the language model; the projector and the vision tower optionally."""
 
     r: int = setting(16, "LoRA rank", min=1)
@@ -111,8 +122,6 @@ def lora_placement(model, settings: MllmLora) -> Placement:
     for, located on this architecture. A setting the architecture cannot take (no such part, a
     projector without linear layers, a projector inside a fully trained tower) is a ConfigError
     that names the architecture, never a silent no-op."""
-    import torch
-
     arch = getattr(model.config, "model_type", type(model).__name__)
     linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     parts = {"language model": _find(model, LANGUAGE_MODELS), "projector": _find(model, PROJECTORS),
@@ -151,10 +160,6 @@ def lora_placement(model, settings: MllmLora) -> Placement:
 
 def lora_config(model, settings: MllmLora):
     """The peft LoraConfig of ``lora_placement``: adapters on exactly the named linear layers."""
-    import re
-
-    from peft import LoraConfig
-
     placement = lora_placement(model, settings)
     targets = [name for names in placement.lora.values() for name in names]
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
@@ -164,40 +169,33 @@ def lora_config(model, settings: MllmLora):
 
 def load_mllm(run, recipe: str):
     """The run's image-text-to-text model on this process's device, in the run's dtype (bf16 when
-    ``train.bf16``, else the preset's), seeded: ``(adapter, spec)``. Create the trainer arguments
+    ``train.bf16``, else the preset's), seeded: ``(backend, spec)``. Create the trainer arguments
     first: under ZeRO-3 the weights are then partitioned across processes as they load."""
-    from unconfuse.eval.models import load_model, resolve_model
-    from unconfuse.train.run import process_device
-
     spec = resolve_model(run.cfg.model)
     if spec.family != "hf-vlm":
         raise ConfigError(f"model: {recipe} trains image-text-to-text models; {run.cfg.model!r} is {spec.family}")
     if run.cfg.train.bf16:
         spec = replace(spec, dtype="bfloat16")
     torch.manual_seed(run.cfg.train.seed)
-    adapter, spec = load_model(spec, device=process_device())
-    sharded = [p for p in adapter.model.parameters() if hasattr(p, "ds_id")]
+    backend, spec = load_model(spec, device=process_device())
+    sharded = [p for p in backend.model.parameters() if hasattr(p, "ds_id")]
     if sharded and run.is_main:
         print(f"ZeRO-3: {len(sharded)} parameter tensors of {spec.name} partitioned across processes as they loaded", flush=True)
-    return adapter, spec
+    return backend, spec
 
 
-def attach_lora(adapter, settings: MllmLora, seed: int):
-    """The model with LoRA adapters; the adapter (scorer) keeps seeing it (the layers live in its base model)."""
-    from peft import get_peft_model
-
-    config = lora_config(adapter.model, settings)
+def attach_lora(backend, settings: MllmLora, seed: int):
+    """The model with LoRA adapters; the eval backend keeps seeing it (the layers live in its base model)."""
+    config = lora_config(backend.model, settings)
     torch.manual_seed(seed)  # LoRA init must not depend on whether the base model was just built
-    model = get_peft_model(adapter.model, config)
-    adapter.model = model.get_base_model()
+    model = get_peft_model(backend.model, config)
+    backend.model = model.get_base_model()
     return model
 
 
 def anchored_parameters(model) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     """(trained parameter, its base weights) of every module trained in full: peft's ``modules_to_save`` copy of the
     active adapter beside the frozen original it was copied from (the base, also under a warm start)."""
-    from peft.utils.other import ModulesToSaveWrapper
-
     pairs = []
     for wrapper in model.modules():
         if isinstance(wrapper, ModulesToSaveWrapper):
@@ -211,7 +209,6 @@ class AnchoredToBase:
     from the base's weights (L2-SP, Li et al., ICML 2018) to every optimizer step's loss, logged as ``anchor``.
     It pulls back what the pair loss does not move (Adam moves every parameter at the learning rate's scale,
     so weights the pairs do not need drift otherwise). Not under ZeRO-3 (each process holds a shard)."""
-
     def __init__(self, *args, anchor_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.anchor_weight = anchor_weight
@@ -253,10 +250,8 @@ def with_eval_bos(processor):
     templates that do not (LLaVA-1.5/NeXT, LLaVA-Med's Mistral) would train without the BOS that eval,
     transformers' ``apply_chat_template`` and the models' own training code put first. Here, text that
     comes with its images and does not start with BOS is tokenized with the tokenizer's BOS, as eval
-    does; completions (no images) and templates that write BOS are untouched. A copy: the adapter's
+    does; completions (no images) and templates that write BOS are untouched. A copy: the backend's
     processor, which eval uses and checkpoints save, is not changed."""
-    import copy
-
     bos = getattr(getattr(processor, "tokenizer", processor), "bos_token", None)
     if not bos:
         return processor
@@ -274,44 +269,36 @@ def with_eval_bos(processor):
     return trained
 
 
-def scorer(run, spec, adapter, trainer, vision_trains: bool):
+def evaluator(run, spec, backend, trainer, vision_trains: bool):
     """``evaluate(bench, mode, base=False)`` for the lifecycle: the eval code path on the model being
     trained (``base``: with its adapters disabled, i.e. the base model). Every process scores its share
     of the pairs on whole weights (under ZeRO-3 they are gathered for the pass, as TRL does for
     generation). Cached image features are dropped when the vision side trains (they would be stale)."""
-    from contextlib import nullcontext
-
-    from unconfuse.train.run import whole_weights
 
     def evaluate(bench, mode: str, base: bool = False):
         with whole_weights(trainer), (trainer.model.disable_adapter() if base else nullcontext()):
-            adapter.model.eval()
+            backend.model.eval()
             if vision_trains:
-                adapter.clear_cache()
-            records = predict(adapter, spec, mode, bench, run.prompts, run.cfg.val_batch_pairs)
-            adapter.model.train()
+                backend.clear_cache()
+            records = predict(backend, spec, mode, bench, run.prompts, run.cfg.val_batch_pairs)
+            backend.model.train()
         if vision_trains:
-            adapter.clear_cache()
+            backend.clear_cache()
         return records, score_records(bench, records, prompt_version=run.prompts.version)
 
     return evaluate
 
 
-def retention_scorer(run, adapter, trainer):
+def retention_evaluator(run, backend, trainer):
     """``retain(rset, base=False)``: retention records of the model being trained (``base``: adapters disabled),
     in ``data.retention_mode``; each process answers its share of the questions (gathered)."""
-    from contextlib import nullcontext
-
-    from unconfuse.eval.retention import answer_mllm
-    from unconfuse.train.callbacks import shared_between_processes
-    from unconfuse.train.run import whole_weights
 
     def retain(rset, base: bool = False):
         with whole_weights(trainer), (trainer.model.disable_adapter() if base else nullcontext()):
-            adapter.model.eval()
+            backend.model.eval()
             records = shared_between_processes(rset.questions, lambda share: answer_mllm(
-                adapter, rset, run.cfg.data.retention_mode, share, batch=run.cfg.val_batch_pairs * 2))
-            adapter.model.train()
+                backend, rset, run.cfg.data.retention_mode, share, batch=run.cfg.val_batch_pairs * 2))
+            backend.model.train()
         return records
 
     return retain
@@ -325,11 +312,6 @@ def load_best_adapters(run, model) -> None:
 
 def load_adapters(folder, model) -> None:
     """Put the adapters saved in ``folder`` into ``model`` in place (under ZeRO-3 written into their shards)."""
-    from peft import set_peft_model_state_dict
-    from peft.utils import load_peft_weights
-
-    from unconfuse.train.run import gathered
-
     weights = load_peft_weights(str(folder), device="cpu")
     with gathered([p for p in model.parameters() if p.requires_grad], modifier_rank=0):
         result = set_peft_model_state_dict(model, weights)
@@ -341,8 +323,6 @@ def warm_start(model, best) -> None:
     """Load the adapters the run starts from (``run.init_adapters``: a checked ``checkpoints/best``; None: a fresh
     start) into the freshly attached LoRA ``model``; their settings (targets, rank, modules trained in full) must
     be this run's."""
-    import json
-
     if best is None:
         return
     saved, ours = json.loads((best / "adapter_config.json").read_text()), model.peft_config["default"].to_dict()
@@ -357,8 +337,6 @@ def warm_start(model, best) -> None:
 def letter_examples(bench, prompts, cfg: MllmData, seed: int) -> list[dict[str, Any]]:
     """Per image, in pair order (items 2k, 2k+1): the image, the prompt as presented (options swapped
     with the answer for half of the pairs when ``swap_options``) and the correct and other replies."""
-    from unconfuse.eval.images import load_image
-
     rng = np.random.default_rng(seed)
     images: dict[str, Any] = {}
     examples = []
@@ -389,8 +367,6 @@ def replay_examples(run, kind: Literal["sft", "dpo", "grpo"], prompts, seed: int
     ``data.replay_answer`` says how a question is asked: the plain question answered with the option's text, or
     (always for GRPO) the right option and one other as lettered options in the scoring mode's prompt, answered
     with the letter. Empty without replay."""
-    from unconfuse.eval.images import load_image
-
     if run.replay is None:
         return []
     rng = np.random.default_rng(seed)

@@ -9,25 +9,19 @@ from typing import Any
 
 import yaml
 
-from ..home import built_model_dir, unconfuse_home
-from .base import EncoderAdapter, GenerativeAdapter, ModelLoadError, Query
+from ..home import built_model_dir, config_dir, unconfuse_home
+from .base import EncoderBackend, GenerativeBackend, ModelLoadError, Query
 
 __all__ = ["ModelSpec", "load_model", "model_identity", "resolve_model", "find_preset", "list_presets", "ModelLoadError", "Query",
-           "GenerativeAdapter", "EncoderAdapter", "PRESET_DIR"]
+           "GenerativeBackend", "EncoderBackend"]
 
-PRESET_DIR = Path(__file__).resolve().parents[1].parent / "configs" / "models"
 FAMILIES = ("hf-vlm", "open-clip", "hf-clip", "hf-vision")
 CLIP_MODEL_TYPES = {"clip", "siglip", "siglip2", "chinese_clip", "altclip", "metaclip_2"}
 VISION_MODEL_TYPES = {"dinov2", "dinov2_with_registers", "dinov3_vit", "vit", "vit_mae"}  # image-only encoders (mining)
 
 
 def _preset_dir() -> Path:
-    # editable installs keep configs/ beside eval/; installed wheels carry it as unconfuse.configs
-    if PRESET_DIR.is_dir():
-        return PRESET_DIR
-    import unconfuse.configs
-
-    return Path(unconfuse.configs.__file__).parent / "models"
+    return config_dir() / "models"
 
 
 @dataclass
@@ -168,7 +162,7 @@ def model_identity(spec: ModelSpec) -> dict[str, Any]:
 
 
 def load_model(arg: str | ModelSpec, device: str | None = None, trust_remote_code: bool | None = None):
-    """Load the adapter for a model argument or spec. Returns ``(adapter, spec)``, the spec's
+    """Load the backend for a model argument or spec. Returns ``(backend, spec)``, the spec's
     ``model_id`` resolved to what was loaded (a built preset's folder, ``{home}`` expanded)."""
     spec = arg if isinstance(arg, ModelSpec) else resolve_model(arg)
     model_id = spec.model_id.replace("{home}", str(unconfuse_home())) if spec.model_id else None
@@ -182,25 +176,25 @@ def load_model(arg: str | ModelSpec, device: str | None = None, trust_remote_cod
         _hub_config(model_id)  # fail fast offline, before the slow loaders try
     remote = spec.trust_remote_code if trust_remote_code is None else trust_remote_code
     if spec.family == "hf-vlm":
-        from .hf_vlm import HFVisionLanguageAdapter, merge_adapters
+        from .hf_vlm import HFVisionLanguageBackend, merge_adapters
 
         model = processor = None
         if model_id and (Path(model_id) / "adapter_config.json").exists():  # adapters: merged into their base
             model, processor = merge_adapters(model_id, dtype=None if spec.dtype == "auto" else spec.dtype)
-        adapter: Any = HFVisionLanguageAdapter(model_id, name=spec.name, dtype=spec.dtype, device=device,
+        backend: Any = HFVisionLanguageBackend(model_id, name=spec.name, dtype=spec.dtype, device=device,
                                                trust_remote_code=remote, system_prompt=spec.system_prompt,
                                                revision=spec.revision, model=model, processor=processor)
     elif spec.family == "open-clip":
-        from .clip import OpenClipAdapter
+        from .clip import OpenClipBackend
 
-        adapter = OpenClipAdapter(model_id, name=spec.name, pretrained=spec.pretrained, device=device)
+        backend = OpenClipBackend(model_id, name=spec.name, pretrained=spec.pretrained, device=device)
     elif spec.family == "hf-vision":
-        from .clip import HFVisionAdapter
+        from .clip import HFVisionBackend
 
-        adapter = HFVisionAdapter(model_id, name=spec.name, device=device, trust_remote_code=remote, revision=spec.revision)
+        backend = HFVisionBackend(model_id, name=spec.name, device=device, trust_remote_code=remote, revision=spec.revision)
     else:
-        from .clip import HFClipAdapter
+        from .clip import HFClipBackend
 
-        adapter = HFClipAdapter(model_id, name=spec.name, device=device, trust_remote_code=remote,
+        backend = HFClipBackend(model_id, name=spec.name, device=device, trust_remote_code=remote,
                                 revision=spec.revision)
-    return adapter, replace(spec, model_id=model_id)
+    return backend, replace(spec, model_id=model_id)

@@ -1,4 +1,4 @@
-"""What adapters answer. Adapters see images and prompts, never the metric."""
+"""What backends answer. Backends see images and prompts, never the metric."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,7 +14,7 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class Query:
     """One question about one image. ``image_key`` identifies the image across queries so that
-    an adapter can encode it once per pass."""
+    a backend can encode it once per pass."""
 
     image_key: str
     image: Image.Image
@@ -23,7 +23,7 @@ class Query:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class GenerativeAdapter(Protocol):
+class GenerativeBackend(Protocol):
     """An image-text-to-text model (mc, greedy, prefix, freeform modes)."""
 
     name: str
@@ -38,10 +38,27 @@ class GenerativeAdapter(Protocol):
         """Greedy decoding of the reply to each prompt."""
 
 
-class EncoderAdapter(Protocol):
+class EncoderBackend(Protocol):
     """A CLIP-style image/text encoder (clip mode)."""
 
     name: str
 
     def similarities(self, queries: list[Query], texts: list[tuple[str, ...]]) -> list[list[float]]:
         """Cosine similarity of each query's image to each of its texts."""
+
+
+def build_queries(rows) -> list[Query]:
+    """A Query per ``(image path, prompt, options, meta)`` row; each image is decoded once, keyed by its normalised
+    path (the same image reached through another split's folder, ``world/test/../images``, shares its entry)."""
+    import os
+
+    from ..images import load_image
+
+    images: dict[str, Image.Image] = {}
+    queries = []
+    for path, prompt, options, meta in rows:
+        key = os.path.normpath(path)
+        if key not in images:
+            images[key] = load_image(key)
+        queries.append(Query(key, images[key], prompt, tuple(options), meta))
+    return queries

@@ -1,4 +1,4 @@
-"""Adapters for CLIP-style encoders: open_clip (incl. ``hf-hub:`` BiomedCLIP and ``local-dir:``)
+"""Backends for CLIP-style encoders: open_clip (incl. ``hf-hub:`` BiomedCLIP and ``local-dir:``)
 and transformers CLIP/SigLIP. Each unique image and each unique text is encoded once per pass."""
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ class _EncoderCache:
         self._text_emb: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_encoder_calls = 0
 
-    def clear_cache(self) -> None:
-        self._image_emb.clear()
-        self._text_emb.clear()
+    def clear_cache(self, images: bool = True, texts: bool = True) -> None:
+        """Forget the cached embeddings (of images, of texts, or both): stale once the weights change."""
+        if images:
+            self._image_emb.clear()
+        if texts:
+            self._text_emb.clear()
 
     def _encode_images(self, images: list[Any]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -63,7 +66,7 @@ class _EncoderCache:
         return result
 
 
-class OpenClipAdapter(_EncoderCache):
+class OpenClipBackend(_EncoderCache):
     """open_clip models: ``hf-hub:org/name``, ``local-dir:/path``, or an architecture name + ``pretrained`` tag."""
 
     def __init__(self, spec: str, *, name: str | None = None, pretrained: str | None = None, device: str | None = None,
@@ -92,7 +95,7 @@ class OpenClipAdapter(_EncoderCache):
         return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
 
-class HFClipAdapter(_EncoderCache):
+class HFClipBackend(_EncoderCache):
     """transformers CLIP / SigLIP (anything with get_image_features and get_text_features)."""
 
     def __init__(self, model_path: str, *, name: str | None = None, device: str | None = None,
@@ -127,7 +130,7 @@ class HFClipAdapter(_EncoderCache):
         return self._tensor(self.model.get_text_features(**inputs))
 
 
-class HFVisionAdapter(_EncoderCache):
+class HFVisionBackend(_EncoderCache):
     """An image-only transformers encoder (DINOv2 and other ViTs): the pooled output, else the
     first token of the last hidden state. Used by mining as encoder B; it has no text side."""
 

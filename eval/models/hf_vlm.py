@@ -1,4 +1,4 @@
-"""One adapter for transformers image-text-to-text models (LLaVA, LLaVA-NeXT, Qwen2/2.5-VL, Gemma3/MedGemma, ...).
+"""One backend for transformers image-text-to-text models (LLaVA, LLaVA-NeXT, Qwen2/2.5-VL, Gemma3/MedGemma, ...).
 
 Efficiency, as the eval contract asks:
 - each unique image goes through the vision tower once per pass: its features are cached by
@@ -18,6 +18,7 @@ it; tests/test_twins.py holds both paths to a naive forward per question).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch
 from .base import ModelLoadError, Query
 
 
-class HFVisionLanguageAdapter:
+class HFVisionLanguageBackend:
     """Scores and generates with an ``AutoModelForImageTextToText`` + ``AutoProcessor``."""
 
     def __init__(self, model_path: str, *, name: str | None = None, dtype: str = "auto", device: str | None = None,
@@ -398,6 +399,18 @@ def _left_pad(rows: list[torch.Tensor], value: int, device: torch.device) -> tup
     return ids, mask
 
 
+@contextlib.contextmanager
+def peft_deprecation_quiet():
+    """Inside the block, the FutureWarning TRL and peft trigger by reading transformers' deprecated
+    ``is_gradient_checkpointing`` is not shown: no setting of ours can change it, and it would print on every LoRA
+    load and run. Scoped, so importing or using unconfuse leaves the process's warning filters as they were."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def merge_adapters(adapter_dir, base: str | None = None, dtype: Any = None):
     """The base model with the LoRA adapters of ``adapter_dir`` (a run's ``checkpoints/best``) merged in
     (peft's merge_and_unload), and the processor saved beside them (else the base's)."""
@@ -410,6 +423,7 @@ def merge_adapters(adapter_dir, base: str | None = None, dtype: Any = None):
     base = base or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForImageTextToText.from_pretrained(base, use_safetensors=True, **kwargs)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with peft_deprecation_quiet():
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     processor = AutoProcessor.from_pretrained(str(adapter_dir) if (adapter_dir / "processor_config.json").exists() else base)
     return model, processor

@@ -19,17 +19,18 @@ import hashlib
 import html
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from unconfuse.eval.benchmarks import Benchmark
+from unconfuse.eval.folders import owned_folder
 from unconfuse.eval.images import is_dicom, load_image
-from unconfuse.eval.io import atomic_write_bytes, atomic_write_json, atomic_write_text, owned_folder
+from unconfuse.eval.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from unconfuse.eval.runs import RunFormatError, read_kind
 from unconfuse.eval.scorer import category_order, outcomes
 from unconfuse.eval.tools.compare import RunEntry, load_scored_runs
+from unconfuse.eval.tracking import start_wandb_run
 
 STATUSES = ("fixed", "broken", "still confused", "right")
 CHANGED = ("fixed", "broken")
@@ -403,10 +404,7 @@ def atlas_table(atlas: Atlas, out: str | Path):
 
 
 def _log_wandb(atlas: Atlas, out: Path) -> dict[str, Any]:
-    import wandb
-
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "unconfuse"), job_type="atlas", name=out.name,
-                     dir=os.environ.get("WANDB_DIR") or str(out))
+    run = start_wandb_run(out.name, str(out), job_type="atlas")
     run.log({"atlas": atlas_table(atlas, out)})
     info = {"url": run.url if not run.offline else None, "dir": str(Path(run.dir).parent)}
     run.finish()

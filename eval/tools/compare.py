@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,11 @@ from typing import Any
 import numpy as np
 
 from unconfuse.eval.benchmarks import Benchmark, load_benchmark
-from unconfuse.eval.io import atomic_write_text, owned_folder
+from unconfuse.eval.folders import owned_folder
+from unconfuse.eval.io import atomic_write_text
 from unconfuse.eval.runs import RunFormatError, read_kind, read_run_results, read_scored
 from unconfuse.eval.scorer import PredictionsError, compare, fmt, fmt_ci, read_predictions, resolve_answers, score
+from unconfuse.eval.tracking import start_wandb_run, wandb_mode
 
 METRICS = ("set_accuracy", "confusion", "individual_accuracy")
 
@@ -346,13 +347,11 @@ def _plot_retention(ax, baseline: dict[str, Any], rows: list[dict[str, Any]]) ->
 def _log_wandb(rows, groups, run_dirs: list[Path], out: Path) -> dict[str, Any]:
     """Online: log the table to the W&B project. Otherwise: where the offline runs are, to sync."""
     offline = sorted(str(p) for d in run_dirs for p in d.glob("**/wandb/offline-run-*"))
-    online = os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled")
-    if not online:
+    if wandb_mode() != "online":
         return {"logged": False, "offline_runs": offline}
     import wandb
 
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "unconfuse"), job_type="compare", name=out.name,
-                     dir=str(out))
+    run = start_wandb_run(out.name, str(out), job_type="compare")
     columns = ["run", "strategy", "model", "data", "seed", *METRICS, "set_accuracy_diff", "mcnemar_p", "retention_diff",
                "retention_mcnemar_p"]
     table = wandb.Table(columns=columns, data=[

@@ -33,8 +33,10 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
-from unconfuse.eval.io import atomic_write_json, atomic_writer, owned_folder, sha256_file
+from unconfuse.eval.folders import owned_folder
 from unconfuse.eval.home import unconfuse_home
+from unconfuse.eval.io import atomic_write_json, atomic_writer, sha256_file
+from unconfuse.eval.leakage import min_hamming, phash_rows
 from unconfuse.eval.pairs import Pair, write_jsonl
 
 CAPTION_QUESTION = "Which caption describes this image?"
@@ -219,15 +221,13 @@ class EmbeddingCache:
     ``root/<model key>/``: ``shard-<id>.vectors.npy`` (rows) and ``shard-<id>.hashes.npy`` (the rows'
     hashes). A shard is written as soon as ``shard_size`` new embeddings exist, each file atomically,
     hashes last (a shard counts once its hashes exist), so a kill loses at most the shard in
-    progress. Shards are read through ``np.load(mmap_mode="r")``: only the hashes are held in memory.
-    ``chunk-*.npz`` files of earlier versions are converted to shards when the cache opens."""
+    progress. Shards are read through ``np.load(mmap_mode="r")``: only the hashes are held in memory."""
 
     def __init__(self, root: Path, model_key: str, shard_size: int = SHARD_SIZE):
         if shard_size < 1:
             raise MiningError(f"shard size must be at least 1, got {shard_size}")
         self.folder = root / model_key
         self.shard_size = shard_size
-        self._migrate_npz_chunks()
         self._load_index()
 
     # the index: every cached hash, sorted, with its shard and row (numpy, not a dict: 1.6M hashes
@@ -270,7 +270,7 @@ class EmbeddingCache:
         shard[found], row[found] = self._shard[pos[found]], self._row[pos[found]]
         return shard, row
 
-    def embed(self, adapter, hashes: list[str], paths: list[Path], batch_size: int,
+    def embed(self, backend, hashes: list[str], paths: list[Path], batch_size: int,
               unreadable: dict[str, str] | None = None, num_workers: int = 0) -> int:
         """Embed the images of ``hashes`` that are not cached yet; returns how many were embedded.
         Images are decoded by ``num_workers`` DataLoader processes (0: in this one) and encoded in
@@ -305,7 +305,7 @@ class EmbeddingCache:
                     else:
                         bad_hashes[hashes[i]] = reason
                 if images:
-                    vectors = np.asarray(adapter.encode_images(images), dtype=np.float32)
+                    vectors = np.asarray(backend.encode_images(images), dtype=np.float32)
                     writer.add([hashes[i] for i in positions], vectors)
         finally:
             writer.close()  # the last, partial shard
@@ -336,17 +336,6 @@ class EmbeddingCache:
             take = shard == s
             out[take] = np.load(self.shards[s], mmap_mode="r")[row[take]]  # the map closes with the view
         return out
-
-    def _migrate_npz_chunks(self) -> None:
-        """``chunk-<id>.npz`` (earlier versions: one per run, loaded whole) -> ``shard-<id>-npz``; the
-        chunk is deleted once its shard is complete (a rerun after a kill rewrites the same shard)."""
-        for chunk in sorted(self.folder.glob("chunk-*.npz")):
-            with np.load(chunk) as data:
-                hashes, vectors = data["hashes"], data["vectors"].astype(np.float32)
-            name = chunk.stem.replace("chunk-", "shard-") + "-npz"
-            _atomic_save(self.folder / f"{name}.vectors.npy", vectors)
-            _atomic_save(self.folder / f"{name}.hashes.npy", np.array([str(h).encode() for h in hashes]))
-            chunk.unlink()
 
 
 class _ShardWriter:
@@ -409,8 +398,8 @@ class Encoder:
                  shard_size: int = SHARD_SIZE):
         from unconfuse.eval.models import load_model
 
-        self.adapter, spec = load_model(model, device=device)
-        if not hasattr(self.adapter, "encode_images"):
+        self.backend, spec = load_model(model, device=device)
+        if not hasattr(self.backend, "encode_images"):
             raise MiningError(f"{model}: mining needs an image encoder (open-clip, hf-clip or hf-vision), not {spec.family}")
         self.cache = EmbeddingCache(unconfuse_home() / "embeddings", model_key(spec), shard_size)
         self.batch_size = batch_size
@@ -418,7 +407,7 @@ class Encoder:
 
     def embed(self, hashes: list[str], paths: list[Path], unreadable: dict[str, str] | None = None) -> int:
         """Cache the embeddings of these images (see ``EmbeddingCache.embed``)."""
-        return self.cache.embed(self.adapter, hashes, paths, self.batch_size, unreadable, self.num_workers)
+        return self.cache.embed(self.backend, hashes, paths, self.batch_size, unreadable, self.num_workers)
 
     def matrix(self, hashes: list[str], path: Path | None = None) -> np.ndarray:
         return self.cache.matrix(hashes, path)
@@ -584,28 +573,6 @@ def select_pairs(pairs: np.ndarray, sim_a: np.ndarray, sim_b: np.ndarray, max_pe
 
 # -- leakage ----------------------------------------------------------------------------------------
 
-def _phash(path: Path):
-    import imagehash
-
-    from unconfuse.eval.images import load_image
-
-    return imagehash.phash(load_image(path))
-
-
-def _phash_bytes(paths: list[Path]) -> np.ndarray:
-    """64-bit perceptual hashes (imagehash.phash) as rows of 8 bytes."""
-    return np.stack([np.packbits(_phash(p).hash.flatten()) for p in paths]) if paths else np.zeros((0, 8), np.uint8)
-
-
-def min_hamming(a: np.ndarray, b: np.ndarray, block: int = 4096) -> np.ndarray:
-    """For each row of ``a`` (packed 64-bit hashes), the smallest Hamming distance to a row of ``b``."""
-    out = np.empty(len(a), dtype=np.int64)
-    for start in range(0, len(a), block):
-        xor = np.bitwise_xor(a[start:start + block, None, :], b[None, :, :])
-        out[start:start + block] = np.bitwise_count(xor).sum(axis=-1, dtype=np.int64).min(axis=1)
-    return out
-
-
 def exclusions(cfg: MiningConfig, items: list[CorpusItem], hashes: list[str], emb_b: np.ndarray,
                encoder_b: Encoder) -> tuple[np.ndarray, dict[str, Any]]:
     """Mask of corpus images to drop: images of the excluded benchmarks and their near-duplicates."""
@@ -628,8 +595,8 @@ def exclusions(cfg: MiningConfig, items: list[CorpusItem], hashes: list[str], em
         bench_hash_set = set(bench_hashes)
         exact = np.array([h in bench_hash_set for h in hashes], dtype=bool)
         if corpus_phash is None:
-            corpus_phash = _phash_bytes([item.path for item in items])
-        near_phash = min_hamming(corpus_phash, _phash_bytes(paths)) <= cfg.dedup_phash_distance
+            corpus_phash = phash_rows([item.path for item in items])
+        near_phash = min_hamming(corpus_phash, phash_rows(paths)) <= cfg.dedup_phash_distance
         encoder_b.embed(bench_hashes, paths)
         bench_b = encoder_b.matrix(bench_hashes)
         near_b = np.zeros(len(items), dtype=bool)

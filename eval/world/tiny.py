@@ -493,7 +493,7 @@ def build_siglip(out: Path, image_size: int = 64, patch_size: int = 16, hidden: 
     real SiglipProcessor: a SiglipImageProcessor and a SiglipTokenizer over a SentencePiece unigram model
     trained offline on ``TOKENIZER_CORPUS`` (lower-cased, punctuation dropped, as the tokenizer canonicalises
     texts), with the real one's pieces ``<pad>`` 0, ``</s>`` 1 (also its pad token), ``<unk>`` 2 and
-    ``model_max_length`` 64: SigLIP was trained on texts padded to 64, which eval's adapter does."""
+    ``model_max_length`` 64: SigLIP was trained on texts padded to 64, which eval's backend does."""
     import io
 
     import sentencepiece

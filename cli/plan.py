@@ -32,8 +32,7 @@ from typing import Any
 
 from unconfuse.eval.models import ModelSpec, resolve_model
 from unconfuse.eval.models.architecture import architecture_of, empty_model, image_tokens, parameter_count
-
-from ..config import ConfigError
+from unconfuse.train.config import ConfigError
 
 GiB = 1024 ** 3
 OVERHEAD_BYTES = int(1.5 * GiB)  # CUDA context, NCCL buffers, cuBLAS workspace
@@ -128,7 +127,7 @@ def _parts_of(model, spec: ModelSpec, cfg) -> dict[str, str]:
     """Part name -> module prefix: the language model, projector and vision tower of an MLLM (as the recipes
     find them), the two towers of an encoder."""
     if spec.family == "hf-vlm":
-        from ..mllm import LANGUAGE_MODELS, PROJECTORS, VISION_TOWERS, _find
+        from unconfuse.train.mllm import LANGUAGE_MODELS, PROJECTORS, VISION_TOWERS, _find
 
         found = {"language model": _find(model, LANGUAGE_MODELS), "projector": _find(model, PROJECTORS),
                  "vision tower": _find(model, VISION_TOWERS)}
@@ -144,7 +143,7 @@ def _trainable_model(model, spec: ModelSpec, recipe: str, cfg):
     from peft import get_peft_model
 
     if spec.family == "hf-vlm":
-        from ..mllm import lora_config
+        from unconfuse.train.mllm import lora_config
 
         return get_peft_model(model, lora_config(model, cfg.lora))
     if cfg.trainable == "lora":
@@ -166,7 +165,7 @@ def _trainable_model(model, spec: ModelSpec, recipe: str, cfg):
 
 def _sequences(recipe: str, cfg, spec: ModelSpec) -> dict[str, int]:
     """The device batch's shape: sequences per forward and tokens per sequence (image tokens included)."""
-    from ..replay import replay_per_batch
+    from unconfuse.train.replay import replay_per_batch
 
     pair_items = 2 * cfg.train.pairs_per_batch
     items = pair_items + (replay_per_batch(cfg.data.replay_fraction, pair_items) if cfg.data.replay != "none" else 0)
@@ -283,8 +282,7 @@ def make_plan(recipe: str, config_path: str | None, overrides: list[str] | None 
               gpu_memory_gb: float | None = None) -> Plan:
     """The memory plan of ``recipe`` with this config and overrides under this accelerate launch config."""
     from unconfuse.recipes import recipe_module
-
-    from ..config import load_config
+    from unconfuse.train.config import load_config
 
     module = recipe_module(recipe)
     cfg = load_config(module.CONFIG_CLASS, config_path, overrides)

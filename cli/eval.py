@@ -7,24 +7,25 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..launch import accelerate_launch, launch_state, read_accelerate_config, record_exit_status
-from ..options import add_config_arguments, config_from_args, config_to_argv
-from ..scorer import PARSERS
-from ..world import prepare
+from unconfuse.eval.launch import accelerate_launch, launch_state, read_accelerate_config, record_exit_status
+from unconfuse.eval.options import add_config_arguments, config_from_args, config_to_argv
+from unconfuse.eval.scorer import PARSERS
+from unconfuse.eval.world import prepare
 
 if TYPE_CHECKING:
-    from ..runner import EvalConfig
+    from unconfuse.eval.runner import EvalConfig
 
 EXIT_BAD_INPUT = 2
 # a config's `progress` field is the command line's `--quiet` (stores False)
 QUIET = {"flags": ["--quiet"], "action": "store_false"}
+EVAL_FLAGS = {"progress": QUIET}
 
 
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
-    from ..runner import EvalConfig
+    from unconfuse.eval.runner import EvalConfig
 
     p = sub.add_parser("eval", help="evaluate a model on a benchmark (writes predictions.jsonl, results.json, report.md)")
-    add_config_arguments(p, EvalConfig, flags={"progress": QUIET})
+    add_config_arguments(p, EvalConfig, flags=EVAL_FLAGS)
     p.add_argument("--launch", metavar="ACCELERATE_YAML", help="accelerate config (configs/accelerate/ddp.yaml): the "
                    "pairs split across its processes (one per GPU), one predictions.jsonl as a one-process run writes")
     p.set_defaults(func=cmd_eval)
@@ -45,7 +46,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help="split of a Hugging Face dataset benchmark")
     p.set_defaults(func=cmd_splits)
 
-    from .mining import MiningConfig
+    from unconfuse.eval.tools.mining import MiningConfig
 
     p = sub.add_parser("mine", help="mine confusing pairs from an image-caption corpus (encoder A alike, encoder B apart)")
     add_config_arguments(p, MiningConfig)
@@ -88,13 +89,13 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert_llava_med)
 
     data = sub.add_parser("data", help="benchmark data").add_subparsers(dest="data_command", required=True)
-    from ..download import DownloadConfig
+    from unconfuse.eval.download import DownloadConfig
 
     p = data.add_parser("download", help="download MediConfusion (questions + images from PMC's open-access S3 bucket)")
     add_config_arguments(p, DownloadConfig, flags={"progress": QUIET})
     p.set_defaults(func=cmd_download)
 
-    from ..world import WorldConfig
+    from unconfuse.eval.world import WorldConfig
 
     p = data.add_parser("synth", help="build the embedded world: confusing pairs drawn on real radiology images")
     p.add_argument("--out", required=True, help="folder of the world (train/, val/, test/, corpus.jsonl, world.json)")
@@ -113,11 +114,11 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..models import ModelLoadError
-    from ..pairs import BenchmarkError
-    from ..io import RunDirError
-    from ..runner import EvalConfig, EvalInputError, check_inputs, run_eval
-    from ..scorer import PredictionsError, render_report
+    from unconfuse.eval.folders import RunDirError
+    from unconfuse.eval.models import ModelLoadError
+    from unconfuse.eval.pairs import BenchmarkError
+    from unconfuse.eval.runner import EvalConfig, EvalInputError, check_inputs, run_eval
+    from unconfuse.eval.scorer import PredictionsError, render_report
 
     cfg = config_from_args(EvalConfig, args)
     if getattr(args, "launch", None):
@@ -144,20 +145,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def launch_eval(cfg: EvalConfig, accelerate_config: str) -> int:
     """``unconfuse eval --launch ACCEL``: the same evaluation in every process ``accelerate launch`` starts
-    (``python -m unconfuse.eval.tools.cli eval ...``); they split the batches and the main one gathers."""
+    (``python -m unconfuse.cli.eval eval ...``); they split the batches and the main one gathers."""
     path = Path(accelerate_config)
     if not path.is_file():
         return _fail(f"--launch {accelerate_config}: no such file (configs/accelerate/ddp.yaml is one)")
     if read_accelerate_config(path).get("distributed_type") == "DEEPSPEED":
         return _fail(f"--launch {accelerate_config}: DeepSpeed shards training state; evaluation runs whole "
                      "models side by side: use a DDP config (configs/accelerate/ddp.yaml)")
-    return accelerate_launch("unconfuse.eval.tools.cli", path, ["eval", *config_to_argv(cfg, flags={"progress": QUIET})])
+    return accelerate_launch("unconfuse.cli.eval", path, ["eval", *config_to_argv(cfg, flags=EVAL_FLAGS)])
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from ..benchmarks import BenchmarkError, load_benchmark
-    from ..runner import score_run
-    from ..scorer import PredictionsError, render_report
+    from unconfuse.eval.benchmarks import BenchmarkError, load_benchmark
+    from unconfuse.eval.runner import score_run
+    from unconfuse.eval.scorer import PredictionsError, render_report
 
     out = Path(args.out)
     try:
@@ -176,8 +177,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_splits(args: argparse.Namespace) -> int:
-    from ..benchmarks import BenchmarkError, load_benchmark
-    from ..splits import write_splits
+    from unconfuse.eval.benchmarks import BenchmarkError, load_benchmark
+    from unconfuse.eval.splits import write_splits
 
     try:
         prepare(benchmarks=[args.benchmark])
@@ -193,7 +194,7 @@ def cmd_splits(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from ..download import DownloadConfig, DownloadError, download
+    from unconfuse.eval.download import DownloadConfig, DownloadError, download
 
     cfg = config_from_args(DownloadConfig, args)
     try:
@@ -210,7 +211,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from ..world import WorldConfig, WorldError, synthesize
+    from unconfuse.eval.world import WorldConfig, WorldError, synthesize
 
     cfg = config_from_args(WorldConfig, args)
     try:
@@ -224,18 +225,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ..world.sample import write_sample_benchmark
+    from unconfuse.eval.world.sample import write_sample_benchmark
 
     print(f"wrote {write_sample_benchmark(args.out) / 'pairs.jsonl'}")
     return 0
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    from ..io import RunDirError
-    from ..judge import JudgeError
-    from ..models.base import ModelLoadError
-    from ..pairs import BenchmarkError
-    from .mining import MiningConfig, MiningError, mine
+    from unconfuse.eval.folders import RunDirError
+    from unconfuse.eval.judge import JudgeError
+    from unconfuse.eval.models.base import ModelLoadError
+    from unconfuse.eval.pairs import BenchmarkError
+    from unconfuse.eval.tools.mining import MiningConfig, MiningError, mine
 
     cfg = config_from_args(MiningConfig, args, exclude=[] if args.no_exclude else args.exclude)
     try:
@@ -253,9 +254,9 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..io import RunDirError
-    from ..pairs import BenchmarkError
-    from .compare import CompareError, compare_summary, run_compare
+    from unconfuse.eval.folders import RunDirError
+    from unconfuse.eval.pairs import BenchmarkError
+    from unconfuse.eval.tools.compare import CompareError, compare_summary, run_compare
 
     try:
         summary = run_compare(args.runs, args.baseline, args.out, benchmark=args.benchmark, force=args.force)
@@ -266,10 +267,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_atlas(args: argparse.Namespace) -> int:
-    from ..io import RunDirError
-    from ..pairs import BenchmarkError
-    from .atlas import AtlasError, atlas_summary, write_atlas
-    from .compare import CompareError
+    from unconfuse.eval.folders import RunDirError
+    from unconfuse.eval.pairs import BenchmarkError
+    from unconfuse.eval.tools.atlas import AtlasError, atlas_summary, write_atlas
+    from unconfuse.eval.tools.compare import CompareError
 
     try:
         index = write_atlas(args.runs, args.out, args.baseline, args.label, benchmark=args.benchmark, force=args.force,
@@ -281,8 +282,8 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_llava_med(args: argparse.Namespace) -> int:
-    from ..convert import ConvertError, convert_llava_med
-    from ..home import unconfuse_home
+    from unconfuse.eval.convert import ConvertError, convert_llava_med
+    from unconfuse.eval.home import unconfuse_home
 
     out = args.out.replace("{home}", str(unconfuse_home()))
     try:
@@ -295,13 +296,18 @@ def cmd_convert_llava_med(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """These commands alone (what every process of ``unconfuse eval --launch`` runs):
-    ``python -m unconfuse.eval.tools.cli eval ...``."""
+    ``python -m unconfuse.cli.eval eval ...``."""
     parser = argparse.ArgumentParser(prog="unconfuse")
     add_eval_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    return run_command(parser.parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command (``args.func``); its exit status. SIGTERM / SIGINT: the run saves at its next clean
+    point and says so in one line."""
     from unconfuse.eval.stopping import Stopped, graceful_stop, report_stopped
 
-    with graceful_stop():  # SIGTERM / SIGINT: the run saves at its next clean point and says so in one line
+    with graceful_stop():
         try:
             return int(args.func(args) or 0)
         except Stopped as exc:

@@ -22,16 +22,18 @@ from typing import Any
 import numpy as np
 
 from unconfuse.eval.benchmarks import Benchmark, load_benchmark
-from unconfuse.eval.io import atomic_write_json, atomic_write_text, join_folder, owned_folder
+from unconfuse.eval.evaluation import score_records
+from unconfuse.eval.folders import join_folder, owned_folder
+from unconfuse.eval.io import atomic_write_json, atomic_write_text
 from unconfuse.eval.pairs import write_jsonl
 from unconfuse.eval.retention import pooled_retention_block, read_records
 from unconfuse.eval.runs import RunResults, read_run_results, write_run_results, write_scored
 from unconfuse.eval.scorer import fmt, fmt_ci, read_predictions
 from unconfuse.eval.splits import fold_benchmark, grouped_folds, write_splits
-from unconfuse.recipes import recipe_module
-from unconfuse.train.callbacks import NonFiniteError, score_records
+from unconfuse.recipes import recipe_module, run_recipe
+from unconfuse.train.callbacks import NonFiniteError
 from unconfuse.train.config import dump_config, load_config, to_dict
-from unconfuse.train.run import check_toy_data, run_recipe
+from unconfuse.train.lifecycle import check_toy_data
 
 METRICS = ("set_accuracy", "confusion", "individual_accuracy")
 
@@ -73,7 +75,7 @@ def _open_cv(recipe: str, config: str, folds: int, benchmark: str, seed: int, ov
 def run_cv(recipe: str, config: str, folds: int, benchmark: str, out: str | Path, seed: int = 0,
            overrides: list[str] | None = None, force: bool = False, launch: str | None = None) -> RunResults:
     """Train and test ``recipe`` once per fold, one fold after another; write the cv run record and
-    the pooled predictions. The cv directory is owned for the whole run (``unconfuse.eval.io.owned_folder``):
+    the pooled predictions. The cv directory is owned for the whole run (``unconfuse.eval.folders.owned_folder``):
     rerun with the same settings to resume (folds with their run record are reused, including folds
     run alone with ``run_fold``); other settings, folds or data are refused unless ``force``. With
     ``launch`` (an accelerate config), each fold trains under ``accelerate launch``."""

@@ -20,13 +20,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from unconfuse.eval.io import atomic_folder, atomic_write_json, atomic_write_text, owned_folder
+from unconfuse.eval.evaluation import predict, score_records
+from unconfuse.eval.folders import owned_folder
+from unconfuse.eval.io import atomic_folder, atomic_write_json, atomic_write_text
 from unconfuse.eval.retention import RetentionSet, read_records, retention_block, summarize
 from unconfuse.eval.runs import RunFormatError, read_run_results, scored_folder, write_run_results, write_scored
 from unconfuse.recipes import recipe_module
-from unconfuse.train.callbacks import ValidationState, predict, score_records
+from unconfuse.train.callbacks import ValidationState, better, latest
 from unconfuse.train.config import ConfigError, dump_config, load_config
-from unconfuse.train.run import retention_set_for
+from unconfuse.train.lifecycle import retention_set_for
 
 VAL_KEYS = ("set_accuracy", "confusion", "individual_accuracy", "invalid")
 
@@ -51,11 +53,11 @@ class EncoderWeights:
 
         spec = resolve_model(cfg.model)
         spec = replace(spec, clip_prompt="question" if cfg.data.text == "question_option" else "default")
-        self.adapter, self.spec = load_model(spec, device=device)
+        self.backend, self.spec = load_model(spec, device=device)
         make = open_clip_encoder if spec.family == "open-clip" else hf_clip_encoder
-        self.encoder = make(self.adapter, self.spec)
+        self.encoder = make(self.backend, self.spec)
         tuned, _ = load_model(replace(spec, build=None, model_id=self.encoder.model_id(best)), device=device)
-        self.base = {k: v.detach().clone() for k, v in self.adapter.model.state_dict().items()}
+        self.base = {k: v.detach().clone() for k, v in self.backend.model.state_dict().items()}
         self.tuned = {k: v.detach() for k, v in tuned.model.state_dict().items()}
         if set(self.base) != set(self.tuned):
             raise ConfigError(f"{best}: its weights are not the run's base model's ({cfg.model}) tensors")
@@ -63,8 +65,8 @@ class EncoderWeights:
     def set(self, alpha: float) -> None:
         state = {k: (1 - alpha) * b + alpha * self.tuned[k] if b.is_floating_point() else self.tuned[k]
                  for k, b in self.base.items()}
-        self.adapter.model.load_state_dict(state)
-        self.adapter.clear_cache()
+        self.backend.model.load_state_dict(state)
+        self.backend.clear_cache()
 
     def save(self, folder: Path) -> None:
         self.encoder.save(folder)
@@ -82,10 +84,10 @@ class AdapterWeights:
         spec = resolve_model(cfg.model)
         if cfg.train.bf16:
             spec = replace(spec, dtype="bfloat16")
-        self.adapter, self.spec = load_model(spec, device=device)
-        self.model = PeftModel.from_pretrained(self.adapter.model, str(best))
-        self.adapter.model = self.model.get_base_model()  # the scorer sees the adapted layers
-        self.adapter.model.eval()
+        self.backend, self.spec = load_model(spec, device=device)
+        self.model = PeftModel.from_pretrained(self.backend.model, str(best))
+        self.backend.model = self.model.get_base_model()  # the scorer sees the adapted layers
+        self.backend.model.eval()
         params = dict(self.model.named_parameters())
         self.lora_b = {name: p.detach().clone() for name, p in params.items() if ".lora_B." in name}
         self.full: dict[str, tuple[Any, Any]] = {}  # trained-in-full parameter -> (base value, trained value)
@@ -105,11 +107,11 @@ class AdapterWeights:
                 self.params[name].copy_(alpha * value)
             for name, (base, tuned) in self.full.items():
                 self.params[name].copy_((1 - alpha) * base + alpha * tuned)
-        self.adapter.clear_cache()
+        self.backend.clear_cache()
 
     def save(self, folder: Path) -> None:
         self.model.save_pretrained(str(folder))
-        self.adapter.processor.save_pretrained(str(folder))
+        self.backend.processor.save_pretrained(str(folder))
 
 
 def sweep(weights, alphas: list[float], score_val: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
@@ -137,8 +139,9 @@ def score_test_side(weights, alpha: float, retention: RetentionSet | None, modes
 def choose(rows: list[dict[str, Any]], selection: str, floor: float) -> dict[str, Any]:
     """The validation loop's own rule (``ValidationState``) over the alphas, ascending from the base (alpha 0):
     highest val set accuracy (ties: lower confusion, then the smaller alpha), among the alphas whose val retention
-    is within ``floor`` points of the base's when ``selection`` has a retention floor."""
-    return ValidationState(rows, floor if selection == "set_accuracy_with_retention_floor" else None).best
+    is within ``floor`` points of the base's when ``selection`` has a retention floor; ``last``: alpha 1, the run."""
+    return ValidationState(rows, floor if selection == "set_accuracy_with_retention_floor" else None,
+                           latest if selection == "last" else better).best
 
 
 def interpolate(run_dir: str | Path, alphas: list[float], out: str | Path | None = None, selection: str | None = None,
@@ -172,27 +175,27 @@ def interpolate(run_dir: str | Path, alphas: list[float], out: str | Path | None
                    "source_results": source.final, "alphas": alphas, "selection": selection, "retention_floor": floor}
 
     from unconfuse.eval.prompts import load_prompts
-    from unconfuse.train.run import process_device
+    from unconfuse.train.distributed import process_device
 
     prompts = load_prompts(source.prompt_version) if source.prompt_version else load_prompts()
     encoder = source.recipe == "clip_hardneg"
     with owned_folder(out, fingerprint, force=force, what="interpolation"):
         torch.manual_seed(cfg.train.seed)
         weights = (EncoderWeights if encoder else AdapterWeights)(cfg, best, process_device())
-        adapter, spec = weights.adapter, weights.spec
+        backend, spec = weights.backend, weights.spec
         val_mode = "clip" if encoder else cfg.val_mode
-        retention_mode = getattr(cfg.data, "retention_mode", "clip")  # as the run scored it (train.run.retention_mode)
+        retention_mode = getattr(cfg.data, "retention_mode", "clip")  # as the run scored it (lifecycle.retention_mode)
         batch = cfg.val_batch_pairs
 
         def retain(rset: RetentionSet) -> list[dict[str, Any]]:
             from unconfuse.eval.retention import answer_encoder, answer_mllm
 
             if encoder:
-                return answer_encoder(adapter, rset, prompts.template("clip", spec.clip_prompt))
-            return answer_mllm(adapter, rset, retention_mode, batch=2 * batch)
+                return answer_encoder(backend, rset, prompts.template("clip", spec.clip_prompt))
+            return answer_mllm(backend, rset, retention_mode, batch=2 * batch)
 
         def score(bench, mode):
-            records = predict(adapter, spec, mode, bench, prompts, batch)
+            records = predict(backend, spec, mode, bench, prompts, batch)
             return records, score_records(bench, records, prompt_version=prompts.version)
 
         def score_val() -> dict[str, Any]:

@@ -1,10 +1,9 @@
-"""``unconfuse demo``, the main job, in two acts on the embedded world, each recipe as it shipped before
-(old) beside the shipped one that keeps what the model knew. Act 1: the confused base encoder, clip_hardneg
+"""``unconfuse demo``, the main job, in two acts on the embedded world, each recipe in a setting that forgets
+("old") beside the shipped one that keeps what the model knew. Act 1: the confused base encoder, clip_hardneg
 trained on held-out confusing pairs (the MediConfusion scorer as the validation loop) without and with replay
-of general data, and the old run interpolated toward its base (WiSE-FT, chosen on the validation side). Act 2:
-the confused tiny LLaVA, mllm_sft as it shipped before (lr 1e-3) and as it ships (lr 3e-4, anchored to the
-base), and mllm_grpo rewarding the
-set-accuracy event, started from the shipped sft run. The test split, scored by ``unconfuse compare``, shows
+of general data, and the no-replay run interpolated toward its base (WiSE-FT, chosen on the validation side).
+Act 2: the confused tiny LLaVA, mllm_sft at lr 1e-3 and as it ships (lr 3e-4, anchored to the base), and
+mllm_grpo rewarding the set-accuracy event, started from the shipped sft run. The test split, scored by ``unconfuse compare``, shows
 whether each helped and what it cost (retention: the world's modality and body-part questions on the test
 images, before and after), on one set-accuracy vs retention plot; the failure atlas of each act shows the
 pairs each run fixed or broke."""
@@ -16,20 +15,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unconfuse.eval.io import atomic_write_text
+from unconfuse.cli.jobs import Job, run_jobs
 from unconfuse.eval.benchmarks import load_benchmark
+from unconfuse.eval.home import config_dir
+from unconfuse.eval.io import atomic_write_text
 from unconfuse.eval.runner import EvalConfig, run_eval
 from unconfuse.eval.scorer import fmt, fmt_ci, score_table
 from unconfuse.eval.world import default_world, prepare
-from unconfuse.train.commands.jobs import Job, run_jobs
-from unconfuse.train.run import run_recipe
+from unconfuse.recipes import run_recipe
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = config_dir()
 CONFIG = CONFIGS / "clip_hardneg" / "tiny.yaml"
 MLLM_BASE_RUNS = [("tiny-llava-base", "greedy"), ("tiny-llava-base", "prefix")]
-# Each act shows the old recipe (what the configs shipped before replay and the lower learning rate) beside the
+# Each act shows the recipe in a setting that forgets ("old": no replay; lr 1e-3 without the anchor) beside the
 # shipped, retaining one. Act 1: (label, run folder, overrides, step cost) of configs/clip_hardneg/tiny.yaml, ENCODER_STEPS
-# each, and the old run interpolated toward its base (`unconfuse interpolate`: the alpha with the best val set
+# each, and the no-replay run interpolated toward its base (`unconfuse interpolate`: the alpha with the best val set
 # accuracy among those within 5 points of the base's val retention).
 # Act 2: (label, recipe, run folder, training steps, overrides, the run it starts from), tested in greedy mode, the
 # validation mode; GRPO samples 4 rollouts per image and starts from the retaining sft run's selected adapters.
@@ -68,8 +68,8 @@ def _table(base_name: str, names: list[str], summary: dict[str, Any]) -> list[st
     return lines
 
 
-# Seconds on one core of a 2-core machine (a base model's build, a recipe's training step, an interpolation; the
-# demo's own runs, 2026-12-07), only to order the jobs: the ready job heading the longest chain of work starts first.
+# Seconds on one core of a 2-core machine (a base model's build, a recipe's training step, an interpolation, as
+# the demo's own runs took), only to order the jobs: the ready job heading the longest chain of work starts first.
 JOB_SECONDS = {"tiny-clip-base": 71.0, "tiny-llava-base": 26.0, "clip_hardneg": 0.14, "clip_hardneg+replay": 0.28,
                "mllm_sft": 0.19, "mllm_dpo": 0.49, "mllm_grpo": 0.39, "interpolate": 2.0}
 
@@ -81,10 +81,10 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None, work
     and ending in a failure atlas per act. ``mllm_steps`` replaces the act-2 step counts; 0 skips act 2.
     The base models' builds and the runs are jobs that ``workers`` processes take in turn (default: 2 when
     the machine has 2 cores or more), each on its share of the cores; 1 runs them one after another here."""
+    import os
+
     from unconfuse.eval.tools.atlas import atlas_summary, write_atlas
     from unconfuse.eval.tools.compare import compare_summary, run_compare
-
-    import os
 
     out = Path(out)
     start = time.time()
@@ -170,9 +170,9 @@ def run_demo(out: str | Path, seed: int = 0, mllm_steps: int | None = None, work
     pareto = runs[INTERPOLATED[0]]["dir"] / "pareto.png"
     lines += ["", "Gain against what it costs, every run with 95% CIs: "
               + ", ".join(f"[{name}]({name}/comparison.png)" for name in acts)
-              + f"; the old encoder recipe interpolated toward its base, per alpha on the validation side: "
+              + "; the no-replay encoder run interpolated toward its base, per alpha on the validation side: "
                 f"[pareto.png]({pareto.relative_to(out)}).", "",
-              f"![gain and retention](compare-encoder/comparison.png)", "",
+              "![gain and retention](compare-encoder/comparison.png)", "",
               f"![validation curves]({plot.name})", "",
               "Comparisons (`unconfuse compare`, with per-category tables and plots): "
               + ", ".join(f"[{name}]({name}/comparison.md)" for name in acts), "",

@@ -94,24 +94,24 @@ def pair_examples(pairs: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def pair_trainer(adapter, out_dir, weight: float, pairs_per_batch: int = 2, beta: float = 0.1, lora_scale: float = 0.5,
+def pair_trainer(backend, out_dir, weight: float, pairs_per_batch: int = 2, beta: float = 0.1, lora_scale: float = 0.5,
                  device: str = "cpu", bf16: bool = False):
-    """mllm_dpo's PairDPOTrainer on ``adapter``'s model with LoRA (no dropout, so forwards repeat exactly)
+    """mllm_dpo's PairDPOTrainer on ``backend``'s model with LoRA (no dropout, so forwards repeat exactly)
     whose B matrices are random (``lora_scale``), so the policy differs from the reference."""
     from datasets import Dataset
     from trl import DPOConfig
 
-    from unconfuse.recipes.mllm_dpo import make_trainer_class
+    from unconfuse.recipes.mllm_dpo import PairDPOTrainer
     from unconfuse.train.mllm import MllmLora, attach_lora, with_eval_bos
 
-    model = attach_lora(adapter, MllmLora(r=4, alpha=8, dropout=0.0), seed=0)
+    model = attach_lora(backend, MllmLora(r=4, alpha=8, dropout=0.0), seed=0)
     args = DPOConfig(output_dir=str(out_dir), max_length=None, beta=beta, report_to=[], use_cpu=device == "cpu",
                      per_device_train_batch_size=2 * pairs_per_batch, bf16=bf16, disable_tqdm=True,
                      activation_checkpointing=False)  # mllm_dpo's default (TRL's is on)
-    trainer = make_trainer_class()(model=model, args=args, processing_class=with_eval_bos(adapter.processor),
+    trainer = PairDPOTrainer(model=model, args=args, processing_class=with_eval_bos(backend.processor),
                                    train_dataset=Dataset.from_list(pair_examples(pairs_per_batch)),
                                    pairs_per_batch=pairs_per_batch, image_contrast_weight=weight)
-    # after TRL copied the fresh (zero) adapter to its "ref" adapter: the reference stays the base model
+    # after TRL copied the fresh (zero) backend to its "ref" backend: the reference stays the base model
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

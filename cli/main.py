@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from unconfuse.eval.tools.cli import add_eval_commands
+from unconfuse.cli.eval import add_eval_commands, run_command
 from unconfuse.recipes import RECIPES
 
 
@@ -109,7 +109,7 @@ def quiet_cpu_deepspeed() -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ..run import recipe_cli
+    from unconfuse.recipes import recipe_cli
 
     if args.recipe is None:
         if args.help:
@@ -139,12 +139,11 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     import time
 
     from unconfuse.eval.benchmarks import BenchmarkError
-
-    from ..callbacks import NonFiniteError
-    from ..config import ConfigError
+    from unconfuse.eval.leakage import LeakageError
     from unconfuse.eval.scorer import fmt
+    from unconfuse.train.callbacks import NonFiniteError
+    from unconfuse.train.config import ConfigError
 
-    from ..run import LeakageError
     from .cv import FoldFailed, collect_cv, cv_summary, run_cv, run_fold
 
     if args.out is None and (args.fold is not None or args.collect):
@@ -216,7 +215,7 @@ class _BadInput(Exception):
 def _one_line_errors(work):
     """``work()``'s value; bad input (config, data, model, run folder) printed as one ``error:`` line and raised as
     ``_BadInput`` with its exit status (2, as `unconfuse train`); a bug keeps its traceback."""
-    from ..run import exit_status
+    from unconfuse.recipes import exit_status
 
     try:
         return work()
@@ -268,7 +267,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import time
 
-    from ..run import exit_status
+    from unconfuse.recipes import exit_status
+
     from .demo import run_demo
     from .jobs import JobFailed
 
@@ -292,13 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("train", "cv", "plan") or any("=" not in item or item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    from unconfuse.eval.stopping import Stopped, graceful_stop, report_stopped
-
-    with graceful_stop():  # SIGTERM / SIGINT: the run saves at its next clean point and says so in one line
-        try:
-            return int(args.func(args) or 0)
-        except Stopped as exc:
-            return report_stopped(exc)
+    return run_command(args)
 
 
 if __name__ == "__main__":
