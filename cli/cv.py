@@ -33,7 +33,7 @@ from unconfuse.eval.splits import fold_benchmark, grouped_folds, write_splits
 from unconfuse.recipes import recipe_module, run_recipe
 from unconfuse.train.callbacks import NonFiniteError
 from unconfuse.train.config import dump_config, load_config, to_dict
-from unconfuse.train.lifecycle import check_toy_data
+from unconfuse.train.run_data import check_toy_data
 
 METRICS = ("set_accuracy", "confusion", "individual_accuracy")
 

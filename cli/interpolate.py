@@ -28,7 +28,7 @@ from unconfuse.eval.runs import RunFormatError, read_run_results, scored_folder,
 from unconfuse.recipes import recipe_module
 from unconfuse.train.callbacks import ValidationState, better, latest
 from unconfuse.train.config import ConfigError, dump_config, load_config
-from unconfuse.train.lifecycle import retention_set_for
+from unconfuse.train.run_data import retention_set_for
 
 VAL_KEYS = ("set_accuracy", "confusion", "individual_accuracy", "invalid")
 

@@ -1,5 +1,5 @@
-"""The ``unconfuse`` command line: the commands that need no training (from eval/tools), and the ones
-above the recipes: train, cv, merge and the demo. Nothing below this folder imports it."""
+"""The ``unconfuse`` command line: the commands that need no training (``cli/eval.py``), and the ones above the
+recipes: train, cv, study, interpolate, plan, merge and the demo. Nothing outside this folder imports it."""
 from __future__ import annotations
 
 import argparse

@@ -36,7 +36,7 @@ from typing import Any
 
 from unconfuse.recipes import RECIPES, recipe_module
 from unconfuse.train.config import ConfigError, load_config
-from unconfuse.train.lifecycle import check_toy_data
+from unconfuse.train.run_data import check_toy_data
 
 STUDY_KEYS = {"benchmark", "folds", "split_seed", "seeds", "out", "launch", "overrides", "baseline", "strategies"}
 STRATEGY_KEYS = {"name", "recipe", "config", "overrides", "init_from"}

@@ -8,13 +8,8 @@ import pytest
 
 from unconfuse.cli.plan import GPU_SIZES_GB, format_plan, make_plan, read_launch
 from unconfuse.eval.models import load_model
-from unconfuse.eval.models.architecture import (
-    ArchitectureError,
-    architecture_of,
-    empty_model,
-    parameter_count,
-    real_presets,
-)
+from unconfuse.eval.models.architecture import (ArchitectureError, architecture_of, empty_model, parameter_count,
+                                                real_presets)
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_PRESETS = ["biomedclip", "clip-vit-b-16", "dinov2-base", "llava-1.5-7b", "llava-med-v1.5", "llava-v1.6-mistral-7b",

@@ -28,3 +28,11 @@ def test_the_readme_library_example_runs(tmp_path, monkeypatch):
     # reproduce the base's scores exactly (LoRA's B starts at zero; the fully trained modules start as the base's)
     assert run.best_step == 0 and [r["scores"] for r in tuned.records] == [r["scores"] for r in base.records]
     assert comparison["set_accuracy_diff"] == 0.0 and comparison["mcnemar_p"] == 1.0
+
+
+def test_compare_refuses_evaluations_of_other_pairs(world, sample_bench):
+    from unconfuse.eval import Evaluation, compare, load_benchmark
+
+    first, second = load_benchmark(str(world.root / "test")), load_benchmark(str(sample_bench))
+    with pytest.raises(ValueError, match="are not the same pairs"):
+        compare(Evaluation([], {}, first), Evaluation([], {}, second))

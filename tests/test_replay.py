@@ -13,15 +13,8 @@ from unconfuse.eval.pairs import BenchmarkError
 from unconfuse.train.config import ConfigError
 from unconfuse.train.data import PairBatchSampler, PairRepeatSampler
 from unconfuse.train.losses import clip_hardneg_loss, multi_positive_clip_loss
-from unconfuse.train.replay import (
-    caption_items,
-    check_fraction,
-    load_replay,
-    question_items,
-    replay_per_batch,
-    resolve_replay,
-    wrong_option,
-)
+from unconfuse.train.replay import (caption_items, check_fraction, load_replay, question_items, replay_per_batch,
+                                    resolve_replay, wrong_option)
 
 
 @pytest.fixture(scope="module")

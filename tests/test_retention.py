@@ -154,7 +154,7 @@ def test_validation_state_respects_the_floor():
 
 
 def test_selection_with_a_floor_needs_validation_side_retention(world, tmp_path):
-    from unconfuse.train.lifecycle import retention_sets
+    from unconfuse.train.run_data import retention_sets
 
     cfg = sft_config(world, tmp_path / "x", selection="set_accuracy_with_retention_floor")
     cfg.data.val_retention = "none"

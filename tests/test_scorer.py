@@ -6,15 +6,8 @@ import pytest
 
 from unconfuse.eval import scorer
 from unconfuse.eval.pairs import Pair, load_upstream_json
-from unconfuse.eval.scorer import (
-    PredictionsError,
-    compare,
-    parse_reference,
-    parse_strict,
-    read_predictions,
-    resolve_answers,
-    score,
-)
+from unconfuse.eval.scorer import (PredictionsError, compare, parse_reference, parse_strict, read_predictions,
+                                   resolve_answers, score)
 
 
 @pytest.mark.parametrize("raw, expected", [

@@ -14,6 +14,31 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPE_CONFIGS = {name: recipe_module(name).CONFIG_CLASS for name in RECIPES}
 
 
+def test_a_config_built_in_python_is_checked_as_yaml_is():
+    from unconfuse.recipes.mllm_sft import MllmSftConfig
+    from unconfuse.train.config import TrainSettings
+
+    with pytest.raises(ConfigError, match="^max_steps: must be at least 1, got 0$"):
+        TrainSettings(max_steps=0)
+    with pytest.raises(ConfigError, match="^val_mode: must be one of"):
+        MllmSftConfig(val_mode="sing")
+    with pytest.raises(ConfigError, match="^model: expected a string"):
+        ClipHardNegConfig(model=3)
+    assert TrainSettings(learning_rate=1).learning_rate == 1.0 and isinstance(TrainSettings(learning_rate=1).learning_rate, float)
+
+
+def test_a_shipped_config_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the name resolves to the package's
+    cls = RECIPE_CONFIGS["mllm_sft"]
+    assert load_config(cls, "mllm_sft/tiny") == load_config(cls, "mllm_sft/tiny.yaml") == \
+        load_config(cls, CONFIGS / "mllm_sft" / "tiny.yaml")
+    with pytest.raises(ConfigError, match=r"^mllm_sft/tiniest: no such file, nor a shipped config \(shipped here: .*mllm_sft/tiny"):
+        load_config(cls, "mllm_sft/tiniest")
+    (tmp_path / "mllm_sft").mkdir()
+    (tmp_path / "mllm_sft" / "tiny.yaml").write_text("train: {max_steps: 7}\n")
+    assert load_config(cls, "mllm_sft/tiny.yaml").train.max_steps == 7  # a path that exists wins
+
+
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: tiny-clip\ntrain: {max_steps: 7, learning_rate: 0.01}\n")
@@ -107,7 +132,7 @@ def test_every_config_field_documents_itself(recipe, capsys):
 def test_real_model_configs_use_real_held_out_data_and_toy_data_is_refused(tmp_path):
     from unconfuse.eval.models import find_preset
     from unconfuse.recipes.clip_hardneg import ClipHardNegConfig
-    from unconfuse.train.lifecycle import check_toy_data
+    from unconfuse.train.run_data import check_toy_data
 
     for recipe, cls in RECIPE_CONFIGS.items():
         for path in sorted((CONFIGS / recipe).glob("*.yaml")):

@@ -1,4 +1,5 @@
-"""The validation loop: the MediConfusion scorer on the validation pairs, as a TrainerCallback."""
+"""The TrainerCallbacks every run adds: the validation loop (the MediConfusion scorer on the validation pairs,
+selecting the checkpoint), the config in every checkpoint, the NaN guard, stopping on a signal, a readable log."""
 from __future__ import annotations
 
 import json

@@ -23,29 +23,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from unconfuse.eval.benchmarks import BenchmarkError, load_benchmark
+from accelerate import PartialState
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
+
+from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.folders import RunDirError, hold_folder, release_folder
 from unconfuse.eval.io import atomic_folder, atomic_write_json, atomic_write_text
-from unconfuse.eval.leakage import ImageSource, check_leakage
+from unconfuse.eval.leakage import check_leakage
+from unconfuse.eval.models import model_identity, resolve_model
 from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.prompts import PromptSet, load_prompts
-from unconfuse.eval.retention import RetentionSet, load_retention, read_records, retention_block, summarize
-from unconfuse.eval.runs import (
-    RESULTS_FILE,
-    RunFormatError,
-    RunResults,
-    read_run_results,
-    read_scored,
-    scored_folder,
-    write_run_results,
-    write_scored,
-)
+from unconfuse.eval.retention import RetentionSet, read_records, retention_block, summarize
+from unconfuse.eval.runs import (RESULTS_FILE, RunFormatError, RunResults, read_run_results, read_scored, scored_folder,
+                                 write_run_results, write_scored)
 from unconfuse.eval.scorer import SCORER_VERSION
+from unconfuse.eval.stopping import Stopped, deferred, signal_name
 from unconfuse.eval.tracking import start_wandb_run, wandb_mode
-from unconfuse.train.callbacks import PairValidationCallback, better, latest
+from unconfuse.eval.world import prepare
+from unconfuse.train.callbacks import (ConfigInCheckpoints, ConsoleLog, NonFiniteGuard, PairValidationCallback,
+                                       StopOnSignal, better, latest)
 from unconfuse.train.checkpoints import checkpoint_complete, checkpoint_step, latest_complete_checkpoint, no_space_error
 from unconfuse.train.config import ConfigError, dump_config, to_dict
 from unconfuse.train.distributed import gathered, launch_settings
+from unconfuse.train.replay import describe_replay, replay_per_batch
+from unconfuse.train.run_data import check_run_images, check_toy_data, replay_set, retention_sets
+from unconfuse.train.warm_start import check_init_adapters
 
 Evaluate = Callable[[Benchmark, str], "tuple[list[dict[str, Any]], dict[str, Any]]"]
 Retain = Callable[[RetentionSet], "list[dict[str, Any]]"]  # retention records of the model as it is now
@@ -106,8 +108,6 @@ class Run:
 
     def replay_rows(self, rows: list) -> list:
         """``rows``, the recipe's replay rows, after printing what the run replays (the main process)."""
-        from unconfuse.train.replay import describe_replay
-
         if self.is_main and rows:
             print(describe_replay(self.replay.name, len(rows), self.replay_per_batch, 2 * self.cfg.train.pairs_per_batch),
                   flush=True)
@@ -116,8 +116,6 @@ class Run:
     @property
     def replay_per_batch(self) -> int:
         """Replay items per training batch beside its ``2 * pairs_per_batch`` pair items (0 without replay)."""
-        from unconfuse.train.replay import replay_per_batch
-
         return replay_per_batch(self.cfg.data.replay_fraction, 2 * self.cfg.train.pairs_per_batch) if self.replay else 0
 
 
@@ -127,16 +125,12 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
     replay sets, the warm start's check (``init_adapters``) and the leakage audit (``leakage.json``: training
     and replay images against val, test and retention; a leak aborts unless ``allow_leakage``), then rank 0's W&B
     run (``report_to: wandb``)."""
-    from unconfuse.eval.world import prepare
-
     check_toy_data(cfg)
     resume = cfg.resume_from_checkpoint
     if resume not in ("auto", "latest") and not checkpoint_complete(Path(resume)):
         raise ConfigError(f"resume_from_checkpoint: {resume}: not a complete checkpoint folder (no trainer_state.json "
                           f"or weights); auto resumes from the run's newest complete one")
     launch = launch_settings()  # the distributed state exists before any model loads
-    from accelerate import PartialState
-
     with PartialState().main_process_first():  # one process builds the world and tiny models, the others wait
         prepare(models=[cfg.model], benchmarks=[cfg.data.train, cfg.data.val, cfg.data.test])
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(recipe)
@@ -148,8 +142,6 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
                       "data.retention": retention, "data.val_retention": val_retention, "data.replay": replay})
     init, init_identity = None, None
     if getattr(cfg, "init_adapters", None):
-        from unconfuse.train.warm_start import check_init_adapters
-
         init, init_identity = check_init_adapters(cfg.init_adapters, cfg.model, train_bench)
     own_run_dir(recipe, cfg, run_dir, (train_bench, val_bench, test_bench), is_main,
                 {"retention": retention.fingerprint() if retention else None,
@@ -177,28 +169,6 @@ def open_run(recipe: str, cfg: Any, strategy: str, modes: list[str]) -> Run:
     return run
 
 
-def check_run_images(sources: dict[str, ImageSource | None]) -> None:
-    """Every image a run will read (pairs, retention and replay sets), decoded once before any model loads, as
-    eval checks its benchmark: a missing or unreadable one is a BenchmarkError naming the setting, how many,
-    and the first few."""
-    from unconfuse.eval.images import check_images, image_problem
-
-    for setting_name, source in sources.items():
-        if source is None:
-            continue
-        if isinstance(source, Benchmark):
-            problems = [str(problem) for problem in check_images(source)]
-        else:
-            first_item = {}  # each image once (a replay image carries several questions)
-            for item in source.items:
-                first_item.setdefault(str(source.resolve_image(item.image)), item.id)
-            problems = [f"item {item_id}: {path}: {why}" for path, item_id in first_item.items()
-                        for why in [image_problem(path)] if why]
-        if problems:
-            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-            raise BenchmarkError(f"{setting_name}: {len(problems)} image(s) missing or unreadable: {shown}")
-
-
 def read_attempts(run_dir: Path) -> dict[str, Any]:
     """``attempts.json`` of an owned run folder (none yet: no attempt); an unreadable one is a RunDirError."""
     path = run_dir / ATTEMPTS_FILE
@@ -211,80 +181,12 @@ def read_attempts(run_dir: Path) -> dict[str, Any]:
         raise RunDirError(f"{path}: unreadable ({exc}); --force starts the run afresh") from None
 
 
-def replay_set(cfg: Any, train: Benchmark) -> RetentionSet | None:
-    """The general data replayed in every batch (``data.replay``, ``data.replay_fraction``), or None."""
-    from unconfuse.train.replay import check_fraction, load_replay, resolve_replay
-
-    check_fraction(cfg.data.replay, cfg.data.replay_fraction)
-    arg = resolve_replay(cfg.data.replay, train)
-    return load_replay(arg) if arg else None
-
-
-def resolve_retention(arg: str, bench_arg: str) -> str | None:
-    """A ``data.retention`` / ``data.val_retention`` value as a retention argument: ``none`` -> None; ``auto`` ->
-    the embedded world's questions on the images of ``bench_arg`` when it is a world split (``world:<split>`` or a
-    world's split folder), else None (set it for real data: a JSONL file, a folder or ``hf:<id>``)."""
-    if arg == "none":
-        return None
-    if arg != "auto":
-        return arg
-    text = str(bench_arg)
-    if text.startswith("world:"):
-        return text
-    path = Path(text)
-    candidate = path.parent / "retention" / f"{path.name}.jsonl"
-    return str(candidate) if path.is_dir() and (path.parent / "world.json").exists() and candidate.exists() else None
-
-
-def retention_set_for(arg: str, bench_arg: str, bench: Benchmark | None = None) -> RetentionSet | None:
-    """A ``data.retention`` / ``data.val_retention`` value, loaded: ``none`` -> None; a set argument -> that set;
-    ``auto`` -> the embedded world's questions on the images of the benchmark: its retention file for a world split
-    (``world:<split>`` or a world's split folder), and for a file of world pairs (a cv fold) the world's questions
-    on exactly that file's images, so each fold is measured on its own held-out images; None for other data."""
-    resolved = resolve_retention(arg, bench_arg)
-    if resolved is not None:
-        return load_retention(resolved)
-    if arg != "auto" or bench is None:
-        return None
-    from unconfuse.train.replay import world_root_of
-
-    root = world_root_of(bench)
-    if root is None:
-        return None
-    images = {str(bench.resolve_image(ref).resolve()) for ref in bench.unique_images()}
-    items = []
-    for path in sorted((root / "retention").glob("*.jsonl")):
-        questions = load_retention(path)
-        items += [item for item in questions.items if str(questions.resolve_image(item.image).resolve()) in images]
-    return RetentionSet(items, root / "retention", f"world questions on {bench.name}") if items else None
-
-
-def retention_sets(cfg: Any, test: Benchmark | None = None, val: Benchmark | None = None
-                   ) -> tuple[RetentionSet | None, RetentionSet | None]:
-    """The retention set scored before and after training (``data.retention``, on the test side: ``test``'s images
-    with ``auto``) and, when the validation loop selects with a retention floor, the validation side's
-    (``data.val_retention``)."""
-    test_set = retention_set_for(cfg.data.retention, cfg.data.test, test)
-    val_set = None
-    if cfg.train.selection == "set_accuracy_with_retention_floor":
-        val_set = retention_set_for(cfg.data.val_retention, cfg.data.val, val)
-        if val_set is None:
-            raise ConfigError("train.selection: set_accuracy_with_retention_floor needs retention questions held out on the "
-                              f"validation side; data.val_retention={cfg.data.val_retention!r} gives none for "
-                              f"data.val={cfg.data.val!r} (auto finds them for the embedded world only)")
-        if test_set is not None and val_set.fingerprint() == test_set.fingerprint():
-            raise ConfigError("data.val_retention: the same retention set as data.retention; the test side never drives selection")
-    return test_set, val_set
-
-
 def own_run_dir(recipe: str, cfg: Any, run_dir: Path, benches: tuple[Benchmark, ...], is_main: bool,
                 extra_data: dict[str, Any] | None = None) -> None:
     """Take ``run_dir`` for this run until the process ends (``unconfuse.eval.folders.owned_folder``): a
     second writer is refused; a folder holding another run (other settings, model or data content) is
     refused unless ``force``; the same run resumes. Settings that do not change what is computed
     (where it is written, resuming, logging, forcing) are not part of the fingerprint."""
-    from unconfuse.eval.models import model_identity, resolve_model
-
     settings = {k: v for k, v in to_dict(cfg).items()
                 if k not in ("output_dir", "resume_from_checkpoint", "report_to", "force")}
     fingerprint = {"command": f"train {recipe}", "settings": settings, "model": model_identity(resolve_model(cfg.model)),
@@ -292,23 +194,6 @@ def own_run_dir(recipe: str, cfg: Any, run_dir: Path, benches: tuple[Benchmark, 
                             **(extra_data or {})}}
     # held until finish() or the process ends: the run owns its folder for its whole life
     hold_folder(run_dir, fingerprint, force=cfg.force, what=f"{recipe} run", writer=is_main)
-
-
-def check_toy_data(cfg: Any, benchmark: str | None = None) -> None:
-    """A real model (anything but a preset built from config) on the embedded world's 64-px toy
-    images measures nothing about it: refused unless ``allow_toy_data``. ``benchmark``: the benchmark a cv
-    folds into the config's data (its folds are files, so the data keys alone would not show the world)."""
-    from unconfuse.eval.models import find_preset, resolve_model
-
-    preset = find_preset(cfg.model)
-    if preset is None and "/" not in str(cfg.model) and not Path(cfg.model).exists():
-        resolve_model(cfg.model)  # an unknown name: its one-line error lists the presets
-    toy = [f"data.{k}" for k in ("train", "val", "test") if str(getattr(cfg.data, k)).startswith("world:")]
-    toy += ["--benchmark"] if str(benchmark or "").startswith("world:") else []
-    if toy and not cfg.allow_toy_data and not (preset is not None and preset.build):
-        raise ConfigError(f"{', '.join(toy)}: the embedded world's 64-px toy images, with the real model {cfg.model!r}; "
-                          "point data.* at held-out real pairs (unconfuse mine, or unconfuse cv on MediConfusion) "
-                          "or set allow_toy_data: true")
 
 
 def default_output_dir(recipe: str) -> Path:
@@ -408,11 +293,6 @@ def fit(run: Run, trainer, callbacks: Sequence[Any] = ()) -> None:
     checkpoint of the run, if any; or a folder). A run whose checkpoint already holds ``max_steps`` (killed
     while it scored the test) trains nothing more: the Trainer's state is read back from it. A SIGTERM or
     SIGINT under ``graceful_stop`` ends the current step, saves it and raises ``Stopped``."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
-
-    from unconfuse.eval.stopping import Stopped, deferred, signal_name
-    from unconfuse.train.callbacks import ConfigInCheckpoints, ConsoleLog, NonFiniteGuard, StopOnSignal
-
     trainer.add_callback(NonFiniteGuard(lambda: getattr(trainer, "_tr_loss", None),  # the loss summed since the last log
                                         hint=f"train.learning_rate={run.cfg.train.learning_rate:g} too high?"))
     trainer.add_callback(ConfigInCheckpoints(run.cfg, run.is_main))
