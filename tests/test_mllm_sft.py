@@ -294,3 +294,16 @@ def test_sft_puts_the_first_reply_token_on_the_letters(world, tmp_path):
     assert probs[:, letters].sum(-1).mean() > 0.9  # was 0.018: letters no likelier than ~325 other tokens
     correct = torch.tensor([float(probs[r, batch["labels"][r, i]]) for r, i in enumerate(first)])
     assert correct.mean() > (probs[:, letters].sum(-1) - correct).mean() + 0.05  # measured 0.55 vs 0.40 (base: 0.48 vs 0.48)
+
+
+def test_wandb_gets_the_training_loss(world, tmp_path, monkeypatch):
+    """report_to: wandb (offline without a key) logs the Trainer's loss curve beside the validation scores: W&B starts
+    in open_run, before the trainer arguments that add the Trainer's W&B callback."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = config(world, tmp_path / "run")
+    cfg.report_to = "wandb"
+    mllm_sft.main(cfg)
+    logged = b"".join(path.read_bytes() for path in (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert b"train/loss" in logged and b"val/set_accuracy" in logged
+    monkeypatch.setenv("WANDB_MODE", "disabled")
