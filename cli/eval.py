@@ -1,4 +1,5 @@
-"""The subcommands of ``unconfuse`` that need no training: eval, score, splits, mine, compare, atlas, data, convert."""
+"""The subcommands of ``unconfuse`` that need no training: eval, score, splits, mine, compare, atlas, card, push, data,
+convert."""
 from __future__ import annotations
 
 import argparse
@@ -75,6 +76,22 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wandb", action="store_true", help="also log the atlas as a W&B table of images "
                    "(online or offline as WANDB_MODE says; project WANDB_PROJECT, default unconfuse)")
     p.set_defaults(func=cmd_atlas)
+
+    p = sub.add_parser("card", help="write a finished run's model card (README.md with model-index metadata and its "
+                       "evidence: test scores before and after with CIs and McNemar p, retention change); no network")
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("--out", help="where to write it (default RUN/README.md)")
+    p.add_argument("--merged", action="store_true", help="describe the weights as merged into their base (as push --merged)")
+    p.set_defaults(func=cmd_card)
+
+    p = sub.add_parser("push", help="upload a finished run's selected weights with its model card and evidence to the "
+                       "Hugging Face Hub (token from HF_TOKEN only; endpoint HF_ENDPOINT)")
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("--repo-id", required=True, help="the model repo, e.g. you/llava-med-unconfused (created when missing)")
+    p.add_argument("--merged", action="store_true", help="upload the LoRA adapters merged into their base model")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="a branch to push to (created when missing; default main)")
+    p.set_defaults(func=cmd_push)
 
     convert = sub.add_parser("convert", help="convert a checkpoint in its authors' format into one eval loads").add_subparsers(
         dest="convert_command", required=True)
@@ -278,6 +295,34 @@ def cmd_atlas(args: argparse.Namespace) -> int:
     except (AtlasError, CompareError, BenchmarkError, RunDirError) as exc:
         return _fail(str(exc))
     print(atlas_summary(json.loads((index.parent / "atlas.json").read_text()), index))
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from unconfuse.eval.pairs import BenchmarkError
+    from unconfuse.eval.tools.hub import HubError, write_card
+
+    try:
+        path = write_card(args.run, args.out, merged=args.merged)
+    except (HubError, BenchmarkError) as exc:
+        return _fail(str(exc))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from unconfuse.eval.pairs import BenchmarkError
+    from unconfuse.eval.tools.hub import HubError, push
+
+    try:
+        url = push(args.run, args.repo_id, merged=args.merged, private=args.private, revision=args.revision)
+    except (HubError, BenchmarkError) as exc:
+        return _fail(str(exc))
+    except HfHubHTTPError as exc:  # the Hub refused (no such user, no write access, ...): its first line
+        return _fail(f"push to {args.repo_id}: {str(exc).splitlines()[0]}")
+    print(f"pushed {args.run} to {url}")
     return 0
 
 

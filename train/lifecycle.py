@@ -333,6 +333,8 @@ def finish(run: Run, model: str, base: Stage, final: Stage, trainer, callback: P
            details: dict[str, Any] | None = None) -> RunResults:
     """The run record (``results.json``) from the base and final stages, and the W&B summary of the test scores."""
     main = run.main_mode
+    if run.wandb is not None and not run.wandb.offline:  # the model card links it
+        details = {**(details or {}), "wandb_url": run.wandb.url}
     results = RunResults(
         kind="run", recipe=run.recipe, strategy=run.strategy, model=model, train_data=run.cfg.data.train,
         test_data=run.cfg.data.test, seed=run.cfg.train.seed, mode=main, base=base[main], final=final[main],

@@ -298,6 +298,7 @@ def _plot(path: Path, rows, groups) -> None:
     with_retention = [row for row in rows if row["retention"]]
     fig, axes = plt.subplots(1, 2 if with_retention else 1, figsize=(13 if with_retention else 7, 5), squeeze=False)
     ax = axes[0][0]
+    colors = {row["label"]: f"C{i}" for i, row in enumerate(rows)}  # one colour per run in both panels
     for row in rows:
         res = row["results"]
         if res["confusion"] is None:  # undefined: no point to place
@@ -306,7 +307,8 @@ def _plot(path: Path, rows, groups) -> None:
         xerr = [[x - res["ci"]["confusion"][0]], [res["ci"]["confusion"][1] - x]]
         yerr = [[y - res["ci"]["set_accuracy"][0]], [res["ci"]["set_accuracy"][1] - y]]
         marker = "s" if row["vs_baseline"] is None else "o"
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, capsize=3, alpha=0.8, label=row["label"])
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, capsize=3, alpha=0.8, label=row["label"],
+                    color=colors[row["label"]])
         ax.annotate(row["strategy"], (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
     for g in (g for g in groups if g["confusion_mean"] is not None and g["confusion_std"] is not None):
         ax.errorbar(g["confusion_mean"], g["set_accuracy_mean"], xerr=g["confusion_std"], yerr=g["set_accuracy_std"],
@@ -317,13 +319,13 @@ def _plot(path: Path, rows, groups) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     if with_retention:
-        _plot_retention(axes[0][1], rows[0], with_retention)
+        _plot_retention(axes[0][1], rows[0], with_retention, colors)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_retention(ax, baseline: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+def _plot_retention(ax, baseline: dict[str, Any], rows: list[dict[str, Any]], colors: dict[str, str]) -> None:
     """Set accuracy against retention: what each run gained on the pairs and what it kept of the rest (the base
     model at the runs' shared "before"). Up and to the right is better; left of the base is a cost."""
     before = rows[0]["retention"]["before"]
@@ -334,6 +336,7 @@ def _plot_retention(ax, baseline: dict[str, Any], rows: list[dict[str, Any]]) ->
         xerr = [[x - change["after_ci"][0]], [change["after_ci"][1] - x]]
         yerr = [[y - res["ci"]["set_accuracy"][0]], [res["ci"]["set_accuracy"][1] - y]]
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="X" if change["significant_drop"] else "o", capsize=3, alpha=0.8,
+                    color=colors[row["label"]],
                     label=row["label"] + (" (significant retention drop)" if change["significant_drop"] else ""))
     ax.axvline(before, color="black", ls=":", lw=1)
     ax.axhline(25, color="red", ls=":", lw=1)
