@@ -79,7 +79,8 @@ def card_data(run_dir: str | Path) -> dict[str, Any]:
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
     return {"results": results, "model": model, "config": config, "paired": paired, "benchmark": bench,
             "data_fingerprints": _fingerprint(run_dir).get("data", {}), "wandb": _wandb_link(run_dir, results),
-            "weights": "adapters" if (run_dir / "checkpoints" / "best" / "adapter_config.json").exists() else "model"}
+            "weights": "adapters" if (run_dir / "checkpoints" / "best" / "adapter_config.json").exists() else "model",
+            "open_clip": (run_dir / "checkpoints" / "best" / "open_clip_config.json").exists()}
 
 
 def _hub_id(model: dict[str, Any]) -> str | None:
@@ -100,7 +101,8 @@ def model_card(run_dir: str | Path, merged: bool = False) -> str:
     metrics = [{"type": key, "name": f"{name} (test pairs, {results.mode})", "value": round(results.final[key], 2)}
                for key, name in METRICS if results.final.get(key) is not None]
     meta: dict[str, Any] = {
-        "library_name": "peft" if data["weights"] == "adapters" and not merged else "transformers",
+        "library_name": ("peft" if data["weights"] == "adapters" and not merged
+                         else "open_clip" if data["open_clip"] else "transformers"),
         "tags": ["unconfuse", "mediconfusion", results.recipe, results.strategy],
         "model-index": [{"name": f"{results.model} {results.strategy}", "results": [
             {"task": {"type": "visual-question-answering", "name": "confusing-pair VQA"}, "dataset": dataset,
