@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from pathlib import Path
 
 from unconfuse.cli.eval import add_eval_commands, run_command
 from unconfuse.recipes import RECIPES
+from unconfuse.train.config import TrainSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
                    help="comma-separated alphas in [0, 1] (0: the base, always scored; 1: the run's weights)")
     p.add_argument("--out", help="the output run folder (default: RUN-wise beside the run)")
-    p.add_argument("--selection", choices=("set_accuracy", "set_accuracy_with_retention_floor"),
+    p.add_argument("--selection", choices=typing.get_args(typing.get_type_hints(TrainSettings)["selection"]),
                    help="how the alpha is chosen on the validation side (default: the run's train.selection)")
     p.add_argument("--retention-floor", type=float, help="with a retention floor: the largest val retention drop "
                    "(points) from the base (default: the run's train.retention_floor)")

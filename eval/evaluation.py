@@ -17,9 +17,10 @@ from typing import Any, Callable
 from .benchmarks import load_benchmark
 from .models.base import build_queries
 from .pairs import Benchmark, Pair
-from .prompts import MODES, PromptSet, load_prompts
+from .prompts import DEFAULT_PROMPTS, MODES, PromptSet, load_prompts
 from .scorer import PARSERS, resolve_answers, score_predictions
 from .scorer import compare as compare_answers
+from .stats import BOOTSTRAP_SAMPLES
 
 MC_MAX_NEW_TOKENS = 32  # the reference's setting for mc mode
 
@@ -114,11 +115,15 @@ def shared_between_processes(items: list, answer: Callable[[list], list]) -> lis
         return gather_object(answer(share))
 
 
+def by_question(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Prediction records keyed as the scorer reads them: (pair id, image 1 or 2)."""
+    return {(r["pair_id"], r["image"]): r for r in records}
+
+
 def score_records(bench: Benchmark, records: list[dict[str, Any]], parser: str = "strict", prompt_version=None,
-                  bootstrap_samples: int = 10_000) -> dict[str, Any]:
+                  bootstrap_samples: int = BOOTSTRAP_SAMPLES) -> dict[str, Any]:
     """The MediConfusion scores (``unconfuse.eval.scorer.score``) of prediction records of ``bench``'s pairs."""
-    predictions = {(r["pair_id"], r["image"]): r for r in records}
-    return score_predictions(bench.pairs, predictions, parser, prompt_version=prompt_version,
+    return score_predictions(bench.pairs, by_question(records), parser, prompt_version=prompt_version,
                              bootstrap_samples=bootstrap_samples)
 
 
@@ -134,7 +139,7 @@ class Evaluation:
 
     def answers(self) -> dict[tuple[str, int], str | None]:
         """(pair id, image 1 or 2) -> the answer ``A``, ``B`` or None (invalid), as the scorer read it."""
-        return resolve_answers(self.benchmark.pairs, {(r["pair_id"], r["image"]): r for r in self.records}, self.parser)
+        return resolve_answers(self.benchmark.pairs, by_question(self.records), self.parser)
 
 
 def evaluate(model, benchmark: Benchmark | str, mode: str = "greedy", *, prompts: PromptSet | str | None = None,
@@ -148,7 +153,7 @@ def evaluate(model, benchmark: Benchmark | str, mode: str = "greedy", *, prompts
     if (mode == "clip") != spec.is_encoder:
         raise ValueError(f"mode {mode!r} does not fit {spec.name} ({spec.family}); "
                          f"{'clip' if spec.is_encoder else 'mc, greedy or prefix'}")
-    prompt_set = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts or "mediconfusion-v1")
+    prompt_set = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts or DEFAULT_PROMPTS)
     records = predict(backend, spec, mode, bench, prompt_set, batch_pairs, parser)
     return Evaluation(records, score_records(bench, records, parser, prompt_version=prompt_set.version), bench, parser)
 

@@ -232,12 +232,12 @@ def answer_mllm(backend, rset: RetentionSet, mode: str, items: list[RetentionIte
     for item in items:
         by_count.setdefault(len(item.options), []).append(item)
     records: dict[str, dict[str, Any]] = {}
+    template = load_prompts(RETENTION_PROMPTS).template("greedy") if mode == "greedy" else None
     for count, group in by_count.items():
         letters = tuple(LETTERS[:count])
         for start in range(0, len(group), batch):
             chunk = group[start:start + batch]
             if mode == "greedy":
-                template = load_prompts(RETENTION_PROMPTS).template("greedy")
                 queries = _queries(rset, chunk, lambda it: template.format(
                     question=it.question, options="\n".join(f"{l}: {o}" for l, o in zip(letters, it.options))))
                 scores = backend.next_token_scores(queries, letters)

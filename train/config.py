@@ -95,10 +95,14 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {name: _convert(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
-    for f in dataclasses.fields(cls):
-        if f.name in kwargs:
-            _check_range(kwargs[f.name], f.metadata, f"{prefix}{f.name}")
-    return cls(**kwargs)
+    if not issubclass(cls, Settings):  # a Settings section checks its ranges itself when built
+        for f in dataclasses.fields(cls):
+            if f.name in kwargs:
+                _check_range(kwargs[f.name], f.metadata, f"{prefix}{f.name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:  # raised by Settings.__post_init__, which names the key without its section
+        raise ConfigError(f"{prefix}{exc}") from None
 
 
 def _check_range(value: Any, metadata: Any, key: str) -> None:

@@ -75,10 +75,10 @@ def card_data(run_dir: str | Path) -> dict[str, Any]:
     except CompareError as exc:
         raise HubError(str(exc)) from None
     paired = compare(bench.pairs, base.answers, tested.answers)
-    model = _fingerprint(run_dir).get("model") or {}
+    fingerprint = _fingerprint(run_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
-    return {"results": results, "model": model, "config": config, "paired": paired, "benchmark": bench,
-            "data_fingerprints": _fingerprint(run_dir).get("data", {}), "wandb": _wandb_link(run_dir, results),
+    return {"results": results, "model": fingerprint.get("model") or {}, "config": config, "paired": paired,
+            "benchmark": bench, "data_fingerprints": fingerprint.get("data", {}), "wandb": _wandb_link(run_dir, results),
             "weights": "adapters" if (run_dir / "checkpoints" / "best" / "adapter_config.json").exists() else "model",
             "open_clip": (run_dir / "checkpoints" / "best" / "open_clip_config.json").exists()}
 
