@@ -134,8 +134,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from unconfuse.eval.folders import RunDirError
     from unconfuse.eval.models import ModelLoadError
     from unconfuse.eval.pairs import BenchmarkError
-    from unconfuse.eval.runner import EvalConfig, EvalInputError, check_inputs, run_eval
+    from unconfuse.eval.runner import EvalConfig, EvalInputError, check_inputs, eval_strategy, run_eval
     from unconfuse.eval.scorer import PredictionsError, render_report
+    from unconfuse.eval.strategies import StrategyError
+    from unconfuse.eval.tools.mining import MiningError
 
     cfg = config_from_args(EvalConfig, args)
     if getattr(args, "launch", None):
@@ -143,15 +145,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     state = launch_state()  # under accelerate launch: the distributed state, before any model loads
     try:
         with state.main_first():  # one process builds the world and tiny models, the others then find them
-            prepare(benchmarks=[cfg.benchmark])  # the embedded world, when asked for (seconds)
+            strategy = eval_strategy(cfg)
+            corpus = strategy.options.get("corpus")
+            prepare(benchmarks=[cfg.benchmark, cfg.retention, corpus])  # the embedded world, when asked for (seconds)
             check_inputs(cfg)  # bad input fails here, before a tiny preset is built (minutes for the base models)
-            prepare(models=[cfg.model])
+            prepare(models=[cfg.model, strategy.options.get("encoder")])
         results = run_eval(cfg, state)
     except EvalInputError as exc:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return _fail(str(exc))
-    except (BenchmarkError, PredictionsError, ModelLoadError, FileNotFoundError, RunDirError) as exc:
+    except (BenchmarkError, PredictionsError, ModelLoadError, FileNotFoundError, RunDirError, StrategyError,
+            MiningError) as exc:
         return _fail(str(exc))
     if results is None:  # a launched process other than the main one: the main one reports
         return 0

@@ -10,7 +10,6 @@ training recipes' validation loop and a notebook call these)::
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,7 +17,7 @@ from .benchmarks import load_benchmark
 from .models.base import build_queries
 from .pairs import Benchmark, Pair
 from .prompts import DEFAULT_PROMPTS, MODES, PromptSet, load_prompts
-from .scorer import PARSERS, resolve_answers, score_predictions
+from .scorer import PARSERS, choose_letter, resolve_answers, score_predictions
 from .scorer import compare as compare_answers
 from .stats import BOOTSTRAP_SAMPLES
 
@@ -42,7 +41,8 @@ def answer_questions(backend, spec, mode: str, prompts, bench: Benchmark, pairs:
                      judge=None, judge_margin: float = 3.0) -> list[dict[str, Any]]:
     """One prediction record per question of ``pairs`` (both images of each pair) in scoring mode ``mode``:
     ``answer`` and ``scores`` (with ``margin`` and ``dtype``) for the scored modes, ``raw`` and ``parsed`` by
-    ``parser`` for mc; freeform asks ``judge``, an option winning by ``judge_margin``."""
+    ``parser`` for mc; freeform asks ``judge``, an option winning by ``judge_margin``. A backend answering under a
+    training-free strategy (``unconfuse.eval.strategies``) adds what it saw per question as ``strategy``."""
     key = spec.prompt_key
     if mode == "clip":
         template = prompts.template("clip", spec.clip_prompt)
@@ -62,15 +62,15 @@ def answer_questions(backend, spec, mode: str, prompts, bench: Benchmark, pairs:
         raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
 
     records = []
+    notes = getattr(backend, "last_notes", None) or [{}] * len(queries)
     dtype = score_dtype(backend) if mode in ("clip", "greedy", "prefix") else None
     for i, q in enumerate(queries):
         rec: dict[str, Any] = {"pair_id": q.meta["pair_id"], "image": q.meta["image"]}
         if mode in ("clip", "greedy", "prefix"):
             a, b = scores[i]
-            if not (math.isfinite(a) and math.isfinite(b)):
-                letter = None  # a NaN or infinite score is no answer (invalid), never B; the scores stay in the record
-            else:  # ties: the reference picks A for greedy (argmax) and B for prefix (strict >)
-                letter = "A" if (a >= b if mode == "greedy" else a > b) else "B"
+            # a NaN (or no finite) score is no answer (invalid), never B; the scores stay in the record
+            choice = choose_letter([a, b], first_wins_ties=mode == "greedy")  # clip: B on ties, as prefix
+            letter = None if choice is None else "AB"[choice]
             rec.update(answer=letter, raw=letter, scores={"A": a, "B": b})
             if letter is not None:  # how far from flipping, in the dtype the model scored in (scorer.near_ties)
                 rec.update(margin=a - b, dtype=dtype)
@@ -83,6 +83,8 @@ def answer_questions(backend, spec, mode: str, prompts, bench: Benchmark, pairs:
             verdict = judge.ask(pair.question, pair.options, texts[i])
             judged = parse_judge_scores(verdict)
             rec.update(answer=decide(judged, judge_margin), raw=texts[i], judge={"scores": judged, "reply": verdict})
+        if notes[i]:
+            rec["strategy"] = notes[i]
         records.append(rec)
     return records
 
@@ -143,16 +145,22 @@ class Evaluation:
 
 
 def evaluate(model, benchmark: Benchmark | str, mode: str = "greedy", *, prompts: PromptSet | str | None = None,
-             batch_pairs: int = 8, parser: str = "strict", limit: int | None = None) -> Evaluation:
+             batch_pairs: int = 8, parser: str = "strict", limit: int | None = None, strategy=None) -> Evaluation:
     """Score ``model`` (what ``load_model`` returns: ``(backend, spec)``) on ``benchmark`` (a Benchmark, or any
     benchmark argument: ``mediconfusion``, a folder, a file, ``hf:<id>``, ``world:<split>``) in ``mode``
-    (mc, greedy, prefix for image-text-to-text models; clip for encoders), in memory. ``limit``: the first N pairs."""
+    (mc, greedy, prefix for image-text-to-text models; clip for encoders), in memory. ``limit``: the first N pairs.
+    ``strategy``: a training-free strategy (``unconfuse.eval.strategies.parse_strategy("vcd", ["alpha=1"])``)."""
+    from .strategies import apply_strategy, check_strategy
+
     backend, spec = model
     bench = load_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
     bench = bench.limit(limit)
     if (mode == "clip") != spec.is_encoder:
         raise ValueError(f"mode {mode!r} does not fit {spec.name} ({spec.family}); "
                          f"{'clip' if spec.is_encoder else 'mc, greedy or prefix'}")
+    if strategy is not None:
+        check_strategy(strategy, mode, spec.is_encoder, bench)
+        backend = apply_strategy(backend, strategy)
     prompt_set = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts or DEFAULT_PROMPTS)
     records = predict(backend, spec, mode, bench, prompt_set, batch_pairs, parser)
     return Evaluation(records, score_records(bench, records, parser, prompt_version=prompt_set.version), bench, parser)

@@ -221,9 +221,9 @@ def _queries(rset: RetentionSet, items: list[RetentionItem], render) -> list:
 
 def answer_mllm(backend, rset: RetentionSet, mode: str, items: list[RetentionItem] | None = None,
                 batch: int = 16) -> list[dict[str, Any]]:
-    """One record per question: ``{"id", "answer", "correct", "scores"}`` (``answer`` None when the scores are
-    not finite: no answer, never a letter). Queries are grouped by option count (one batched call each)."""
-    import math
+    """One record per question: ``{"id", "answer", "correct", "scores"}`` (``answer`` None when a score is NaN or
+    none is finite: no answer, never a letter). Queries are grouped by option count (one batched call each)."""
+    from .scorer import choose_letter
 
     if mode not in MLLM_MODES:
         raise ValueError(f"retention mode {mode!r}: one of {', '.join(MLLM_MODES)}")
@@ -245,8 +245,8 @@ def answer_mllm(backend, rset: RetentionSet, mode: str, items: list[RetentionIte
                 queries = _queries(rset, chunk, lambda it: it.question)
                 scores = backend.continuation_scores(queries, [tuple(it.options) for it in chunk])
             for item, row in zip(chunk, scores):
-                finite = all(math.isfinite(s) for s in row)
-                answer = letters[int(np.argmax(row))] if finite else None
+                choice = choose_letter(row)
+                answer = None if choice is None else letters[choice]
                 records[item.id] = {"id": item.id, "answer": answer, "correct": answer == item.answer,
                                     "scores": dict(zip(letters, row))}
     return [records[item.id] for item in items]

@@ -28,6 +28,8 @@ from .pairs import Benchmark, Pair
 from .prompts import DEFAULT_PROMPTS, MODES, load_prompts
 from .scorer import PARSERS, read_predictions, score_predictions
 from .stopping import Stopped, deferred, signal_name, stop_requested
+from .strategies import (STRATEGIES, Strategy, StrategyError, apply_strategy, check_strategy, parse_strategy,
+                         strategy_from_record)
 
 DEFAULT_BATCH_PAIRS = 8
 PARTS = "parts"  # out/parts/predictions.rank-<r>.jsonl: a launched process's answers until they are gathered
@@ -70,6 +72,19 @@ class EvalConfig:
     progress: bool = field(default=True, metadata={"help": "progress bars on stderr; --quiet turns them off"})
     force: bool = field(default=False, metadata={
         "help": "start afresh in an --out that holds another evaluation (its contents are moved aside, not deleted)"})
+    strategy: str = field(default="plain", metadata={
+        "help": "training-free strategy: plain, vcd (visual contrastive decoding), describe (describe, then answer), "
+                "retrieve (similar corpus images with captions before the question)", "choices": tuple(STRATEGIES)})
+    strategy_option: list[str] = field(default_factory=list, metadata={
+        "help": "a strategy's option, key=value (repeatable): vcd alpha, cutoff, noise_step, seed; describe "
+                "max_new_tokens; retrieve corpus, k, encoder", "action": "extend", "metavar": "KEY=VALUE"})
+    retention: str | None = field(default=None, metadata={
+        "help": "retention set (world:<split>, a JSONL, a folder, hf:<id>): general ability under the strategy "
+                "against the same model without it, in results.json's retention"})
+    retention_mode: str = field(default="prefix", metadata={
+        "help": "how an MLLM answers the retention questions, as the recipes' data.retention_mode: prefix (each "
+                "option scored as the reply) or greedy (the option's letter); encoders: zero-shot and retrieval",
+        "choices": ("prefix", "greedy")})
 
 
 def _chunks(pairs: list[Pair], size: int) -> Iterator[list[Pair]]:
@@ -96,14 +111,31 @@ def read_done(path: Path) -> set[tuple[str, int]]:
 
 def _run_meta(cfg: EvalConfig, bench: Benchmark, prompt_version: str) -> dict[str, Any]:
     where = Path(cfg.benchmark)
-    return {"model": cfg.model, "mode": cfg.mode, "benchmark": bench.name, "n_pairs": len(bench.pairs),
+    meta = {"model": cfg.model, "mode": cfg.mode, "benchmark": bench.name, "n_pairs": len(bench.pairs),
             "benchmark_path": str(where.resolve()) if where.exists() else cfg.benchmark,
             "prompt_version": prompt_version, "judge_model": cfg.judge_model, "judge_margin": cfg.judge_margin}
+    strategy = eval_strategy(cfg)
+    if not strategy.plain:  # absent for plain scoring: folders written before strategies keep their fingerprint
+        meta["strategy"] = strategy.record()
+    if cfg.retention:
+        meta.update(retention=cfg.retention, retention_mode=cfg.retention_mode)
+    return meta
+
+
+def eval_strategy(cfg: EvalConfig) -> Strategy:
+    """The strategy ``cfg`` names, its options checked (EvalInputError naming a bad one)."""
+    try:
+        return parse_strategy(cfg.strategy, cfg.strategy_option)
+    except StrategyError as exc:
+        raise EvalInputError(str(exc)) from None
 
 
 def check_inputs(cfg: EvalConfig):
-    """Everything that can fail on bad input, before any model loads: benchmark, images, mode."""
+    """Everything that can fail on bad input, before any model loads: benchmark, images, mode, strategy (a
+    retrieve corpus audited against the benchmark's and the retention set's images), retention set."""
     from .models import resolve_model
+    from .pairs import BenchmarkError
+    from .retention import load_retention
 
     if cfg.mode not in MODES:
         raise EvalInputError(f"unknown mode {cfg.mode!r}; modes: {', '.join(MODES)}")
@@ -120,6 +152,14 @@ def check_inputs(cfg: EvalConfig):
         raise EvalInputError(f"mode {cfg.mode!r} needs {need}; {cfg.model!r} is {spec.family}")
     if cfg.mode == "freeform" and not (cfg.judge_url and cfg.judge_model):
         raise EvalInputError("mode freeform needs --judge-url and --judge-model (an OpenAI-compatible endpoint)")
+    try:
+        rset = load_retention(cfg.retention) if cfg.retention else None
+    except BenchmarkError as exc:
+        raise EvalInputError(f"--retention: {exc}") from None
+    try:
+        check_strategy(eval_strategy(cfg), cfg.mode, spec.is_encoder, bench, rset)
+    except StrategyError as exc:
+        raise EvalInputError(str(exc)) from None
     return bench, spec
 
 
@@ -164,12 +204,21 @@ def _answer_and_score(cfg: EvalConfig, out: Path, bench: Benchmark, spec, prompt
     if launch.processes > 1:
         print(f"process {launch.rank} of {launch.processes}: {sum(len(c) for c in todo)} pairs to answer "
               f"({len(todo)} batches)", file=sys.stderr)
-    if todo:
-        if not cfg.progress:
-            from transformers.utils import logging as hf_logging
+    loaded: list = []
 
-            hf_logging.disable_progress_bar()
-        backend, spec = load_model(spec, device=cfg.device or launch.device, trust_remote_code=cfg.trust_remote_code)
+    def model():
+        """(plain backend, backend under the strategy, spec), loaded on first use."""
+        if not loaded:
+            if not cfg.progress:
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
+            plain, loaded_spec = load_model(spec, device=cfg.device or launch.device, trust_remote_code=cfg.trust_remote_code)
+            loaded.extend([plain, apply_strategy(plain, eval_strategy(cfg), cfg.device or launch.device), loaded_spec])
+        return loaded
+
+    if todo:
+        _, backend, spec = model()
         judge = None
         if cfg.mode == "freeform":
             from .judge import Judge
@@ -199,7 +248,38 @@ def _answer_and_score(cfg: EvalConfig, out: Path, bench: Benchmark, spec, prompt
     if not launch.is_main:
         return None
     gather_predictions(out, bench)
-    return score_run(out, bench, parser=cfg.parser, meta=meta)
+    retention = measure_retention(cfg, out, model) if cfg.retention else None
+    return score_run(out, bench, parser=cfg.parser, meta=meta, retention=retention)
+
+
+def measure_retention(cfg: EvalConfig, out: Path, model) -> dict[str, Any]:
+    """``results.json``'s retention block of an evaluation: the retention set answered by the model without the
+    strategy (before) and under it (after; for plain scoring the same answers), in ``cfg.retention_mode`` (encoders:
+    zero-shot and retrieval). Records are kept in ``out/retention/`` and reused when an evaluation resumes."""
+    from .retention import answer_encoder, answer_mllm, load_retention, read_records, retention_block
+
+    rset = load_retention(cfg.retention)
+    mode = "clip" if cfg.mode == "clip" else cfg.retention_mode
+    folder = out / "retention"
+    folder.mkdir(exist_ok=True)
+    records = {}
+    for stage in ("before", "after"):
+        path = folder / f"{stage}.jsonl"
+        if stage == "after" and eval_strategy(cfg).plain:
+            records[stage] = records["before"]
+        elif path.exists():
+            records[stage] = read_records(path)
+        else:
+            backend = model()[0 if stage == "before" else 1]
+            if mode == "clip":
+                prompts = load_prompts(cfg.prompts)
+                records[stage] = answer_encoder(backend, rset, prompts.template("clip", model()[2].clip_prompt))
+            else:
+                records[stage] = answer_mllm(backend, rset, mode)
+            atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records[stage]).encode())
+    block = retention_block(rset, mode, records["before"], records["after"])
+    block["against"] = "the same model without the strategy"
+    return block
 
 
 def assign_chunks(bench: Benchmark, chunks: list[list[Pair]], processes: int) -> list[list[int]]:
@@ -285,9 +365,10 @@ def gather_predictions(out: Path, bench: Benchmark) -> None:
 
 
 def score_run(out: Path, bench: Benchmark, parser: str, meta: dict[str, Any] | None = None,
-              predictions_path: Path | None = None) -> dict[str, Any]:
+              predictions_path: Path | None = None, retention: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score ``predictions_path`` (default ``out/predictions.jsonl``) on ``bench`` and make ``out`` a
-    scored folder (predictions copied in when they came from elsewhere)."""
+    scored folder (predictions copied in when they came from elsewhere). A strategy named in ``meta`` is recorded
+    (``strategy``: its label, compare's name for it; ``strategy_settings``; ``seed``), as is ``retention``."""
     from .runs import write_scored
 
     meta = meta or {}
@@ -297,7 +378,13 @@ def score_run(out: Path, bench: Benchmark, parser: str, meta: dict[str, Any] | N
     # predictions from elsewhere must be of this benchmark; a run's own may hold pairs past a --limit
     predictions = read_predictions(source, pair_ids={p.id for p in bench.pairs} if copy else None)
     results = score_predictions(bench.pairs, predictions, parser, prompt_version=meta.get("prompt_version"))
-    return write_scored(out, results, records=list(predictions.values()) if copy else None,
+    extra: dict[str, Any] = {}
+    if meta.get("strategy"):
+        strategy = strategy_from_record(meta["strategy"])
+        extra.update(strategy=strategy.label(), strategy_settings=meta["strategy"], seed=strategy.seed)
+    if retention is not None:
+        extra["retention"] = retention
+    return write_scored(out, results, records=list(predictions.values()) if copy else None, **extra,
                         model=meta.get("model") or "predictions", mode=meta.get("mode") or "unknown",
                         benchmark=meta.get("benchmark_path") or meta.get("benchmark") or bench.name,
                         benchmark_fingerprint=bench.fingerprint(),

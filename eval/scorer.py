@@ -10,6 +10,7 @@ No torch, no transformers: numpy for the bootstrap, scipy for the exact McNemar 
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -30,6 +31,17 @@ Answer = str | None  # "A", "B" or None (invalid)
 # answer whose margin (score A - score B) is inside the band can flip with the batch size. The bands sit above the
 # batched vs one-at-a-time differences measured on the twins (docs/evaluating.md, tests/test_near_ties.py).
 NOISE_BANDS = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
+
+
+def choose_letter(scores: list[float], first_wins_ties: bool = True) -> int | None:
+    """The index of the winning option of ``scores``, or None (no answer) when a score is NaN or +inf or none is
+    above -inf. A -inf is probability 0 (an option the ``vcd`` strategy cuts as implausible): the others win. Ties go
+    to the first option (greedy: the reference's argmax) or to the last (prefix: the reference's strict >)."""
+    if any(math.isnan(s) or s == math.inf for s in scores) or all(s == -math.inf for s in scores):
+        return None
+    best = max(scores)
+    winners = [i for i, s in enumerate(scores) if s == best]
+    return winners[0] if first_wins_ties else winners[-1]
 
 
 def near_ties(records: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:

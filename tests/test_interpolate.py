@@ -1,8 +1,6 @@
 """`unconfuse interpolate`: alpha 0 and 1 reproduce the base's and the run's own test predictions exactly, every
 alpha is chosen on the validation side only, and the output is a run folder compare reads."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -92,12 +90,13 @@ def test_the_alpha_is_chosen_on_the_validation_side_and_the_test_scored_once(wor
     assert [row["strategy"] for row in summary["rows"]][1:] == ["hardneg", "hardneg+wise-ft"]
 
 
-def test_alphas_are_checked_and_a_folder_that_is_no_run_is_one_line(tmp_path):
+def test_alphas_are_checked_and_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
+    from unconfuse.cli.main import main
     from unconfuse.train.config import ConfigError
 
     assert interp.parse_alphas("1,0.5") == [0.0, 0.5, 1.0]
     with pytest.raises(ConfigError, match="between 0 and 1"):
         interp.parse_alphas("0,1.5")
-    done = subprocess.run([sys.executable, "-m", "unconfuse.cli", "interpolate", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "no results.json" in done.stderr
+    assert main(["interpolate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "no results.json" in err

@@ -59,7 +59,7 @@ def test_plan_is_one_resumable_cv_fold_command_per_job(tmp_path, capsys):
     ({"folds": 1}, "folds: an integer of at least 2"),
     ({"seeds": [0, 0]}, "seeds: a list of distinct integers"),
     ({"fold": 2}, "unknown key 'fold'"),
-    ({"baseline": "nope"}, "baseline 'nope' is not a strategy's name"),
+    ({"baseline": "nope"}, "baseline 'nope' is not a recipe strategy's name"),
     ({"overrides": ["train.seed=3"]}, "the study sets train.seed itself"),
     ({"overrides": ["train.max_stepz=3"]}, "strategies[0] (hardneg)"),
     ({"strategies": [{"name": "a", "recipe": "nope", "config": "x.yaml"}]}, "recipe 'nope' is not one of"),
@@ -73,6 +73,38 @@ def test_bad_study_files_are_one_line_errors(tmp_path, capsys, change, message):
     assert main(["study", "plan", str(_study(tmp_path, **change))]) == 2
     err = capsys.readouterr().err
     assert message in err and str(tmp_path / "study.yaml") in err and len(err.strip().splitlines()) == 1
+
+
+VCD = {"name": "vcd", "eval": "vcd", "model": "tiny-llava", "mode": "greedy", "options": ["alpha=1"]}
+
+
+def test_a_training_free_strategy_is_one_eval_job_per_seed_over_the_whole_benchmark(tmp_path):
+    describe = {"name": "describe", "eval": "describe", "model": "tiny-llava", "mode": "greedy",
+                "retention": "world:val"}
+    study = load_study(_study(tmp_path, strategies=[*_study_strategies(tmp_path), VCD, describe]))
+    lines = plan_lines(study)
+    assert len(lines) == 8 + 2 + 1  # vcd draws noise: a job per seed; describe: one
+    out = tmp_path / "study"
+    assert lines[8] == shlex.join(["unconfuse", "eval", "--model", "tiny-llava", "--mode", "greedy", "--benchmark",
+                                   "world:test", "--out", str(out / "vcd" / "seed-0"), "--strategy", "vcd",
+                                   "--strategy-option", "alpha=1", "seed=0", "--quiet"])
+    assert lines[10].endswith(f"--out {out / 'describe'} --strategy describe --retention world:val --quiet")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({**VCD, "options": ["beta=1"]}, "strategies[2]: --strategy-option 'beta=1': strategy vcd has no option 'beta'"),
+    ({**VCD, "options": ["seed=1"]}, "the study sets seed itself"),
+    ({**VCD, "mode": "clip"}, "mode 'clip': one of mc, greedy, prefix, freeform"),
+    ({**VCD, "recipe": "mllm_sft"}, "unknown key 'recipe'; training-free strategy keys"),
+])
+def test_bad_training_free_strategies_are_named(tmp_path, capsys, entry, message):
+    path = _study(tmp_path, strategies=[*_study_strategies(tmp_path), entry])
+    assert main(["study", "plan", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def _study_strategies(tmp_path):
+    return json.loads(_study(tmp_path).read_text())["strategies"]
 
 
 def test_a_strategy_starts_each_fold_and_seed_from_the_same_fold_and_seed_of_another(tmp_path):
@@ -206,12 +238,12 @@ def test_folds_as_separate_processes_collect_to_the_sequential_cv(tmp_path, caps
 
 @pytest.mark.slow  # 8 fold jobs as processes, 2 at a time
 def test_a_study_runs_through_plan_a_shell_loop_and_collect(tmp_path, capsys):
-    study = _study(tmp_path)
+    study = _study(tmp_path, strategies=[*_study_strategies(tmp_path), VCD])  # and a training-free strategy
     assert main(["study", "plan", str(study)]) == 0
     plan = tmp_path / "plan.txt"
     plan.write_text(capsys.readouterr().out)
     assert main(["study", "collect", str(study)]) == 2  # nothing ran yet
-    assert "8 of 8 jobs have not finished" in capsys.readouterr().err
+    assert "10 of 10 jobs have not finished" in capsys.readouterr().err
     bin_dir = Path(sys.executable).parent  # the plan's `unconfuse` is this environment's
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     # the shell loop, two jobs at a time (what a Slurm array does with --array=0-7%2)
@@ -223,9 +255,14 @@ def test_a_study_runs_through_plan_a_shell_loop_and_collect(tmp_path, capsys):
     summary = json.loads((tmp_path / "study" / "study.json").read_text())
     assert (tmp_path / "study" / "compare" / "comparison.md").exists()
     rows = summary["rows"]
-    assert len(rows) == 1 + 4  # the baseline (hardneg's pooled base model) and 2 strategies x 2 seeds
+    assert len(rows) == 1 + 4 + 2  # the baseline (hardneg's pooled base model), 2 strategies x 2 seeds, vcd x 2 seeds
     assert sorted((r["strategy"], r["seed"]) for r in rows[1:]) == sorted(
-        (f"{s} (cv 2 folds)", seed) for s in ("hardneg", "clip-ft") for seed in (0, 1))
+        [(f"{s} (cv 2 folds)", seed) for s in ("hardneg", "clip-ft") for seed in (0, 1)]
+        + [("vcd on tiny-llava", 0), ("vcd on tiny-llava", 1)])
+    vcd_rows = [r for r in rows if r["strategy"] == "vcd on tiny-llava"]
+    assert all(r["results"]["n_pairs"] == 80 for r in vcd_rows)  # the same pairs as every cv's pooled test
+    assert sorted(summary["evals"]) == ["vcd/seed-0", "vcd/seed-1"]
+    rows = [r for r in rows if r not in vcd_rows]
     groups = {g["strategy"]: g for g in summary["groups"]}
     assert groups["hardneg (cv 2 folds)"]["n_runs"] == 2 and groups["clip-ft (cv 2 folds)"]["seeds"] == [0, 1]
     for row in rows[1:]:  # each row is its cv's pooled test over the whole benchmark

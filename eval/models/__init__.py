@@ -10,10 +10,10 @@ from typing import Any
 import yaml
 
 from ..home import built_model_dir, config_dir, unconfuse_home
-from .base import EncoderBackend, GenerativeBackend, ModelLoadError, Query
+from .base import EncoderBackend, GenerativeBackend, ModelLoadError, Query, Reference
 
 __all__ = ["ModelSpec", "load_model", "model_identity", "resolve_model", "find_preset", "list_presets", "ModelLoadError", "Query",
-           "GenerativeBackend", "EncoderBackend"]
+           "Reference", "GenerativeBackend", "EncoderBackend"]
 
 FAMILIES = ("hf-vlm", "open-clip", "hf-clip", "hf-vision")
 CLIP_MODEL_TYPES = {"clip", "siglip", "siglip2", "chinese_clip", "altclip", "metaclip_2"}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from PIL import Image
 
@@ -14,13 +14,28 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class Query:
     """One question about one image. ``image_key`` identifies the image across queries so that
-    a backend can encode it once per pass."""
+    a backend can encode it once per pass.
+
+    Training-free strategies (``unconfuse.eval.strategies``) add two things: ``distort``, applied by the backend to
+    the image's processed pixels (VCD's noised copy; its ``image_key`` differs from the clean image's), and
+    ``references``, images shown before the question image, each followed by its text (retrieval's similar cases)."""
 
     image_key: str
     image: Image.Image
     prompt: str
     options: tuple[str, str] = ("", "")
     meta: dict[str, Any] = field(default_factory=dict)
+    distort: Callable[[Any], Any] | None = None
+    references: tuple[Reference, ...] = ()
+
+
+@dataclass(frozen=True)
+class Reference:
+    """An image put before a query's own image, with the text that follows it in the prompt."""
+
+    image_key: str
+    image: Image.Image
+    text: str
 
 
 class GenerativeBackend(Protocol):

@@ -11,8 +11,9 @@ Efficiency, as the eval contract asks:
   KV cache, instead of one full forward per option.
 
 Models whose forward takes no pre-encoded images (no ``mm_encoder_outputs``), prompts with no image
-token before the reply, and batches whose padded layout would not be exact under the model's
-sliding-window attention take the plain path instead: scores from one unpadded forward per query
+token before the reply, prompts with reference images before the question's image (the ``retrieve``
+strategy), and batches whose padded layout would not be exact under the model's sliding-window
+attention take the plain path instead: scores from one unpadded forward per query
 (and per option) with its pixels, generation from the pixels of the batch (``plain_path`` forces
 it; tests/test_twins.py holds both paths to a naive forward per question).
 """
@@ -26,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import ModelLoadError, Query
+from .base import ModelLoadError, Query, Reference
 
 
 class HFVisionLanguageBackend:
@@ -72,23 +73,28 @@ class HFVisionLanguageBackend:
 
     # -- prompts ---------------------------------------------------------------------------------
 
-    def _messages(self, prompt: str, reply: str | None = None) -> list[dict[str, Any]]:
+    def _messages(self, prompt: str, reply: str | None = None,
+                  references: Sequence[Reference] = ()) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
         if self.system_prompt:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
+        content: list[dict[str, Any]] = []
+        for ref in references:  # each reference image, then its text, before the question's image
+            content += [{"type": "image"}, {"type": "text", "text": ref.text}]
+        messages.append({"role": "user", "content": [*content, {"type": "image"}, {"type": "text", "text": prompt}]})
         if reply is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
         return messages
 
-    def render(self, prompt: str) -> str:
+    def render(self, prompt: str, references: Sequence[Reference] = ()) -> str:
         """The chat-formatted prompt text, ending where the assistant's reply begins."""
-        return self.processor.apply_chat_template(self._messages(prompt), add_generation_prompt=True, tokenize=False)
+        return self.processor.apply_chat_template(self._messages(prompt, references=references),
+                                                  add_generation_prompt=True, tokenize=False)
 
-    def reply_text(self, prompt: str, rendered: str, reply: str) -> str:
+    def reply_text(self, prompt: str, rendered: str, reply: str, references: Sequence[Reference] = ()) -> str:
         """The text the chat template puts between the prompt and the end of ``reply``
         (e.g. ``" Yes"`` after LLaVA's ``ASSISTANT:``), so option scoring follows the template."""
-        full = self.processor.apply_chat_template(self._messages(prompt, reply), tokenize=False)
+        full = self.processor.apply_chat_template(self._messages(prompt, reply, references), tokenize=False)
         if full.startswith(rendered):
             end = full.find(reply, len(rendered))
             if end >= 0:
@@ -98,15 +104,26 @@ class HFVisionLanguageBackend:
     # -- encoding --------------------------------------------------------------------------------
 
     def _inputs(self, queries: list[Query]) -> dict[str, Any]:
-        texts = [self.render(q.prompt) for q in queries]
+        """The processor's tensors of ``queries`` (each query's reference images, then its own), with each
+        query's ``distort`` applied to its own image's pixels."""
+        texts = [self.render(q.prompt, q.references) for q in queries]
         # Templates that write BOS themselves (Gemma 3) must not get a second one from the tokenizer: the rule
         # of transformers' own processor.apply_chat_template(tokenize=True).
         bos = self.tokenizer.bos_token
         add_special_tokens = not (bos and all(t.startswith(bos) for t in texts))
         # one list of images per prompt: processors that take several images per prompt (Gemma 3) read a
         # flat list as all of them belonging to one prompt
-        inputs = self.processor(text=texts, images=[[q.image] for q in queries], return_tensors="pt", padding=True,
-                                add_special_tokens=add_special_tokens)
+        inputs = self.processor(text=texts, images=[[*(r.image for r in q.references), q.image] for q in queries],
+                                return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+        if any(q.distort for q in queries):
+            parts = self._split_pixels(inputs, sum(len(q.references) + 1 for q in queries))
+            own = 0
+            for q in queries:
+                own += len(q.references)  # the query's own image follows its references
+                if q.distort is not None:
+                    parts[own]["pixel_values"] = q.distort(parts[own]["pixel_values"])
+                own += 1
+            inputs["pixel_values"] = torch.cat([part["pixel_values"] for part in parts])
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     def _split_pixels(self, inputs: dict[str, Any], n: int) -> list[dict[str, torch.Tensor]]:
@@ -163,7 +180,7 @@ class HFVisionLanguageBackend:
     def _model_kwargs(self, queries: list[Query], inputs: dict[str, Any]) -> dict[str, Any]:
         """Generation kwargs: text tensors plus the cached image features (or pixels as a fallback)."""
         kwargs = dict(inputs)
-        if not self.plain_path:
+        if not self.plain_path and not any(q.references for q in queries):
             features = self._image_features(queries, inputs)
             for key in ("pixel_values", "image_sizes"):
                 kwargs.pop(key, None)
@@ -212,7 +229,7 @@ class HFVisionLanguageBackend:
         padded width of the prompts plus ``extra_width`` beyond the sliding window): the callers
         then take the plain path.
         """
-        if self.plain_path or self.image_token_id is None:
+        if self.plain_path or self.image_token_id is None or any(q.references for q in queries):
             return None
         inputs = self._inputs(queries)
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
@@ -313,11 +330,11 @@ class HFVisionLanguageBackend:
         """Token ids of each continuation as it follows its prompt (split from a joint encoding)."""
         result = []
         for q, conts in zip(queries, continuations):
-            rendered = self.render(q.prompt)
+            rendered = self.render(q.prompt, q.references)
             prompt_ids = self.tokenizer.encode(rendered, add_special_tokens=False)
             rows = []
             for cont in conts:
-                text = self.reply_text(q.prompt, rendered, cont)
+                text = self.reply_text(q.prompt, rendered, cont, q.references)
                 joint = self.tokenizer.encode(rendered + text, add_special_tokens=False)
                 if joint[:len(prompt_ids)] != prompt_ids:  # a merge across the boundary: encode apart
                     joint = prompt_ids + self.tokenizer.encode(text, add_special_tokens=False)
@@ -360,12 +377,17 @@ class HFVisionLanguageBackend:
         return [scores[i * k:(i + 1) * k] for i in range(len(queries))]
 
     @torch.no_grad()
-    def generate(self, queries: list[Query], max_new_tokens: int) -> list[str]:
+    def generate(self, queries: list[Query], max_new_tokens: int, logits_processor: Sequence[Any] = ()) -> list[str]:
+        """Greedy replies; ``logits_processor``: callables ``(input_ids, scores) -> scores`` applied at every step
+        (the ``vcd`` strategy's contrast), as transformers' ``generate`` takes them."""
+        from transformers import LogitsProcessorList
+
         inputs = self._inputs(queries)
         kwargs = self._model_kwargs(queries, inputs)
         output = self.model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                      temperature=None, top_p=None, top_k=None,
-                                     pad_token_id=self.tokenizer.pad_token_id)
+                                     pad_token_id=self.tokenizer.pad_token_id,
+                                     logits_processor=LogitsProcessorList(logits_processor))
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 

@@ -57,8 +57,11 @@ def load_run(path: str | Path) -> RunEntry:
         if kind == "scored":
             res = read_scored(path)
             strategy = res.get("strategy") or res["model"]
+            if res.get("strategy_settings"):  # a training-free strategy: on which model (a base, a trained run)
+                strategy = f"{strategy} on {_short_model(res['model'])}"
             entry = RunEntry(path, "", strategy, f"{res['model']} / {res['mode']}", res.get("train_data") or res["benchmark"],
-                             res.get("seed"), path / "predictions.jsonl", res["benchmark"], res.get("benchmark_fingerprint"))
+                             res.get("seed"), path / "predictions.jsonl", res["benchmark"], res.get("benchmark_fingerprint"),
+                             retention=res.get("retention"))  # an eval's: under its strategy against the plain model
         else:
             run = read_run_results(path)
             strategy = f"{run.strategy} (cv {run.details['folds']} folds)" if run.kind == "cv" else run.strategy
@@ -72,6 +75,12 @@ def load_run(path: str | Path) -> RunEntry:
         raise CompareError(f"{path}: no test predictions at {entry.predictions}")
     entry.label = entry.strategy + (f" (seed {entry.seed})" if entry.seed is not None else "")
     return entry
+
+
+def _short_model(model: str) -> str:
+    """A preset's name as it is; a folder by its last three parts (``mllm_sft/checkpoints/best``)."""
+    parts = Path(model).parts
+    return "/".join(parts[-3:]) if len(parts) > 3 else model
 
 
 def _benchmark(arg: str | None, entries: list[RunEntry]) -> Benchmark:
