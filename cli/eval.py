@@ -148,9 +148,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             strategy = eval_strategy(cfg)
             corpus = strategy.options.get("corpus")
             prepare(benchmarks=[cfg.benchmark, cfg.retention, corpus])  # the embedded world, when asked for (seconds)
-            check_inputs(cfg)  # bad input fails here, before a tiny preset is built (minutes for the base models)
+            checked = check_inputs(cfg)  # bad input fails here, before a tiny preset is built (minutes for base models)
             prepare(models=[cfg.model, strategy.options.get("encoder")])
-        results = run_eval(cfg, state)
+        results = run_eval(cfg, state, checked)
     except EvalInputError as exc:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)

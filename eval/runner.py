@@ -163,14 +163,15 @@ def check_inputs(cfg: EvalConfig):
     return bench, spec
 
 
-def run_eval(cfg: EvalConfig, launch: LaunchState | None = None) -> dict[str, Any] | None:
+def run_eval(cfg: EvalConfig, launch: LaunchState | None = None, checked: tuple | None = None) -> dict[str, Any] | None:
     """Run (or resume) an evaluation; returns the results written to ``out/results.json`` (None in the
     processes of a launch other than the main one, which scores). ``launch``: this process's place in
-    a launch (default: ``launch_state()``)."""
+    a launch (default: ``launch_state()``); ``checked``: what ``check_inputs(cfg)`` returned, when the caller
+    has checked already (a retrieve corpus is audited once)."""
     from .models import model_identity
 
     launch = launch or launch_state()
-    bench, spec = check_inputs(cfg)
+    bench, spec = checked or check_inputs(cfg)
     prompts = load_prompts(cfg.prompts)
     out = Path(cfg.out)
     meta = _run_meta(cfg, bench, prompts.version)

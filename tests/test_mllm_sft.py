@@ -62,7 +62,8 @@ def anchored_sft_trainer(world, tmp_path, lora: MllmLora, anchor_weight: float):
     backend, _ = load_model("tiny-llava", device="cpu")
     model = attach_lora(backend, lora, seed=0)
     examples = sft_examples(load_benchmark(str(world.root / "train")), load_prompts(), MllmData(), seed=0)[:4]
-    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, max_length=None, report_to=[], use_cpu=True)
+    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, max_length=None, report_to=[], use_cpu=True,
+                     activation_checkpointing=False)  # as the recipes (and without TRL's deprecated alias's warning)
     trainer = AnchoredSFTTrainer(model=model, args=args, processing_class=with_eval_bos(backend.processor),
                                  train_dataset=Dataset.from_list(examples), anchor_weight=anchor_weight)
     return trainer, trainer.data_collator(examples)

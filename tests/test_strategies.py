@@ -16,9 +16,9 @@ from unconfuse.eval.scorer import choose_letter
 from unconfuse.eval.strategies import (DiffusionNoise, StrategyError, VisualContrast, audit_corpus, corpus_items,
                                        parse_strategy)
 
-# LLaVA-1.5 in the fast lane; Qwen2.5-VL and Gemma 3 (MedGemma) in the full suite
-TWINS = ["tiny-llava", pytest.param("tiny-qwen2.5-vl", marks=pytest.mark.slow),
-         pytest.param("tiny-gemma3", marks=pytest.mark.slow)]
+# LLaVA-1.5 in the fast lane; Qwen2.5-VL, Gemma 3 (MedGemma) and LLaVA-NeXT (tiles per image) in the full suite
+TWINS = ["tiny-llava", *(pytest.param(twin, marks=pytest.mark.slow)
+                         for twin in ("tiny-qwen2.5-vl", "tiny-gemma3", "tiny-llava-next"))]
 PAIRS = 3
 
 
