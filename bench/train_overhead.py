@@ -8,7 +8,8 @@
    recipe's whole-pair sampler drew, in its order; TRL's ``train_sampling_strategy="sequential"``) and processor.
    The per-step losses must agree (to ``--tolerance``) before any time is compared. Training time is the Trainer's
    loop (``on_train_begin`` to ``on_train_end``) less the validations and checkpoint saves inside it.
-   Repeats are interleaved (recipe, plain, recipe, plain, ...); the ratio is plain time / recipe time
+   Repeats are interleaved in alternating order (recipe then plain, plain then recipe, ...: the second in a process
+   finds warm caches); the ratio is plain time / recipe time
    (>= 0.95: the recipe trains as fast as the plain script).
 2. ``--shares``: one default run of ``configs/mllm_sft/tiny.yaml`` (600 steps) split into startup, base and test
    scoring, validations, training steps and the rest.
@@ -21,6 +22,7 @@ them), so equal losses cannot be checked.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import inspect
 import os
@@ -192,7 +194,11 @@ def plain_clip_loop(captured: dict[str, Any]) -> Timed:
     optimizer = type(used)(groups, **{k: v for k, v in used.defaults.items() if k in accepted and k != "weight_decay"})
     schedule = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(args.max_steps),
                              num_training_steps=args.max_steps)
-    rows, collate, loss_cfg = recipe_trainer.train_dataset, recipe_trainer.data_collator, cfg.loss
+    collate, loss_cfg = recipe_trainer.data_collator, cfg.loss
+    # the recipe's rows with their replay images not decoded yet, as the recipe found them (its dataset keeps each
+    # replay image it decoded: reusing it as it is would hand the plain loop every replay image for free)
+    rows = copy.copy(recipe_trainer.train_dataset)
+    rows._replay_pixels = {}
     losses = []
     start = time.perf_counter()
     for indices in captured["batches"][:args.max_steps]:
@@ -219,15 +225,28 @@ def train_plain(trainer) -> Timed:
 
 
 def compare(recipe: str, steps: int, repeats: int, tolerance: float, work: Path) -> dict[str, Any]:
-    """Interleaved repeats of the recipe and its plain script; the losses checked equal before the ratio."""
+    """Interleaved repeats of the recipe and its plain script, in alternating order (recipe first, then plain first:
+    whichever runs second in a process finds its caches warm); the losses checked equal before the ratio."""
     recipe_times, plain_times = [], []
     # the plain scripts' losses, so they can be compared: no anchor, plain DPO (no image-contrast term), no teacher
     same_loss = {"mllm_sft": ["lora.anchor_weight=0"], "mllm_dpo": ["lora.anchor_weight=0", "preference.image_contrast_weight=0"],
                  "clip_hardneg": ["loss.distill_weight=0"]}[recipe]
-    for repeat in range(repeats):
-        captured = run_recipe_captured(recipe, steps, work / f"{recipe}-{repeat}", overrides=same_loss)
-        plain = plain_clip_loop(captured) if recipe == "clip_hardneg" else \
+
+    def plain_of(captured: dict[str, Any], repeat: int) -> Timed:
+        return plain_clip_loop(captured) if recipe == "clip_hardneg" else \
             train_plain(plain_trainer(recipe, captured, work / f"{recipe}-plain-{repeat}"))
+
+    previous = None
+    for repeat in range(repeats):
+        if repeat % 2 and previous is not None:  # plain first, on the batches the recipe drew before (the same seed)
+            plain = plain_of(previous, repeat)
+            captured = run_recipe_captured(recipe, steps, work / f"{recipe}-{repeat}", overrides=same_loss)
+            if captured["batches"] != previous["batches"]:
+                raise SystemExit(f"{recipe}: the recipe drew other batches in repeat {repeat}; the plain script's are stale")
+        else:
+            captured = run_recipe_captured(recipe, steps, work / f"{recipe}-{repeat}", overrides=same_loss)
+            plain = plain_of(captured, repeat)
+        previous = captured
         mine = captured["timed"]
         if len(plain.losses) != len(mine.losses) or len(mine.losses) < steps:
             raise SystemExit(f"{recipe}: {len(mine.losses)} recipe losses, {len(plain.losses)} plain ones")
