@@ -6,6 +6,6 @@ from __future__ import annotations
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``unconfuse`` command line with ``argv`` (default: this process's arguments); its exit status."""
-    from unconfuse.cli.main import main as run
+    from unconfuse.cli.commands import main as run
 
     return run(argv)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.runs import RunResults, write_run_results, write_scored
 from unconfuse.eval.scorer import score

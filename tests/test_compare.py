@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval.runs import RunResults, write_run_results
 from unconfuse.eval.tools.compare import CompareError, run_compare
 

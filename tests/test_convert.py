@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval.convert import LLAVA_MED_CHAT_TEMPLATE
 from unconfuse.eval.world.tiny import write_llava_med_original
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.world import default_world
 

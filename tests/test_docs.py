@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from unconfuse.cli.main import build_parser
+from unconfuse.cli.commands import build_parser
 from unconfuse.train.config import ConfigError, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import numpy as np
 from PIL import Image
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval.download import DownloadConfig, download
 
 from .http_stub import CUT, StubServer

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval import runner
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.runner import EvalConfig, run_eval
@@ -184,7 +184,7 @@ def test_rescoring_mc_output_with_the_reference_parser(tmp_path, sample_bench, c
 def test_eval_options_come_from_the_config_fields(tmp_path, monkeypatch, capsys):
     import dataclasses
 
-    from unconfuse.cli.main import build_parser
+    from unconfuse.cli.commands import build_parser
     from unconfuse.eval.options import config_from_args
 
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: each help text on one line

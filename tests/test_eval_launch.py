@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval import runner
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.launch import accelerate_launch
@@ -133,7 +133,7 @@ def test_gathering_orders_as_one_process_keeps_lines_and_drops_torn_ones(tmp_pat
 
 def test_the_launched_processes_get_the_command_line_the_user_typed(tmp_path, monkeypatch):
     from unconfuse.cli.eval import EVAL_FLAGS
-    from unconfuse.cli.main import build_parser
+    from unconfuse.cli.commands import build_parser
     from unconfuse.eval.options import config_from_args, config_to_argv
 
     launched = {}

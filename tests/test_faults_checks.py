@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval import runner
 from unconfuse.eval.images import check_images
 from unconfuse.eval.pairs import Benchmark, Pair

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.io import atomic_folder, atomic_write_json
 from unconfuse.eval.pairs import BenchmarkError

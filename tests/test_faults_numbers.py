@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval import models
 from unconfuse.eval.benchmarks import BenchmarkError, load_benchmark
 from unconfuse.eval.models import ModelLoadError, resolve_model

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 
 from .interrupt import assert_same_answers
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import yaml
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval.tools.hub import model_card
 from unconfuse.recipes import mllm_sft
 from unconfuse.recipes.mllm_sft import MllmSftConfig

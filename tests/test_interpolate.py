@@ -91,7 +91,7 @@ def test_the_alpha_is_chosen_on_the_validation_side_and_the_test_scored_once(wor
 
 
 def test_alphas_are_checked_and_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
-    from unconfuse.cli.main import main
+    from unconfuse.cli.commands import main
     from unconfuse.train.config import ConfigError
 
     assert interp.parse_alphas("1,0.5") == [0.0, 0.5, 1.0]

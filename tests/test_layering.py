@@ -133,3 +133,14 @@ def test_importing_unconfuse_has_no_side_effects():
             "bad += [k for k in set(os.environ) ^ set(env)] + [k for k in env if os.environ.get(k) != env[k]]; "
             "print(bad); sys.exit(bool(bad))")
     in_a_fresh_interpreter(code)
+
+
+def test_the_cli_entry_point_stays_the_function_once_the_commands_are_imported():
+    """``unconfuse.cli.main`` (the entry point) is a function, and no submodule of ``unconfuse.cli`` shadows it once
+    imported (a submodule named ``main`` did: ``from unconfuse.cli import main`` then gave a module)."""
+    import importlib
+
+    importlib.import_module("unconfuse.cli.commands")
+    from unconfuse.cli import main
+
+    assert callable(main) and main.__module__ == "unconfuse.cli"

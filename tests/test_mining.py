@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.images import load_image
 from unconfuse.eval.models import load_model
@@ -246,7 +246,7 @@ def test_vectorised_hamming_equals_imagehash():
 
 
 def test_mine_options_come_from_the_config_fields():
-    from unconfuse.cli.main import build_parser
+    from unconfuse.cli.commands import build_parser
     from unconfuse.eval.options import config_from_args
 
     args = build_parser().parse_args(["mine", "--corpus", "c", "--out", "o"])

@@ -133,7 +133,7 @@ def test_two_steps_train_only_the_adapters_and_merge(world, tmp_path):
 
 @pytest.mark.slow
 def test_merge_command_writes_a_model_that_eval_loads(world, tmp_path, capsys):
-    from unconfuse.cli.main import main
+    from unconfuse.cli.commands import main
 
     mllm_sft.main(config(world, tmp_path / "run"))
     assert main(["merge", str(tmp_path / "run" / "checkpoints" / "best"), "--out", str(tmp_path / "merged")]) == 0
@@ -239,7 +239,7 @@ def test_lora_under_deepspeed_zero3(world, tmp_path):
     first); base, validation and test scoring run on gathered weights, each process its share; the run
     resumes with the uninterrupted run's losses; its best adapters load in ``unconfuse eval`` and score
     what the run's final test scored (they were loaded into the trained model in place)."""
-    from unconfuse.cli.main import main
+    from unconfuse.cli.commands import main
 
     stdout = launch_sft(world, "zero3", tmp_path / "full", "train.max_steps=4", "train.learning_rate=0.03", "train.warmup_steps=0")
     assert "partitioned across processes as they loaded" in stdout

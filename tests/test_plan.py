@@ -124,7 +124,7 @@ def test_every_real_config_has_a_plan(config):
 
 
 def test_the_plan_command_prints_and_refuses_in_one_line(capsys, monkeypatch):
-    from unconfuse.cli.main import main
+    from unconfuse.cli.commands import main
 
     monkeypatch.chdir(REPO)
     assert main(["plan", "mllm_sft", "--config", "configs/mllm_sft/qwen2_5_vl.yaml", "--gpu-memory", "80GB"]) == 0

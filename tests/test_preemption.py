@@ -162,7 +162,7 @@ def test_a_preempted_study_task_requeues_and_collect_equals_the_uninterrupted_st
     """configs/slurm/array.sbatch with a stand-in scontrol: SIGTERM to the batch script (what --signal=B:TERM sends
     ahead of the time limit) mid-fold reaches the run, which saves and exits 143; the script requeues its task;
     the requeued task resumes; `study collect` then equals the study whose tasks ran uninterrupted."""
-    from unconfuse.cli.main import main
+    from unconfuse.cli.commands import main
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval.runs import read_run_results, read_scored
 from unconfuse.eval.tools.compare import run_compare
 from unconfuse.recipes import RECIPES, run_recipe

@@ -174,7 +174,7 @@ def test_predictions_file_is_validated_and_raw_is_parsed(tmp_path):
 
 
 def test_score_command_writes_results_and_report(tmp_path, mediconfusion_dir, capsys):
-    from unconfuse.cli.main import main
+    from unconfuse.cli.commands import main
 
     pairs = load_upstream_json(mediconfusion_dir / "dataset.json")
     lines = [json.dumps({"pair_id": p.id, "image": s, "raw": "A" if s == 1 else "(B)"}) for p in pairs for s in (1, 2)]

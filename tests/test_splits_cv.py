@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.runner import EvalConfig, run_eval
 from unconfuse.eval.scorer import read_predictions, resolve_answers, score

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from unconfuse.cli.main import main
+from unconfuse.cli import main
 from unconfuse.eval import evaluate, load_benchmark, load_model
 from unconfuse.eval.images import load_image
 from unconfuse.eval.models import Query, Reference

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.cli.study import StudyError, load_study, plan_lines
 from unconfuse.eval.scorer import read_predictions
 

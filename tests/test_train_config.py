@@ -108,7 +108,7 @@ def test_every_config_field_documents_itself(recipe, capsys):
     import dataclasses
     import typing
 
-    from unconfuse.cli.main import main
+    from unconfuse.cli.commands import main
 
     def keys(cls, prefix=""):
         for f in dataclasses.fields(cls):
@@ -155,7 +155,7 @@ def test_real_model_configs_use_real_held_out_data_and_toy_data_is_refused(tmp_p
 
 
 def test_train_help_without_a_recipe_lists_recipes_and_launch(capsys):
-    from unconfuse.cli.main import main
+    from unconfuse.cli.commands import main
 
     assert main(["train", "--help"]) == 0
     printed = capsys.readouterr().out

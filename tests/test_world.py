@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from unconfuse.cli.main import main
+from unconfuse.cli.commands import main
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.images import check_images
 from unconfuse.eval.world import SPLITS, WorldConfig, WorldError, synthesize, verify_world
@@ -117,7 +117,7 @@ def test_synth_command_writes_the_contracted_files(tmp_path, capsys):
 
 
 def test_synth_options_default_to_the_default_world():
-    from unconfuse.cli.main import build_parser
+    from unconfuse.cli.commands import build_parser
     from unconfuse.eval.options import config_from_args
 
     args = build_parser().parse_args(["data", "synth", "--out", "w"])
