@@ -188,11 +188,9 @@ def interpolate(run_dir: str | Path, alphas: list[float], out: str | Path | None
         batch = cfg.val_batch_pairs
 
         def retain(rset: RetentionSet) -> list[dict[str, Any]]:
-            from unconfuse.eval.retention import answer_encoder, answer_mllm
+            from unconfuse.eval.retention import answer_retention
 
-            if encoder:
-                return answer_encoder(backend, rset, prompts.template("clip", spec.clip_prompt))
-            return answer_mllm(backend, rset, retention_mode, batch=2 * batch)
+            return answer_retention(backend, spec, rset, retention_mode, prompts, batch=2 * batch)
 
         def score(bench, mode):
             records = predict(backend, spec, mode, bench, prompts, batch)

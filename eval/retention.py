@@ -288,6 +288,22 @@ def metrics_of(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return out
 
 
+def answer_retention(backend, spec, rset: RetentionSet, mode: str, prompts, batch: int = 16) -> list[dict[str, Any]]:
+    """Retention records of ``backend`` in ``mode``: ``clip`` (an encoder: zero-shot with the preset's clip prompt of
+    ``prompts``, and caption retrieval), else ``greedy`` or ``prefix`` (an MLLM's answers)."""
+    if mode == "clip":
+        return answer_encoder(backend, rset, prompts.template("clip", spec.clip_prompt))
+    return answer_mllm(backend, rset, mode, batch=batch)
+
+
+def write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """``retention/<stage>.jsonl``, atomically (``read_records`` reads it)."""
+    from .io import atomic_write_text
+
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
     """A run's retention records (``retention/<stage>.jsonl``); a torn or foreign line is refused naming it."""
     from .runs import RunFormatError

@@ -257,27 +257,22 @@ def measure_retention(cfg: EvalConfig, out: Path, model) -> dict[str, Any]:
     """``results.json``'s retention block of an evaluation: the retention set answered by the model without the
     strategy (before) and under it (after; for plain scoring the same answers), in ``cfg.retention_mode`` (encoders:
     zero-shot and retrieval). Records are kept in ``out/retention/`` and reused when an evaluation resumes."""
-    from .retention import answer_encoder, answer_mllm, load_retention, read_records, retention_block
+    from .retention import answer_retention, load_retention, read_records, retention_block, write_records
 
     rset = load_retention(cfg.retention)
     mode = "clip" if cfg.mode == "clip" else cfg.retention_mode
-    folder = out / "retention"
-    folder.mkdir(exist_ok=True)
     records = {}
     for stage in ("before", "after"):
-        path = folder / f"{stage}.jsonl"
+        path = out / "retention" / f"{stage}.jsonl"
         if stage == "after" and eval_strategy(cfg).plain:
             records[stage] = records["before"]
         elif path.exists():
             records[stage] = read_records(path)
         else:
-            backend = model()[0 if stage == "before" else 1]
-            if mode == "clip":
-                prompts = load_prompts(cfg.prompts)
-                records[stage] = answer_encoder(backend, rset, prompts.template("clip", model()[2].clip_prompt))
-            else:
-                records[stage] = answer_mllm(backend, rset, mode)
-            atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records[stage]).encode())
+            plain, strategic, spec = model()
+            records[stage] = answer_retention(plain if stage == "before" else strategic, spec, rset, mode,
+                                              load_prompts(cfg.prompts))
+            write_records(path, records[stage])
     block = retention_block(rset, mode, records["before"], records["after"])
     block["against"] = "the same model without the strategy"
     return block

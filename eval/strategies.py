@@ -244,15 +244,11 @@ class ContrastiveDecoding(StrategyBackend):
         return [dataclasses.replace(q, image_key=q.image_key + suffix, distort=self.noise) for q in queries]
 
     def _contrast(self, clean: list[list[float]], noisy: list[list[float]]) -> list[list[float]]:
-        log_cut = math.log(self.cutoff) if self.cutoff > 0 else -math.inf
-        out = []
-        self.last_notes = []
-        for plain, distorted in zip(clean, noisy):
-            best = max(plain)
-            out.append([(1 + self.alpha) * p - self.alpha * d if p >= best + log_cut else -math.inf
-                        for p, d in zip(plain, distorted)])
-            self.last_notes.append({"plain_scores": plain, "distorted_scores": distorted})
-        return out
+        import torch
+
+        self.last_notes = [{"plain_scores": c, "distorted_scores": n} for c, n in zip(clean, noisy)]
+        as_tensor = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731  (Python floats are float64)
+        return contrast(as_tensor(clean), as_tensor(noisy), self.alpha, self.cutoff).tolist()
 
     def next_token_scores(self, queries, candidates=("A", "B")):
         both = self.inner.next_token_scores(queries + self._distorted(queries), candidates)
@@ -305,11 +301,19 @@ class VisualContrast:
 
         clean = torch.log_softmax(scores[:self.n].float(), dim=-1)
         noisy = torch.log_softmax(scores[self.n:].float(), dim=-1)
-        contrast = (1 + self.alpha) * clean - self.alpha * noisy
-        if self.cutoff > 0:
-            floor = clean.max(dim=-1, keepdim=True).values + math.log(self.cutoff)
-            contrast = contrast.masked_fill(clean < floor, -math.inf)
-        return torch.cat([contrast, contrast]).to(scores.dtype)
+        contrasted = contrast(clean, noisy, self.alpha, self.cutoff)
+        return torch.cat([contrasted, contrasted]).to(scores.dtype)
+
+
+def contrast(clean, noisy, alpha: float, cutoff: float):
+    """VCD's contrast of log-probability tensors along the last axis: ``(1 + alpha) * clean - alpha * noisy``, -inf
+    where ``clean`` is below ``log(cutoff)`` plus the row's best (the adaptive plausibility cutoff; 0 cuts nothing).
+    One formula for the vocabulary at a generated token and for a mode's options."""
+    out = (1 + alpha) * clean - alpha * noisy
+    if cutoff > 0:
+        floor = clean.max(dim=-1, keepdim=True).values + math.log(cutoff)
+        out = out.masked_fill(clean < floor, -math.inf)
+    return out
 
 
 class RewrittenQueries(StrategyBackend):

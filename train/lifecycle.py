@@ -28,12 +28,12 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback, Tra
 
 from unconfuse.eval.benchmarks import load_benchmark
 from unconfuse.eval.folders import RunDirError, hold_folder, release_folder
-from unconfuse.eval.io import atomic_folder, atomic_write_json, atomic_write_text
+from unconfuse.eval.io import atomic_folder, atomic_write_json
 from unconfuse.eval.leakage import check_leakage
 from unconfuse.eval.models import model_identity, resolve_model
 from unconfuse.eval.pairs import Benchmark
 from unconfuse.eval.prompts import PromptSet, load_prompts
-from unconfuse.eval.retention import RetentionSet, read_records, retention_block, summarize
+from unconfuse.eval.retention import RetentionSet, read_records, retention_block, summarize, write_records
 from unconfuse.eval.runs import (RESULTS_FILE, RunFormatError, RunResults, read_run_results, read_scored, scored_folder,
                                  write_run_results, write_scored)
 from unconfuse.eval.scorer import SCORER_VERSION
@@ -245,8 +245,7 @@ def retention_stage(run: Run, stage: str, retain: Retain) -> list[dict[str, Any]
         return read_records(path)
     records = retain(run.retention)
     if run.is_main:
-        path.parent.mkdir(exist_ok=True)
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        write_records(path, records)
         numbers = ", ".join(f"{name} {v['value']:.1f} [{v['ci'][0]:.1f}, {v['ci'][1]:.1f}]"
                             for name, v in summarize(records).items())
         print(f"retention {stage} ({run.retention.name}, {retention_mode(run)}): {numbers}", flush=True)
