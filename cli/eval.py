@@ -189,13 +189,28 @@ def cmd_score(args: argparse.Namespace) -> int:
         where = Path(args.benchmark)  # recorded as the argument that loads these pairs again (compare does)
         meta = {"benchmark": bench.name, "benchmark_path": str(where.resolve()) if where.exists() else args.benchmark}
         run_meta = predictions.parent / "run.json"  # written by `unconfuse eval`: model, mode, prompt version
+        retention = None
         if run_meta.exists():
             meta = {**json.loads(run_meta.read_text()), **meta}
-        results = score_run(out, bench, parser=args.parser, meta=meta, predictions_path=predictions)
+            if meta.get("retention"):
+                retention = _earlier_retention(predictions.parent / "results.json")
+        results = score_run(out, bench, parser=args.parser, meta=meta, predictions_path=predictions,
+                            retention=retention)
     except (BenchmarkError, PredictionsError, FileNotFoundError) as exc:
         return _fail(str(exc))
     print(render_report(results))
     return 0
+
+
+def _earlier_retention(results_path: Path) -> dict | None:
+    """The retention block an evaluation wrote beside its predictions: rescoring the benchmark answers (another
+    parser, a subset of pairs) does not change how the model answered the retention set, so it is carried over."""
+    if not results_path.exists():
+        return None
+    try:
+        return json.loads(results_path.read_text()).get("retention")
+    except (json.JSONDecodeError, AttributeError):
+        raise FileNotFoundError(f"{results_path}: not a results.json (its retention block cannot be read)") from None
 
 
 def cmd_splits(args: argparse.Namespace) -> int:

@@ -268,3 +268,7 @@ def test_a_strategy_is_in_the_fingerprint_results_retention_and_compare(world, t
     assert main(["compare", str(plain), str(vcd), "--baseline", str(plain), "--out", str(tmp_path / "cmp")]) == 0
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| vcd on tiny-llava (seed 2) |" in table and "retention" in table
+    # rescoring the answers (another parser) keeps the retention block: the retention answers do not change
+    assert main(["score", "--benchmark", str(world.root / "test"), "--predictions", str(vcd / "predictions.jsonl"),
+                 "--parser", "reference", "--out", str(tmp_path / "rescored")]) == 0
+    assert json.loads((tmp_path / "rescored" / "results.json").read_text())["retention"] == block
