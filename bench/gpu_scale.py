@@ -6,8 +6,9 @@ Per model:
   (LoRA as configured, the config's pairs per device), on random images of MediConfusion's size: the run's peak GPU
   memory (reserved, and allocated) against ``unconfuse plan``'s estimate for the same config, and training samples
   per second (the Trainer loop less validations and saves);
-- beside sft and dpo, the plain TRL script (``bench/train_overhead.py``'s: TRL's trainer, the same model copy, LoRA
-  and batches): its samples per second, and the ratio (plain DPO for dpo + image contrast: losses differ there);
+- beside each recipe, the plain TRL script (``bench/train_overhead.py``'s: TRL's trainer, the same model copy, LoRA
+  and batches; GRPOTrainer on the recipe's prompt order): its samples per second, and the ratio (plain DPO for
+  dpo + image contrast: losses differ there);
 - eval greedy and mc on 352 questions (176 pairs) against a plain transformers loop (processor, chat template,
   forward / generate, 16 questions a batch): questions per second;
 - the near-tie count (``eval/scorer.py: NOISE_BANDS``) and answers that flip between batch sizes 1 and 16.
@@ -155,7 +156,7 @@ def image_tokens_of(folder: Path, config: dict[str, Any]) -> int:
 
 def train_row(real: str, recipe: str, preset: Path, data: dict[str, Path], work: Path, steps: int, shrink: bool,
               cuda: bool) -> dict[str, Any]:
-    """One recipe at this size: peak memory against the plan, samples/s, and (sft, dpo) the plain script's."""
+    """One recipe at this size: peak memory against the plan, samples/s, and the plain script's."""
     from bench import train_overhead
     from unconfuse.cli.plan import make_plan
 
@@ -176,12 +177,12 @@ def train_row(real: str, recipe: str, preset: Path, data: dict[str, Path], work:
                    measured_over_plan=round(reserved / plan.peak, 2))
     samples = steps * plan.sequence["items"]
     row["samples_per_s"] = round(samples / captured["timed"].seconds, 2)
-    if recipe in ("mllm_sft", "mllm_dpo"):
-        plain = train_overhead.train_plain(train_overhead.plain_trainer(recipe, captured, work / f"{recipe}-plain"))
-        row["plain_samples_per_s"] = round(samples / plain.seconds, 2)
-        row["recipe_over_plain"] = round(plain.seconds / captured["timed"].seconds, 3)
-        if recipe == "mllm_sft":  # same loss: the curves must agree (dpo here adds the image-contrast term)
-            row["max_loss_difference"] = max(abs(a - b) for a, b in zip(plain.losses, captured["timed"].losses))
+    plain = train_overhead.train_plain(train_overhead.plain_trainer(recipe, captured, work / f"{recipe}-plain"))
+    row["plain_samples_per_s"] = round(samples / plain.seconds, 2)
+    row["recipe_over_plain"] = round(plain.seconds / captured["timed"].seconds, 3)
+    if recipe != "mllm_dpo":  # the same job: the curves must agree (dpo here adds the image-contrast term; grpo's
+        # numbers are its generation batches' |advantage| sums: equal when both sampled the same rollouts)
+        row["max_loss_difference"] = max(abs(a - b) for a, b in zip(plain.losses, captured["timed"].losses))
     del captured
     return row
 

@@ -1,6 +1,6 @@
 """Training speed of the recipes against plain scripts of the same library trainer, and where a run's time goes.
 
-1. For mllm_sft, mllm_dpo and clip_hardneg: the recipe runs as a user runs it (``run_recipe`` with the tiny config;
+1. For mllm_sft, mllm_dpo, mllm_grpo and clip_hardneg: the recipe runs as a user runs it (``run_recipe`` with the tiny config;
    no anchor, plain DPO, no distillation; no validation or checkpoint inside the timed window), and a plain script of
    the same library trainer (TRL's SFTTrainer / DPOTrainer, no subclass; for clip_hardneg a plain open_clip loop with
    the recipe's loss, the Trainer's optimizer, parameter groups, schedule and clipping) trains a fresh copy of the
@@ -14,8 +14,11 @@
 2. ``--shares``: one default run of ``configs/mllm_sft/tiny.yaml`` (600 steps) split into startup, base and test
    scoring, validations, training steps and the rest.
 
-mllm_grpo has no plain counterpart here: its letter rollouts and pair reward are the recipe's own (a plain GRPOTrainer cannot sample
-them), so equal losses cannot be checked.
+For mllm_grpo the plain script is TRL's GRPOTrainer with the recipe's two reward functions (letter and pair: the job,
+which a user writes anyway), the recipe's arguments (its letter rollouts are TRL's own ``generation_kwargs``) and
+the prompts in the order the recipe's whole-pair sampler drew them (``shuffle_dataset=False``: TRL's RepeatSampler
+then repeats each ``num_generations`` times in turn, as the recipe's does); the same seed then samples the same
+rollouts, so the losses can be checked.
 
     python bench/train_overhead.py [--steps 40] [--repeats 3] [--shares]
 """
@@ -40,11 +43,11 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from unconfuse.train import lifecycle  # noqa: E402
-from unconfuse.train.data import PairBatchSampler  # noqa: E402
+from unconfuse.train.data import PairBatchSampler, PairRepeatSampler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"mllm_sft": REPO / "configs/mllm_sft/tiny.yaml", "mllm_dpo": REPO / "configs/mllm_dpo/tiny.yaml",
-           "clip_hardneg": REPO / "configs/clip_hardneg/tiny.yaml"}
+           "mllm_grpo": REPO / "configs/mllm_grpo/tiny.yaml", "clip_hardneg": REPO / "configs/clip_hardneg/tiny.yaml"}
 
 
 class LoopClock(TrainerCallback):
@@ -72,13 +75,30 @@ class Timed:
 
 
 def _instrument(trainer, spent: list[float], losses: list[float]) -> LoopClock:
-    """Record every loss ``compute_loss`` returns, time checkpoint saves into ``spent``; returns the loop clock."""
+    """Record every loss ``compute_loss`` returns, time checkpoint saves into ``spent``; returns the loop clock.
+    A GRPOTrainer's loss is ~0 by construction (one optimizer step per generation batch: ratio 1, advantages centred
+    per group), so for it the recorded number is each generation batch's sum of |advantage| instead: it moves with
+    every sampled rollout and every reward, so two runs agree on it only if they sampled the same completions."""
+    from trl import GRPOTrainer
+
     compute_loss, save = trainer.compute_loss, trainer._save_checkpoint
 
     def recorded_loss(*args, **kwargs):
         out = compute_loss(*args, **kwargs)
         losses.append(float((out[0] if isinstance(out, tuple) else out).detach()))
         return out
+
+    if isinstance(trainer, GRPOTrainer):
+        generate_and_score = trainer._generate_and_score_completions
+
+        def recorded_advantages(*args, **kwargs):
+            out = generate_and_score(*args, **kwargs)
+            losses.append(float(out["advantages"].abs().sum()))
+            return out
+
+        trainer._generate_and_score_completions = recorded_advantages  # the advantages stand for the loss
+    else:
+        trainer.compute_loss = recorded_loss
 
     def timed_save(*args, **kwargs):
         start = time.perf_counter()
@@ -87,7 +107,7 @@ def _instrument(trainer, spent: list[float], losses: list[float]) -> LoopClock:
         finally:
             spent.append(time.perf_counter() - start)
 
-    trainer.compute_loss, trainer._save_checkpoint = recorded_loss, timed_save
+    trainer._save_checkpoint = timed_save
     clock = LoopClock(spent)
     trainer.add_callback(clock)
     return clock
@@ -101,11 +121,17 @@ def run_recipe_captured(recipe: str, steps: int, out: Path, seed: int = 0, confi
 
     captured: dict[str, Any] = {"batches": [], "spent": [], "losses": []}
     sampler_iter, train, validation = PairBatchSampler.__iter__, lifecycle.fit, lifecycle.validation
+    repeat_iter = PairRepeatSampler.__iter__
 
     def recorded_batches(self):
         for batch in sampler_iter(self):
             captured["batches"].append(list(batch))
             yield batch
+
+    def recorded_stream(self):  # grpo: one index per completion, a prompt's num_generations copies in a row
+        for index in repeat_iter(self):
+            captured["batches"].append(int(index))
+            yield index
 
     def timed(fn):
         def wrapper(*a, **k):
@@ -130,10 +156,12 @@ def run_recipe_captured(recipe: str, steps: int, out: Path, seed: int = 0, confi
                  f"train.eval_steps={10 * steps}", f"train.save_steps={10 * steps}", "train.logging_steps=1000",
                  *([] if recipe == "clip_hardneg" else ["test_modes=[greedy]"]), *(overrides or [])]
     PairBatchSampler.__iter__, lifecycle.fit, lifecycle.validation = recorded_batches, captured_train, timed_validation
+    PairRepeatSampler.__iter__ = recorded_stream
     try:
         captured["results"] = run_recipe(recipe, str(config or CONFIGS[recipe]), overrides)
     finally:
         PairBatchSampler.__iter__, lifecycle.fit, lifecycle.validation = sampler_iter, train, validation
+        PairRepeatSampler.__iter__ = repeat_iter
     clock = captured["clock"]
     captured["timed"] = Timed(clock.end - clock.start - sum(captured["spent"]), captured["losses"])
     return captured
@@ -143,13 +171,21 @@ def plain_trainer(recipe: str, captured: dict[str, Any], out: Path):
     """What a user writes with TRL alone: the library's trainer class, the same base, LoRA, hyperparameters and
     rows in the recipe's batch order (sequential sampling), no unconfuse trainer code."""
     from peft import get_peft_model
-    from trl import DPOTrainer, SFTTrainer
+    from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
     from unconfuse.eval.models import load_model, resolve_model
+    from unconfuse.recipes.mllm_grpo import reward_functions
     from unconfuse.train.mllm import lora_config, with_eval_bos
 
     run, recipe_trainer = captured["run"], captured["trainer"]
-    order = [i for batch in captured["batches"] for i in batch]
+    if recipe == "mllm_grpo":
+        args = recipe_trainer.args
+        generations, trained = recipe_trainer.num_generations, args.max_steps * args.generation_batch_size
+        if args.steps_per_generation * args.num_iterations != 1:
+            raise SystemExit("mllm_grpo: the plain script takes one step per generation batch")
+        order = captured["batches"][:trained:generations]  # the prompts in the recipe's order, once each
+    else:
+        order = [i for batch in captured["batches"] for i in batch]
     rows = recipe_trainer.train_dataset.select(order)
     if "replay" in rows.column_names:
         rows = rows.remove_columns("replay")
@@ -159,8 +195,13 @@ def plain_trainer(recipe: str, captured: dict[str, Any], out: Path):
     backend, _ = load_model(spec, device=str(recipe_trainer.args.device))
     torch.manual_seed(run.cfg.train.seed)  # as the recipe seeds LoRA's init
     model = get_peft_model(backend.model, lora_config(backend.model, run.cfg.lora))
+    # grpo: generation_batch_size was derived from steps_per_generation; GRPOConfig refuses both set
+    grpo = {"generation_batch_size": None, "shuffle_dataset": False} if recipe == "mllm_grpo" else {}
     args = dataclasses.replace(recipe_trainer.args, output_dir=str(out), train_sampling_strategy="sequential",
-                               save_strategy="no", report_to=[], logging_steps=1000)
+                               save_strategy="no", report_to=[], logging_steps=1000, **grpo)
+    if recipe == "mllm_grpo":  # TRL's RepeatSampler, unshuffled: each prompt num_generations times, in the rows' order
+        return GRPOTrainer(model=model, reward_funcs=reward_functions(), args=args,
+                           processing_class=with_eval_bos(backend.processor), train_dataset=rows)
     trainer_class = SFTTrainer if recipe == "mllm_sft" else DPOTrainer
     return trainer_class(model=model, args=args, processing_class=with_eval_bos(backend.processor), train_dataset=rows)
 
@@ -230,7 +271,7 @@ def compare(recipe: str, steps: int, repeats: int, tolerance: float, work: Path)
     recipe_times, plain_times = [], []
     # the plain scripts' losses, so they can be compared: no anchor, plain DPO (no image-contrast term), no teacher
     same_loss = {"mllm_sft": ["lora.anchor_weight=0"], "mllm_dpo": ["lora.anchor_weight=0", "preference.image_contrast_weight=0"],
-                 "clip_hardneg": ["loss.distill_weight=0"]}[recipe]
+                 "mllm_grpo": ["lora.anchor_weight=0"], "clip_hardneg": ["loss.distill_weight=0"]}[recipe]
 
     def plain_of(captured: dict[str, Any], repeat: int) -> Timed:
         return plain_clip_loop(captured) if recipe == "clip_hardneg" else \
@@ -299,7 +340,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tolerance", type=float, default=1e-5, help="largest per-step loss difference allowed")
-    parser.add_argument("--recipes", default="mllm_sft,mllm_dpo,clip_hardneg")
+    parser.add_argument("--recipes", default="mllm_sft,mllm_dpo,mllm_grpo,clip_hardneg")
     parser.add_argument("--shares", action="store_true", help="also split a default 600-step sft run's wall time")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
