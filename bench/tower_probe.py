@@ -16,7 +16,6 @@ what a recipe can draw out of a tower with the train pairs alone: a direct, supe
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -29,15 +28,15 @@ HEADS = ("frozen", "image", "pair")
 def labelled_images(split: Path) -> tuple[list[Path], list[str], list[int]]:
     """The images of ``split``'s pairs in pair order (image 1, image 2), their question type and label (the index
     of the correct option among the pair's two options sorted)."""
+    from unconfuse.eval.benchmarks import load_benchmark
+
+    bench = load_benchmark(split)
     paths, kinds, labels = [], [], []
-    for line in (split / "pairs.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        options = sorted([row["option_a"], row["option_b"]])
-        for i in (1, 2):
-            answer = row["option_a"] if row[f"answer_{i}"] == "A" else row["option_b"]
-            paths.append((split / row[f"image_{i}"]).resolve())
-            kinds.append(row.get("source") or row["question"])
-            labels.append(options.index(answer))
+    for pair in bench.pairs:
+        for side in (1, 2):
+            paths.append(bench.resolve_image(pair.image(side)))
+            kinds.append(pair.source or pair.question)
+            labels.append(sorted(pair.options).index(pair.options["AB".index(pair.answer(side))]))
     return paths, kinds, labels
 
 
@@ -53,8 +52,8 @@ def image_tower(name: str):
         tower = backend.model.visual
         return tower, lambda images: torch.stack([backend.preprocess(im) for im in images]), tower
     model = backend.model
-    tower = next((model.get_submodule(p) for p in ("model.vision_tower", "vision_tower")
-                  if any(n == p for n, _ in model.named_modules())), None)
+    modules = dict(model.named_modules())
+    tower = modules.get("model.vision_tower", modules.get("vision_tower"))
     if tower is None:
         raise SystemExit(f"{name}: no vision_tower module (the probe takes LLaVA-style towers and open_clip encoders)")
 
@@ -71,21 +70,17 @@ def probe(name: str, world: Path, head: str, steps: int = 600, lr: float = 1e-3,
           batch_pairs: int = 16) -> dict:
     """Train ``name``'s tower (unless ``head`` is frozen) and per-type linear heads on ``world``'s train pairs;
     return train and test individual and set accuracy."""
-    from PIL import Image
+    from unconfuse.eval.images import load_image
 
     torch.manual_seed(seed)
     tower, pixels, embed = image_tower(name)
-    data = {}
-    for split in ("train", "test"):
-        paths, kinds, labels = labelled_images(world / split)
-        data[split] = (pixels([Image.open(p).convert("RGB") for p in paths]), kinds,
-                       torch.tensor(labels, dtype=torch.float))
-    types = sorted(set(data["train"][1]))
-    for split in data:
-        unknown = set(data[split][1]) - set(types)
-        if unknown:
-            raise SystemExit(f"{world / split}: question type {min(unknown)!r} has no train pairs")
-        data[split] = (data[split][0], torch.tensor([types.index(k) for k in data[split][1]]), data[split][2])
+    splits = {split: labelled_images(world / split) for split in ("train", "test")}
+    types = sorted(set(splits["train"][1]))
+    unknown = set(splits["test"][1]) - set(types)
+    if unknown:
+        raise SystemExit(f"{world / 'test'}: question type {min(unknown)!r} has no train pairs")
+    data = {split: (pixels([load_image(p) for p in paths]), torch.tensor([types.index(k) for k in kinds]),
+                    torch.tensor(labels, dtype=torch.float)) for split, (paths, kinds, labels) in splits.items()}
     with torch.no_grad():
         dim = embed(data["train"][0][:2]).shape[-1]
     weight, bias = torch.nn.Parameter(torch.zeros(len(types), dim)), torch.nn.Parameter(torch.zeros(len(types)))

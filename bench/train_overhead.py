@@ -18,7 +18,8 @@ For mllm_grpo the plain script is TRL's GRPOTrainer with the recipe's two reward
 which a user writes anyway), the recipe's arguments (its letter rollouts are TRL's own ``generation_kwargs``) and
 the prompts in the order the recipe's whole-pair sampler drew them (``shuffle_dataset=False``: TRL's RepeatSampler
 then repeats each ``num_generations`` times in turn, as the recipe's does); the same seed then samples the same
-rollouts, so the losses can be checked.
+rollouts. GRPO's loss is ~0 by construction, so what is checked equal for it is each generation batch's sum of
+|advantage| (``_instrument``).
 
     python bench/train_overhead.py [--steps 40] [--repeats 3] [--shares]
 """

@@ -180,6 +180,7 @@ def launch_eval(cfg: EvalConfig, accelerate_config: str) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from unconfuse.eval.benchmarks import BenchmarkError, load_benchmark
     from unconfuse.eval.runner import score_run
+    from unconfuse.eval.runs import RunFormatError, read_scored
     from unconfuse.eval.scorer import PredictionsError, render_report
 
     out = Path(args.out)
@@ -192,25 +193,16 @@ def cmd_score(args: argparse.Namespace) -> int:
         retention = None
         if run_meta.exists():
             meta = {**json.loads(run_meta.read_text()), **meta}
-            if meta.get("retention"):
-                retention = _earlier_retention(predictions.parent / "results.json")
+            if meta.get("retention") and (predictions.parent / "results.json").exists():
+                # rescoring the answers (another parser, a subset of pairs) does not change how the model answered
+                # the retention set: the evaluation's block is carried over
+                retention = read_scored(predictions.parent).get("retention")
         results = score_run(out, bench, parser=args.parser, meta=meta, predictions_path=predictions,
                             retention=retention)
-    except (BenchmarkError, PredictionsError, FileNotFoundError) as exc:
+    except (BenchmarkError, PredictionsError, RunFormatError, FileNotFoundError) as exc:
         return _fail(str(exc))
     print(render_report(results))
     return 0
-
-
-def _earlier_retention(results_path: Path) -> dict | None:
-    """The retention block an evaluation wrote beside its predictions: rescoring the benchmark answers (another
-    parser, a subset of pairs) does not change how the model answered the retention set, so it is carried over."""
-    if not results_path.exists():
-        return None
-    try:
-        return json.loads(results_path.read_text()).get("retention")
-    except (json.JSONDecodeError, AttributeError):
-        raise FileNotFoundError(f"{results_path}: not a results.json (its retention block cannot be read)") from None
 
 
 def cmd_splits(args: argparse.Namespace) -> int:
