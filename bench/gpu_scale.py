@@ -15,15 +15,18 @@ Per model:
 
 A model's processor is its tiny twin's (tokenizer, chat template) with the real image settings (LLaVA 336 px and
 patch 14: 576 image tokens; Qwen2.5-VL up to 504 x 504 px: 324; Gemma 3 896 px: 256), the special tokens' ids the
-twin's. The table prints at the end; ``$OUT/gpu_scale.json`` holds it when OUT is set.
+twin's. Each measurement prints as it ends and ``$OUT/gpu_scale.json`` (when OUT is set) is rewritten with it, so a run
+stopped early keeps what it measured; ``--budget-s`` (540 on CUDA) skips, with the reason in its cell, what would end
+past the device tool's 600-s limit. The training runs score a 4-pair test set; scoring speed is the eval row's.
 
-    python bench/gpu_scale.py                        # CUDA: about 10 minutes on one H100 / H200
+    python bench/gpu_scale.py                        # CUDA (unrun so far); --models splits it over several calls
     python bench/gpu_scale.py --dry-run-on-cpu       # the same code path at reduced width (the suite runs it)
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import shutil
@@ -166,8 +169,8 @@ def train_row(real: str, recipe: str, preset: Path, data: dict[str, Path], work:
     if shrink:
         overrides += ["train.pairs_per_batch=1", *(["grpo.num_generations=2"] if recipe == "mllm_grpo" else [])]
     plan = make_plan(recipe, str(config), overrides)
+    release(cuda)
     if cuda:
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     captured = train_overhead.run_recipe_captured(recipe, steps, work / recipe, config=config, overrides=overrides)
     row: dict[str, Any] = {"plan_GB": round(plan.peak / 1e9, 1)}
@@ -248,47 +251,91 @@ def eval_row(preset: Path, test: Path, work: Path, device: str, n_pairs: int) ->
     return row
 
 
+def release(cuda: bool) -> None:
+    """Free what the last measurement held before the next is measured: a Trainer sits in reference cycles (callbacks,
+    the bench's wrapped methods), so its model leaves the GPU only at a garbage collection, and a model left over
+    would count in the next run's peak memory (or leave no room for it)."""
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+class Budget:
+    """Wall-time budget for the whole run (the device tool stops a command at 600 s): a measurement is skipped when
+    the time spent plus the longest measurement so far would pass it, so what ran is kept and reported."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.start, self.longest = seconds, time.perf_counter(), 0.0
+
+    def skip(self) -> str | None:
+        spent = time.perf_counter() - self.start
+        if self.seconds is not None and spent + self.longest > self.seconds:
+            return (f"skipped: {spent:.1f} s spent, the longest measurement took {self.longest:.1f} s, "
+                    f"budget {self.seconds:g} s")
+        return None
+
+    def measure(self, fn, *args) -> Any:
+        """``fn(*args)``, or a one-line failure (a bench reports each failure and goes on to the next measurement)."""
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            self.longest = max(self.longest, time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from bench.gpu_smoke import random_pairs
+    from unconfuse.eval.io import atomic_write_json
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run-on-cpu", action="store_true", help="the same code path at reduced width, on the CPU")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--recipes", default="mllm_sft,mllm_dpo,mllm_grpo")
+    parser.add_argument("--budget-s", type=float, help="skip what would end past this many seconds (default: 540 on "
+                        "CUDA, to stay inside the device tool's 600-s command limit; none on the CPU)")
     parser.add_argument("--work", help="where models and runs go (default: a temporary folder)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.dry_run_on_cpu
     if not cuda and not args.dry_run_on_cpu:
         sys.exit("gpu_scale.py needs a CUDA device (or --dry-run-on-cpu)")
+    budget = Budget(args.budget_s if args.budget_s is not None else (540.0 if cuda else None))
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     n_eval = 176 if cuda else 4
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_scale_"))
     sizes = (480, 560) if cuda else (300, 340)  # MediConfusion's images are ~500 px a side
+    # the training runs score a small test set before and after (scoring speed is the eval row's measurement)
     data = {split: random_pairs(work / split, n, seed, sizes=sizes)
-            for split, n, seed in (("train", 16, 0), ("val", 4, 1), ("test", n_eval, 2))}
-    rows = []
+            for split, n, seed in (("train", 16, 0), ("val", 4, 1), ("test", 4, 3), ("eval", n_eval, 2))}
+    table = Path(os.environ["OUT"], "gpu_scale.json") if os.environ.get("OUT") else None
+    rows: list[dict[str, Any]] = []
+
+    def report(real: str, key: str) -> None:  # each measurement as it ends: a run stopped later keeps it
+        print(json.dumps({real: {key: rows[-1][key]}}), flush=True)
+        if table is not None:
+            atomic_write_json(table, rows)
+
     for real in args.models.split(","):
+        rows.append({"model": real})
         start = time.perf_counter()
-        preset = random_real_model(real, work / "models", device, dtype, shrink=not cuda)
-        row: dict[str, Any] = {"model": real, "build_s": round(time.perf_counter() - start, 1)}
+        preset = budget.skip() or budget.measure(random_real_model, real, work / "models", device, dtype, not cuda)
+        rows[-1]["build_s"] = round(time.perf_counter() - start, 1)
+        if not isinstance(preset, Path):  # no model: every measurement of it is that reason
+            rows[-1].update({key: preset for key in (*args.recipes.split(","), "eval")})
+            report(real, "eval")
+            continue
         for recipe in args.recipes.split(","):
-            try:
-                row[recipe] = train_row(real, recipe, preset, data, work / "runs" / real, args.steps, not cuda, cuda)
-            except Exception as exc:  # a bench reports each failure and goes on to the next measurement
-                row[recipe] = f"{type(exc).__name__}: {exc}"[:300]
-            print(json.dumps({real: {recipe: row[recipe]}}), flush=True)
-        try:
-            row["eval"] = eval_row(preset, data["test"], work / "runs" / real, device, n_eval)
-        except Exception as exc:
-            row["eval"] = f"{type(exc).__name__}: {exc}"[:300]
-        print(json.dumps({real: {"eval": row["eval"]}}), flush=True)
-        rows.append(row)
-        if cuda:
-            torch.cuda.empty_cache()
+            rows[-1][recipe] = budget.skip() or budget.measure(
+                train_row, real, recipe, preset, data, work / "runs" / real, args.steps, not cuda, cuda)
+            release(cuda)
+            report(real, recipe)
+        rows[-1]["eval"] = budget.skip() or budget.measure(eval_row, preset, data["eval"], work / "runs" / real, device,
+                                                           n_eval)
+        release(cuda)
+        report(real, "eval")
     print("\n" + json.dumps(rows, indent=1))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_scale.json").write_text(json.dumps(rows, indent=2))
     return rows
 
 
