@@ -231,6 +231,7 @@ def eval_row(preset: Path, test: Path, work: Path, device: str, n_pairs: int) ->
     # the runner's scoring and generation (16 questions a batch) on the loaded model, as `unconfuse eval` runs them
     run_eval(EvalConfig(model=str(preset), mode="greedy", benchmark=str(test), out=str(work / "eval-greedy"),
                         limit=n_pairs, batch_size=8, device=device, progress=False))
+    release(device == "cuda")  # run_eval's copy of the model, before the timed one is loaded
     backend, spec = load_model(str(preset), device=device)
     for mode in ("greedy", "mc"):
         cfg = EvalConfig(model=str(preset), mode=mode, benchmark="", out="")
