@@ -47,6 +47,7 @@ def test_each_measurement_is_kept_as_it_ends_and_the_budget_skips_the_rest(tmp_p
     monkeypatch.setenv("OUT", str(table.parent))
     monkeypatch.setattr(gpu_smoke, "random_pairs", lambda root, n, seed, sizes: root)
     monkeypatch.setattr(gpu_scale, "random_real_model", lambda real, *a: tmp_path / f"{real}.yaml")
+    monkeypatch.setattr(gpu_scale, "release", lambda cuda: None)  # a full gc.collect: 0.1 s each with torch loaded
     seen = []
 
     def train_row(real, recipe, *args):
@@ -73,6 +74,7 @@ def test_a_failed_measurement_is_reported_in_its_cell_and_the_run_goes_on(tmp_pa
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setattr(gpu_smoke, "random_pairs", lambda root, n, seed, sizes: root)
     monkeypatch.setattr(gpu_scale, "random_real_model", lambda real, *a: tmp_path / f"{real}.yaml")
+    monkeypatch.setattr(gpu_scale, "release", lambda cuda: None)  # a full gc.collect: 0.1 s each with torch loaded
     seen = {}
 
     def train_row(real, recipe, *args):
