@@ -177,7 +177,12 @@ def train_row(real: str, recipe: str, preset: Path, data: dict[str, Path], work:
     if cuda:
         reserved = torch.cuda.max_memory_reserved()
         row.update(peak_reserved_GB=round(reserved / 1e9, 1), peak_allocated_GB=round(torch.cuda.max_memory_allocated() / 1e9, 1),
-                   measured_over_plan=round(reserved / plan.peak, 2))
+                   measured_over_plan=round(reserved / plan.peak, 2),
+                   # where a miss comes from: what the loop started with against the plan's weights, and the plan's
+                   # activations (the rest of the peak)
+                   start_allocated_GB=round(captured["clock"].allocated_at_start / 1e9, 1),
+                   plan_weights_GB=round(plan.weights / 1e9, 1),
+                   plan_activations_GB=round(plan.activations["on"] / 1e9, 1))
     samples = steps * plan.sequence["items"]
     row["samples_per_s"] = round(samples / captured["timed"].seconds, 2)
     plain = train_overhead.train_plain(train_overhead.plain_trainer(recipe, captured, work / f"{recipe}-plain"))

@@ -57,10 +57,14 @@ class LoopClock(TrainerCallback):
 
     def __init__(self, spent: list[float]):
         self.start = self.end = 0.0
+        self.allocated_at_start = 0
         self.spent = spent
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.spent.clear()
+        # on a GPU, what the loop starts with (weights, adapters, the step-0 scoring's leftovers): bench/gpu_scale.py
+        # compares it with the plan's weights
+        self.allocated_at_start = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         self.start = time.perf_counter()
 
     def on_train_end(self, args, state, control, **kwargs):
