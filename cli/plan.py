@@ -10,11 +10,12 @@ Where the memory goes, per GPU:
   parameter for mixed-precision Adam (16- and 32-bit gradients, 32-bit master weights, two moments) sharded over
   the processes under ZeRO; plain DDP or one process is ZeRO-2 on one GPU), the trainable weights' own 2 bytes
   counted under weights.
-- activations of one device batch: what autograd keeps per decoder layer for a LoRA-tuned LLaMA-style layer
-  (inputs of the norms, q/k/v/o and the MLP projections, the attention output and SDPA's statistics;
-  LoRA dropout's masked copies when dropout > 0), times the layers, plus the float32 logits of the loss. With
-  activation checkpointing only each layer's input is kept, and one layer is recomputed at a time. The vision
-  tower keeps activations only when it trains. An estimate: ``bench/gpu_scale.py`` measures it on a GPU.
+- activations of one device batch: what autograd keeps through one decoder layer of the language model as the
+  recipe trains it, measured on the CPU at the real width (``_decoder_layer_bytes``: saved-tensor hooks under bf16
+  autocast; the norms' float32 upcasts, each LoRA branch's own copy of its input, dropout masks all show up), times
+  the layers, plus the float32 logits of the loss. With activation checkpointing only each layer's input is kept,
+  and one layer is recomputed at a time. The vision tower keeps activations only when it trains (counted: about 16
+  x width per token and block). ``bench/gpu_scale.py`` compares the whole with a GPU's measured peak.
 - scoring: the recipes score val and test with the whole model on every GPU (ZeRO-3 gathers it), beside the
   training state, with a small batch of forward-only activations.
 - a fixed allowance for the CUDA context and the allocator's slack (``OVERHEAD_BYTES`` + 10%).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,24 +185,80 @@ def _sequences(recipe: str, cfg, spec: ModelSpec) -> dict[str, int]:
             "tokens": n_image + PROMPT_TEXT_TOKENS + answer}
 
 
-def _activation_bytes(text_config, sequence: dict[str, int], lora_dropout: float, dtype_bytes: int) -> dict[str, int]:
-    """Bytes autograd keeps for one device batch through the language model (see the module docstring)."""
-    h = text_config.hidden_size
-    heads = text_config.num_attention_heads
-    head_dim = getattr(text_config, "head_dim", None) or h // heads
-    kv = getattr(text_config, "num_key_value_heads", None) or heads
-    q, kv_width = heads * head_dim, kv * head_dim
-    i = text_config.intermediate_size
-    layers = text_config.num_hidden_layers
+# token counts at which one decoder layer is run to measure what autograd keeps: two, so the bytes that grow with
+# the tokens (the slope) are told from those that do not (LoRA weights cast to bf16 by autocast)
+MEASURE_TOKENS = (8, 24)
+# transformers' deprecation notice, raised from inside peft and its own forward: nothing a plan's reader can act on
+TRANSFORMERS_NOTICE = ".*is_gradient_checkpointing"
+_layer_bytes_cache: dict[tuple, tuple[int, int]] = {}
+
+
+def _saved_bytes(module, hidden, autocast: bool) -> int:
+    """Bytes of the tensors autograd keeps for backward through ``module(inputs_embeds=hidden)``: each storage
+    once (a tensor saved by several ops, or as views), parameters excluded (they are counted as weights)."""
+    import torch
+
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=TRANSFORMERS_NOTICE, category=FutureWarning)
+        module(inputs_embeds=hidden, use_cache=False)
+    return sum(kept.values())
+
+
+def _decoder_layer_bytes(trained, key: tuple, dtype_bytes: int) -> tuple[int, int]:
+    """``(per token, per layer)`` bytes autograd keeps through one decoder layer of the language model as the recipe
+    trains it (LoRA where ``lora_config`` puts it, its dropout, peft's float32 adapters), measured, not counted: the
+    language model cut to one layer (and to none, to take away its final norm) is materialized on the CPU in
+    uninitialised memory (only shapes matter) and run on ``MEASURE_TOKENS`` tokens in training mode, under bf16
+    autocast when the recipe trains in bf16, with saved-tensor hooks summing what autograd keeps. The CPU's SDPA
+    keeps, as FlashAttention does on a GPU, q, k, v, the output and the softmax statistics (nothing quadratic)."""
+    import copy
+
+    import torch
+
+    from unconfuse.train.mllm import LANGUAGE_MODELS, _find
+
+    if key in _layer_bytes_cache:
+        return _layer_bytes_cache[key]
+    language_model = trained.get_submodule(_find(trained, LANGUAGE_MODELS))
+    layers = language_model.get_submodule("layers")
+
+    def measured(n_layers: int, tokens: int) -> int:
+        shell = copy.copy(language_model)  # the same modules but the first n layers, and no embedding table
+        shell._modules = {**language_model._modules, "layers": torch.nn.ModuleList(list(layers)[:n_layers]),
+                          "embed_tokens": None}
+        small = copy.deepcopy(shell).to_empty(device="cpu").train()
+        dtype = torch.bfloat16 if dtype_bytes == 2 else torch.float32
+        hidden = torch.zeros(1, tokens, language_model.config.hidden_size, dtype=dtype, requires_grad=True)
+        return _saved_bytes(small, hidden, autocast=dtype_bytes == 2)
+
+    few, more = MEASURE_TOKENS
+    layer = {n: measured(1, n) - measured(0, n) for n in (few, more)}
+    per_token = (layer[more] - layer[few]) // (more - few)
+    _layer_bytes_cache[key] = per_token, max(layer[few] - per_token * few, 0)
+    return _layer_bytes_cache[key]
+
+
+def _activation_bytes(text_config, sequence: dict[str, int], layer_bytes: tuple[int, int],
+                      dtype_bytes: int) -> dict[str, int]:
+    """Bytes autograd keeps for one device batch through the language model: the measured decoder layer times the
+    layers, plus the float32 logits of the loss; with activation checkpointing each layer's input, one layer
+    recomputed at a time, and the logits."""
+    per_token, per_layer = layer_bytes
     tokens = sequence["sequences"] * sequence["tokens"]
-    # norm inputs/outputs (4h), q, k, v (q + 2kv), attention output + SDPA's saved output (2q), o and MLP inputs
-    # are norm outputs already counted; gate, up, act(gate), act*up (4i)
-    per_token = 4 * h + 3 * q + 2 * kv_width + 4 * i
-    if lora_dropout > 0:  # LoRA dropout keeps a masked copy of each adapted layer's input
-        per_token += 4 * h + q + i
-    layer = tokens * per_token * dtype_bytes
+    layer = tokens * per_token + per_layer
     logits = tokens * text_config.vocab_size * 4  # float32 logits for the loss
-    return {"off": layers * layer + logits, "on": layers * tokens * h * dtype_bytes + layer + logits}
+    layers = text_config.num_hidden_layers
+    return {"off": layers * layer + logits, "on": layers * tokens * text_config.hidden_size * dtype_bytes + layer + logits}
 
 
 def _encoder_activation_bytes(model, sequence: dict[str, int], dtype_bytes: int, context: int) -> dict[str, int]:
@@ -295,7 +353,9 @@ def make_plan(recipe: str, config_path: str | None, overrides: list[str] | None 
     largest = _largest_layer(model)
     parts_of = _parts_of(model, spec, cfg)
     text_config = _text_config(model) if spec.family == "hf-vlm" else None
-    trained = _trainable_model(model, spec, recipe, cfg)
+    with warnings.catch_warnings():  # transformers' deprecation notice, raised from inside peft
+        warnings.filterwarnings("ignore", message=TRANSFORMERS_NOTICE, category=FutureWarning)
+        trained = _trainable_model(model, spec, recipe, cfg)
     unique = {id(p): (n, p) for n, p in trained.named_parameters()}.values()
     trainable = sum(p.numel() for _, p in unique if p.requires_grad)
     total_with_copies = sum(p.numel() for _, p in unique)
@@ -314,8 +374,9 @@ def make_plan(recipe: str, config_path: str | None, overrides: list[str] | None 
     weights, states = _states(trainable, largest, frozen, seat, dtype_bytes)
     sequence = _sequences(recipe, cfg, spec)
     if text_config is not None:
-        dropout = cfg.lora.dropout
-        activations = _activation_bytes(text_config, sequence, dropout, dtype_bytes)
+        layer_bytes = _decoder_layer_bytes(trained, (spec.name, repr(spec.architecture), repr(cfg.lora), dtype_bytes),
+                                           dtype_bytes)
+        activations = _activation_bytes(text_config, sequence, layer_bytes, dtype_bytes)
         if cfg.lora.vision != "none":  # the tower keeps its activations too when it trains
             vision = model.config.vision_config
             tower_tokens = sequence["items"] * max(image_tokens(spec), 1)

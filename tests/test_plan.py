@@ -135,3 +135,49 @@ def test_the_plan_command_prints_and_refuses_in_one_line(capsys, monkeypatch):
     assert err.count("\n") == 1 and "no architecture block" in err
     assert main(["plan", "mllm_sft", "--config", "configs/mllm_sft/qwen2_5_vl.yaml", "--launch", "nope.yaml"]) == 2
     assert "--launch nope.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("real", ["llava-1.5-7b", "qwen2.5-vl-7b", "medgemma-4b"])
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_the_planned_activations_are_what_autograd_keeps_through_the_whole_model(real, dropout):
+    """The plan measures one decoder layer at two token counts; the whole language model with its loss, run at a
+    third count, keeps what the plan says (the real architecture at reduced width, bf16 autocast, LoRA as shipped)."""
+    import copy
+
+    import torch
+
+    from bench.gpu_scale import shrunk
+    from unconfuse.cli import plan as planning
+    from unconfuse.eval.models import ModelSpec
+    from unconfuse.recipes import recipe_module
+    from unconfuse.train.config import load_config
+
+    arch = architecture_of(real)
+    spec = ModelSpec(name=f"{real}-shrunk", family="hf-vlm", architecture={**arch, "config": shrunk(arch["config"])})
+    config = {"llava-1.5-7b": "llava_med", "qwen2.5-vl-7b": "qwen2_5_vl", "medgemma-4b": "medgemma"}[real]
+    cfg = load_config(recipe_module("mllm_sft").CONFIG_CLASS, str(REPO / f"configs/mllm_sft/{config}.yaml"),
+                      [f"lora.dropout={dropout}"])
+    trained = planning._trainable_model(empty_model(spec), spec, "mllm_sft", cfg)
+    text_config = planning._text_config(trained.base_model.model)
+    layer_bytes = planning._decoder_layer_bytes(trained, (spec.name, dropout), 2)
+    sequences, tokens = 2, 40
+    planned = planning._activation_bytes(text_config, {"sequences": sequences, "tokens": tokens}, layer_bytes, 2)
+
+    whole = copy.deepcopy(trained).to_empty(device="cpu").train()
+    torch.manual_seed(0)
+    for param in whole.parameters():
+        param.data.normal_(0, 0.02)
+    hidden = torch.randn(sequences, tokens, text_config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, text_config.vocab_size, (sequences, tokens))
+    parameters = {p.untyped_storage().data_ptr() for p in whole.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in parameters:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        whole(inputs_embeds=hidden, labels=labels, use_cache=False).loss.backward()
+    measured = sum(kept.values())
+    assert abs(planned["off"] - measured) <= 0.1 * measured, (planned["off"], measured)
