@@ -13,8 +13,9 @@ Where the memory goes, per GPU:
 - activations of one device batch: what autograd keeps through one decoder layer of the language model as the
   recipe trains it, measured on the CPU at the real width (``_decoder_layer_bytes``: saved-tensor hooks under bf16
   autocast; the norms' float32 upcasts, each LoRA branch's own copy of its input, dropout masks all show up), times
-  the layers, plus the float32 logits of the loss. With activation checkpointing only each layer's input is kept,
-  and one layer is recomputed at a time. The vision tower keeps activations only when it trains (counted: about 16
+  the layers, plus the loss: TRL's fused LM head on the answer tokens (``_fused_head_bytes``: no
+  ``[tokens, vocab]`` logits). With activation checkpointing only each layer's input is kept, and one layer is
+  recomputed at a time. The vision tower keeps activations only when it trains (counted: about 16
   x width per token and block). ``bench/gpu_scale.py`` compares the whole with a GPU's measured peak.
 - scoring: the recipes score val and test with the whole model on every GPU (ZeRO-3 gathers it), beside the
   training state, with a small batch of forward-only activations.
@@ -182,15 +183,16 @@ def _sequences(recipe: str, cfg, spec: ModelSpec) -> dict[str, int]:
         answer = cfg.grpo.max_completion_length
     n_image = image_tokens(spec)
     return {"items": items, "sequences": sequences, "image_tokens": n_image,
-            "tokens": n_image + PROMPT_TEXT_TOKENS + answer}
+            "tokens": n_image + PROMPT_TEXT_TOKENS + answer, "scored_tokens": sequences * answer}
 
 
 # token counts at which one decoder layer is run to measure what autograd keeps: two, so the bytes that grow with
 # the tokens (the slope) are told from those that do not (LoRA weights cast to bf16 by autocast)
 MEASURE_TOKENS = (8, 24)
+FUSED_HEAD_TILE = (4096, 32768)  # TRL's fused LM head works on tiles of this many tokens x vocabulary entries
 # transformers' deprecation notice, raised from inside peft and its own forward: nothing a plan's reader can act on
 TRANSFORMERS_NOTICE = ".*is_gradient_checkpointing"
-_layer_bytes_cache: dict[tuple, tuple[int, int]] = {}
+_layer_bytes_cache: dict[tuple, LayerBytes] = {}
 
 
 def _saved_bytes(module, hidden, autocast: bool) -> int:
@@ -214,8 +216,17 @@ def _saved_bytes(module, hidden, autocast: bool) -> int:
     return sum(kept.values())
 
 
-def _decoder_layer_bytes(trained, key: tuple, dtype_bytes: int) -> tuple[int, int]:
-    """``(per token, per layer)`` bytes autograd keeps through one decoder layer of the language model as the recipe
+@dataclass(frozen=True)
+class LayerBytes:
+    """What autograd keeps through the language model, measured (``_decoder_layer_bytes``)."""
+
+    per_token: int  # one decoder layer, per token
+    per_layer: int  # one decoder layer, whatever the tokens (autocast's bf16 copies of the float32 LoRA weights)
+    rest_per_token: int  # the rest of the language model (its final norm), per token
+
+
+def _decoder_layer_bytes(trained, key: tuple, dtype_bytes: int) -> LayerBytes:
+    """Bytes autograd keeps through one decoder layer of the language model as the recipe
     trains it (LoRA where ``lora_config`` puts it, its dropout, peft's float32 adapters), measured, not counted: the
     language model cut to one layer (and to none, to take away its final norm) is materialized on the CPU in
     uninitialised memory (only shapes matter) and run on ``MEASURE_TOKENS`` tokens in training mode, under bf16
@@ -242,23 +253,37 @@ def _decoder_layer_bytes(trained, key: tuple, dtype_bytes: int) -> tuple[int, in
         return _saved_bytes(small, hidden, autocast=dtype_bytes == 2)
 
     few, more = MEASURE_TOKENS
-    layer = {n: measured(1, n) - measured(0, n) for n in (few, more)}
+    rest = {n: measured(0, n) for n in (few, more)}
+    layer = {n: measured(1, n) - rest[n] for n in (few, more)}
     per_token = (layer[more] - layer[few]) // (more - few)
-    _layer_bytes_cache[key] = per_token, max(layer[few] - per_token * few, 0)
+    _layer_bytes_cache[key] = LayerBytes(per_token, max(layer[few] - per_token * few, 0),
+                                         (rest[more] - rest[few]) // (more - few))
     return _layer_bytes_cache[key]
 
 
-def _activation_bytes(text_config, sequence: dict[str, int], layer_bytes: tuple[int, int],
+def _fused_head_bytes(scored_tokens: int, hidden_size: int, vocab_size: int, dtype_bytes: int) -> int:
+    """What TRL's fused LM head (``add_fused_lm_head``: the recipes' sft, dpo and grpo losses) holds: it never
+    materializes the ``[tokens, vocab]`` logits. It keeps, for each scored token (a label that is not -100), the
+    final hidden state, the target and two float32 statistics, and works in one tile of at most
+    ``FUSED_HEAD_TILE`` (4096 tokens x 32768 vocabulary entries, TRL 1.16's ``TOKEN_CHUNK_SIZE`` and
+    ``_CHUNKED_LOGPROB_CHUNK_SIZE``) at a time, forward and backward. On a GPU with Triton it scores only the
+    scored tokens (on a CPU, every token)."""
+    tile_tokens, tile_vocab = FUSED_HEAD_TILE
+    keep = scored_tokens * (hidden_size * dtype_bytes + 8 + 2 * 4)
+    return keep + min(scored_tokens, tile_tokens) * min(vocab_size, tile_vocab) * dtype_bytes
+
+
+def _activation_bytes(text_config, sequence: dict[str, int], layer_bytes: LayerBytes,
                       dtype_bytes: int) -> dict[str, int]:
     """Bytes autograd keeps for one device batch through the language model: the measured decoder layer times the
-    layers, plus the float32 logits of the loss; with activation checkpointing each layer's input, one layer
-    recomputed at a time, and the logits."""
-    per_token, per_layer = layer_bytes
+    layers, the rest of the model (its final norm), and the fused LM head on the scored tokens; with activation
+    checkpointing each layer's input instead, and one layer recomputed at a time."""
     tokens = sequence["sequences"] * sequence["tokens"]
-    layer = tokens * per_token + per_layer
-    logits = tokens * text_config.vocab_size * 4  # float32 logits for the loss
+    layer = tokens * layer_bytes.per_token + layer_bytes.per_layer
+    head = tokens * layer_bytes.rest_per_token + _fused_head_bytes(
+        sequence["scored_tokens"], text_config.hidden_size, text_config.vocab_size, dtype_bytes)
     layers = text_config.num_hidden_layers
-    return {"off": layers * layer + logits, "on": layers * tokens * text_config.hidden_size * dtype_bytes + layer + logits}
+    return {"off": layers * layer + head, "on": layers * tokens * text_config.hidden_size * dtype_bytes + layer + head}
 
 
 def _encoder_activation_bytes(model, sequence: dict[str, int], dtype_bytes: int, context: int) -> dict[str, int]:
