@@ -192,7 +192,6 @@ MEASURE_TOKENS = (8, 24)
 FUSED_HEAD_TILE = (4096, 32768)  # TRL's fused LM head works on tiles of this many tokens x vocabulary entries
 # transformers' deprecation notice, raised from inside peft and its own forward: nothing a plan's reader can act on
 TRANSFORMERS_NOTICE = ".*is_gradient_checkpointing"
-_layer_bytes_cache: dict[tuple, LayerBytes] = {}
 
 
 def _saved_bytes(module, hidden, autocast: bool) -> int:
@@ -225,13 +224,15 @@ class LayerBytes:
     rest_per_token: int  # the rest of the language model (its final norm), per token
 
 
+_layer_bytes_cache: dict[tuple, LayerBytes] = {}  # per model, LoRA settings and dtype: plans in one process share it
+
 def _decoder_layer_bytes(trained, key: tuple, dtype_bytes: int) -> LayerBytes:
-    """Bytes autograd keeps through one decoder layer of the language model as the recipe
-    trains it (LoRA where ``lora_config`` puts it, its dropout, peft's float32 adapters), measured, not counted: the
-    language model cut to one layer (and to none, to take away its final norm) is materialized on the CPU in
-    uninitialised memory (only shapes matter) and run on ``MEASURE_TOKENS`` tokens in training mode, under bf16
-    autocast when the recipe trains in bf16, with saved-tensor hooks summing what autograd keeps. The CPU's SDPA
-    keeps, as FlashAttention does on a GPU, q, k, v, the output and the softmax statistics (nothing quadratic)."""
+    """Bytes autograd keeps through one decoder layer of the language model as the recipe trains it (LoRA where
+    ``lora_config`` puts it, its dropout, peft's float32 adapters) and through the rest of it, measured, not
+    counted: the language model cut to one layer and to none is materialized on the CPU in uninitialised memory
+    (only shapes matter) and run on ``MEASURE_TOKENS`` tokens in training mode, under bf16 autocast when the recipe
+    trains in bf16, with saved-tensor hooks summing what autograd keeps. The CPU's SDPA keeps, as FlashAttention
+    does on a GPU, q, k, v, the output and the softmax statistics (nothing quadratic in the tokens)."""
     import copy
 
     import torch
