@@ -457,7 +457,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {part:<16}{counts['total']:>16,}{counts['trainable']:>16,}")
     lines.append(f"  {'all':<16}{plan.parameters:>16,}{plan.trainable:>16,}")
     if seq.get("tokens"):
-        lines.append(f"  device batch: {seq['sequences']} sequences of ~{seq['tokens']} tokens ({seq['image_tokens']} image tokens each)")
+        lines.append(f"  device batch: {seq['sequences']} sequences of ~{seq['tokens']} tokens ({seq['image_tokens']} image tokens "
+                     f"each), {seq['scored_tokens']} answer tokens in the loss")
     else:
         lines.append(f"  device batch: {seq['items']} images and texts")
     ckpt = "on" if plan.activation_checkpointing else "off"
