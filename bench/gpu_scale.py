@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             for split, n, seed in (("train", 16, 0), ("val", 4, 1), ("test", 4, 3), ("eval", n_eval, 2))}
     table = Path(os.environ["OUT"], "gpu_scale.json") if os.environ.get("OUT") else None
     rows: list[dict[str, Any]] = []
+    recipes = args.recipes.split(",")
 
     def report(real: str, key: str) -> None:  # each measurement as it ends: a run stopped later keeps it
         print(json.dumps({real: {key: rows[-1][key]}}), flush=True)
@@ -329,17 +330,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         preset = budget.skip() or budget.measure(random_real_model, real, work / "models", device, dtype, not cuda)
         rows[-1]["build_s"] = round(time.perf_counter() - start, 1)
         if not isinstance(preset, Path):  # no model: every measurement of it is that reason
-            rows[-1].update({key: preset for key in (*args.recipes.split(","), "eval")})
+            rows[-1].update({key: preset for key in (*recipes, "eval")})
             report(real, "eval")
             continue
-        for recipe in args.recipes.split(","):
+        for recipe in recipes:  # each train_row frees what came before it, then measures its peak
             rows[-1][recipe] = budget.skip() or budget.measure(
                 train_row, real, recipe, preset, data, work / "runs" / real, args.steps, not cuda, cuda)
-            release(cuda)
             report(real, recipe)
         rows[-1]["eval"] = budget.skip() or budget.measure(eval_row, preset, data["eval"], work / "runs" / real, device,
                                                            n_eval)
-        release(cuda)
+        release(cuda)  # the eval row's model, before the next model is built
         report(real, "eval")
     print("\n" + json.dumps(rows, indent=1))
     return rows

@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,13 +192,21 @@ def _sequences(recipe: str, cfg, spec: ModelSpec) -> dict[str, int]:
 # the tokens (the slope) are told from those that do not (LoRA weights cast to bf16 by autocast)
 MEASURE_TOKENS = (8, 24)
 FUSED_HEAD_TILE = (4096, 32768)  # TRL's fused LM head works on tiles of this many tokens x vocabulary entries
-# transformers' deprecation notice, raised from inside peft and its own forward: nothing a plan's reader can act on
 TRANSFORMERS_NOTICE = ".*is_gradient_checkpointing"
 
 
-def _saved_bytes(module, hidden, autocast: bool) -> int:
-    """Bytes of the tensors autograd keeps for backward through ``module(inputs_embeds=hidden)``: each storage
-    once (a tensor saved by several ops, or as views), parameters excluded (they are counted as weights)."""
+@contextmanager
+def _quiet_transformers():
+    """Silence transformers' ``is_gradient_checkpointing`` deprecation notice, raised from inside peft and from its
+    own forward: nothing a plan's reader can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=TRANSFORMERS_NOTICE, category=FutureWarning)
+        yield
+
+
+def saved_bytes(module, forward: Callable[[], Any], autocast: bool) -> int:
+    """Bytes of the tensors autograd keeps for backward while ``forward()`` runs ``module``: each storage once (a
+    tensor saved by several ops, or as views), ``module``'s parameters excluded (they are counted as weights)."""
     import torch
 
     parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
@@ -209,9 +219,8 @@ def _saved_bytes(module, hidden, autocast: bool) -> int:
         return tensor
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=TRANSFORMERS_NOTICE, category=FutureWarning)
-        module(inputs_embeds=hidden, use_cache=False)
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), _quiet_transformers():
+        forward()
     return sum(kept.values())
 
 
@@ -225,6 +234,7 @@ class LayerBytes:
 
 
 _layer_bytes_cache: dict[tuple, LayerBytes] = {}  # per model, LoRA settings and dtype: plans in one process share it
+
 
 def _decoder_layer_bytes(trained, key: tuple, dtype_bytes: int) -> LayerBytes:
     """Bytes autograd keeps through one decoder layer of the language model as the recipe trains it (LoRA where
@@ -251,7 +261,7 @@ def _decoder_layer_bytes(trained, key: tuple, dtype_bytes: int) -> LayerBytes:
         small = copy.deepcopy(shell).to_empty(device="cpu").train()
         dtype = torch.bfloat16 if dtype_bytes == 2 else torch.float32
         hidden = torch.zeros(1, tokens, language_model.config.hidden_size, dtype=dtype, requires_grad=True)
-        return _saved_bytes(small, hidden, autocast=dtype_bytes == 2)
+        return saved_bytes(small, lambda: small(inputs_embeds=hidden, use_cache=False), autocast=dtype_bytes == 2)
 
     few, more = MEASURE_TOKENS
     rest = {n: measured(0, n) for n in (few, more)}
@@ -379,8 +389,7 @@ def make_plan(recipe: str, config_path: str | None, overrides: list[str] | None 
     largest = _largest_layer(model)
     parts_of = _parts_of(model, spec, cfg)
     text_config = _text_config(model) if spec.family == "hf-vlm" else None
-    with warnings.catch_warnings():  # transformers' deprecation notice, raised from inside peft
-        warnings.filterwarnings("ignore", message=TRANSFORMERS_NOTICE, category=FutureWarning)
+    with _quiet_transformers():
         trained = _trainable_model(model, spec, recipe, cfg)
     unique = {id(p): (n, p) for n, p in trained.named_parameters()}.values()
     trainable = sum(p.numel() for _, p in unique if p.requires_grad)

@@ -181,16 +181,6 @@ def test_the_planned_activations_are_what_autograd_keeps_through_the_whole_model
     hidden = torch.randn(sequences, tokens, text_config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.full((sequences, tokens), -100)
     labels[:, -4:] = torch.randint(0, text_config.vocab_size, (sequences, 4))
-    parameters = {p.untyped_storage().data_ptr() for p in whole.parameters()}
-    kept = {}
-
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in parameters:
-            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = whole(inputs_embeds=hidden, labels=labels, use_cache=False, fused_lm_head=True).loss
-    loss.backward()
-    measured = sum(kept.values())
+    measured = planning.saved_bytes(
+        whole, lambda: whole(inputs_embeds=hidden, labels=labels, use_cache=False, fused_lm_head=True), autocast=True)
     assert abs(planned - tile - measured) <= 0.05 * measured, (planned - tile, measured)
